@@ -1,0 +1,40 @@
+"""``stepdistill pretrain | train | sample | eval | export``.
+
+Each subcommand lives in ``stepdistill/commands/<name>.py`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` (called with the parsed args; returns an exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS = ["pretrain", "sample"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdistill",
+        description="Distil a many-step diffusion or flow teacher into a 1-4 step student.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"stepdistill.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Configs: a dataclass schema per command, YAML presets and ``key=value`` overrides (OmegaConf).
+
+A config is values only; code is chosen by registered name. Unknown keys and wrong types stop with
+one message naming the key and the nearest valid one. The resolved config is written next to
+every output (``save_resolved``).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .errors import UserError
+
+
+def _valid_keys(schema: Any, full_key: str) -> list[str]:
+    """Valid keys at the level of `full_key` (dotted), for suggestions."""
+    node = OmegaConf.structured(schema)
+    parent = ".".join(full_key.split(".")[:-1])
+    if parent:
+        node = OmegaConf.select(node, parent)
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: Any, where: str) -> UserError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        leaf = key.split(".")[-1]
+        valid = _valid_keys(schema, key)
+        near = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.0)
+        hint = f"; did you mean {'.'.join(key.split('.')[:-1] + [near[0]])!r}?" if near else ""
+        return UserError(f"{where}: unknown config key {key!r}{hint} (valid here: {', '.join(valid)})")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return UserError(f"{where}: bad value for config key {key!r}: {msg}")
+    return UserError(f"{where}: {str(err).splitlines()[0]}")
+
+
+def merge(schema: Any, *sources: Any, where: str = "config") -> DictConfig:
+    """Merge dict/DictConfig sources onto a structured schema, with clear errors."""
+    base = OmegaConf.structured(schema)
+    try:
+        for src in sources:
+            base = OmegaConf.merge(base, src)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, where) from None
+    return base
+
+
+def parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. max_steps=200)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as err:
+        raise UserError(f"could not parse overrides {items}: {err}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/digits/teacher.yaml")
+    try:
+        cfg = OmegaConf.load(p)
+    except Exception as err:  # yaml syntax errors come in several types
+        raise UserError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    return cfg
+
+
+def load(schema: Any, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML preset <- ``key=value`` overrides, validated against the schema."""
+    sources = [read_yaml(path)] if path else []
+    sources.append(parse_overrides(overrides))
+    return merge(schema, *sources, where=str(path) if path else "overrides")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_resolved(cfg: DictConfig | dict, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config atomically into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True))
+    os.replace(tmp, out)
+    return out

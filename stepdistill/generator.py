@@ -1,0 +1,75 @@
+"""The student: a backbone initialised from the teacher that maps noise (+ condition) to samples
+in 1..K steps on a declared list of timesteps, the same ones its exported scheduler produces.
+
+Between steps the student re-noises its x0 estimate with fresh noise to the next timestep, as
+multi-step consistency models (Song et al., 2023, Alg. 1) and DMD2 students (Yin et al., 2024b,
+sec. 4.5) do. ``boundary="lcm"`` wraps the x0 prediction in the consistency boundary condition
+f = c_skip(t) x + c_out(t) x0_hat of LCM (Luo et al., 2023, eq. 8; diffusers' LCMScheduler with
+timestep_scaling 10), so that f(x, t) -> x as t -> 0 exactly as the exported LCMScheduler computes it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .denoisers import Cond, Denoiser
+from .errors import UserError
+from .schedules import bcast
+
+
+class Student(nn.Module):
+    def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
+                 sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        super().__init__()
+        if boundary not in (None, "none", "lcm"):
+            raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
+        ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
+        if ts.ndim != 1 or len(ts) == 0 or not bool((ts[:-1] > ts[1:]).all()):
+            raise UserError(f"student timesteps must be a non-empty descending list, got {ts.tolist()}")
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.register_buffer("timesteps", ts, persistent=False)
+        self.boundary = None if boundary in (None, "none") else boundary
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def boundary_scalings(self, t: torch.Tensor):
+        """LCM's c_skip, c_out at discrete timestep t (diffusers LCMScheduler, timestep_scaling=10)."""
+        st = torch.as_tensor(t, dtype=torch.float64) * self.timestep_scaling
+        c_skip = self.sigma_data**2 / (st**2 + self.sigma_data**2)
+        c_out = st / (st**2 + self.sigma_data**2).sqrt()
+        return c_skip, c_out
+
+    def denoise(self, x: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
+        """One evaluation: the student's x0 estimate at (x, t)."""
+        x0 = self.denoiser(x, t, cond)
+        if self.boundary == "lcm":
+            c_skip, c_out = self.boundary_scalings(torch.as_tensor(t, dtype=torch.float64, device=x.device))
+            x0 = bcast(c_skip, x) * x + bcast(c_out, x) * x0
+        return x0
+
+    def forward(self, noise: torch.Tensor, cond: Cond = None, *, steps: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample with the first `steps` timesteps (default: all). Fresh noise between steps is
+        drawn from `generator` (or the global generator)."""
+        ts = self.timesteps if steps is None else self.timesteps_for(steps)
+        x = self.schedule.prior(noise, ts[0])
+        for i, t in enumerate(ts):
+            x0 = self.denoise(x, t, cond)
+            if i + 1 == len(ts):
+                return x0
+            z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+            x = self.schedule.add_noise(x0, z, ts[i + 1])
+        raise AssertionError("unreachable")
+
+    def timesteps_for(self, steps: int) -> torch.Tensor:
+        if steps == self.steps:
+            return self.timesteps
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        return self.schedule.timesteps(steps)[:-1]

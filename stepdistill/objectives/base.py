@@ -1,0 +1,109 @@
+"""The objective contract (cf. EDM's ``EDMLoss``, SiD's ``generator_loss``).
+
+An objective holds only its hyperparameters (a dataclass, ``Config``), declares its phases and
+returns named per-sample losses from one method per phase, ``<phase>_loss(nets, batch)``. It never
+calls ``backward``, steps an optimizer or moves devices: the trainer sums the returned losses
+(each a float tensor of shape [B], already weighted; keys starting with "_" are logged only and
+not summed), backpropagates into the networks the phase ``trains`` and steps their optimizers.
+
+``nets`` (a ``Nets``) holds ``teacher`` (frozen ``Denoiser``), ``student`` (``Student``) and the
+extra networks the objective ``build``s (e.g. ``fake_score``, ``disc``, a frozen progressive
+teacher, a consistency target). ``batch`` is a dict: ``x0`` (real images in [-1, 1], float32,
+[B, C, H, W]; for data-free objectives only a source of shapes), ``cond`` (dict of tensors or None).
+Randomness comes from torch's global generator, which the trainer seeds per process and restores
+on resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str                 # the method called is f"{name}_loss"
+    trains: tuple[str, ...]   # keys of `nets` whose parameters this phase updates
+    repeats: int = 1          # updates per outer iteration (DMD2's two time-scale rule: critic 5)
+
+
+class Nets(nn.Module):
+    """A named bag of networks; attribute access (nets.teacher, nets.student, nets.fake_score)."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for k, v in modules.items():
+            self.add_module(k, v)
+
+    def get(self, name: str, default=None):
+        return self._modules.get(name, default)
+
+
+class Objective:
+    """Base class. Subclasses set ``name`` and ``Config`` and implement ``<phase>_loss``."""
+
+    name: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    #: whether the objective needs real images in `batch["x0"]` (GAN terms, adversarial)
+    uses_real_data: ClassVar[bool] = False
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def phases(self) -> list[Phase]:
+        return [Phase("generator", ("student",))]
+
+    def build(self, teacher: nn.Module, student: nn.Module) -> dict[str, nn.Module]:
+        """Extra networks this objective needs (trainable ones are named in `phases`)."""
+        return {}
+
+    def student_steps(self) -> int | None:
+        """The step count the student is trained for, if the objective fixes it."""
+        return None
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        """Called after each outer iteration (target EMA, progressive rounds)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def losses(self, phase: str, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        return getattr(self, f"{phase}_loss")(nets, batch)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make an objective available under its ``name`` in configs."""
+    if not cls.name or cls.name in OBJECTIVES:
+        raise ValueError(f"objective name {cls.name!r} is empty or taken")
+    if not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def get_objective(name: str) -> type[Objective]:
+    from . import load_all
+
+    load_all()
+
+    if name not in OBJECTIVES:
+        near = difflib.get_close_matches(name, OBJECTIVES, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise UserError(f"unknown objective {name!r}{hint} (registered: {', '.join(sorted(OBJECTIVES))})")
+    return OBJECTIVES[name]

@@ -1,0 +1,158 @@
+"""Teacher samplers: plain functions over any denoiser and any time grid.
+
+Every sampler has one signature, ``sampler(denoiser, x, ts, cond=None, *, generator=None,
+return_trajectory=False, **options)``: ``x`` is the state at ``ts[0]``, ``ts`` a descending grid
+(float64; each entry a scalar or one time per sample), and the result is the state at ``ts[-1]``
+(or ``(state, Trajectory)``). One implementation serves baselines, progressive and consistency
+targets, DMD regression pairs and eval.
+
+All updates are written with the schedule's alpha(t), sigma(t), so they hold for VP, EDM and flow
+schedules alike. Euler and Heun integrate the probability-flow ODE in the schedule's
+``ode_space``: "ve" scales by alpha (EDM, Karras et al. 2022, Alg. 1; k-diffusion), "flow" scales by
+alpha + sigma (rectified flow; defined where alpha = 0, e.g. at sigma = 1). In either space the
+Euler step is algebraically DDIM with eta = 0 (Song et al., 2021), which the tests check.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .denoisers import Cond, Denoiser, guided
+from .errors import UserError
+from .schedules import bcast
+
+
+class Trajectory(NamedTuple):
+    ts: list          # the grid, one entry per state
+    states: list      # x at each grid time (len(ts))
+    x0: list          # the denoiser's x0 prediction at each evaluated time (len(ts) - 1)
+
+
+def _coef(denoiser: Denoiser, t, x):
+    a, s = denoiser.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64, device=x.device))
+    return bcast(a, x), bcast(s, x)
+
+
+def _noise_like(x, generator):
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def ddim_step(x, x0, a, s, a_next, s_next, eta=0.0, noise=None):
+    """One DDIM update from (a, s) to (a_next, s_next) given x0 (Song et al., 2021, eq. 12), for a
+    general affine path. eta scales the DDPM posterior std sigma_s/sigma_t *
+    sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2); eta = 1 is ancestral DDPM sampling."""
+    eps = (x - a * x0) / s
+    if eta == 0.0 or noise is None:
+        return a_next * x0 + s_next * eps
+    var = (s_next / s) ** 2 * (s**2 - (a * s_next / a_next) ** 2)
+    std = eta * var.clamp_min(0).sqrt()
+    return a_next * x0 + (s_next**2 - std**2).clamp_min(0).sqrt() * eps + std * noise
+
+
+def ddim(denoiser, x, ts, cond: Cond = None, *, eta: float = 0.0, generator=None, return_trajectory=False):
+    """DDIM (Song et al., 2021); eta = 0 deterministic, eta = 1 ancestral DDPM."""
+    states, x0s = [x], []
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0 = denoiser(x, t, cond)
+        (a, s), (an, sn) = _coef(denoiser, t, x), _coef(denoiser, t_next, x)
+        x = ddim_step(x, x0, a, s, an, sn, eta, _noise_like(x, generator) if eta else None)
+        states.append(x), x0s.append(x0)
+    return (x, Trajectory(list(ts), states, x0s)) if return_trajectory else x
+
+
+def _ode_frame(denoiser, t, x):
+    """(c, s_hat, k): the state is y = x / c, the ODE time s_hat = sigma / c, and the velocity
+    dy/ds_hat = eps + k * x0 (k = 0 in "ve" space, -1 in "flow" space)."""
+    a, s = _coef(denoiser, t, x)
+    if denoiser.schedule.ode_space == "flow":
+        return a + s, s / (a + s), -1.0
+    return a, s / a, 0.0
+
+
+def _velocity(denoiser, x, t, cond, k):
+    a, s = _coef(denoiser, t, x)
+    x0 = denoiser(x, t, cond)
+    return (x - a * x0) / s + k * x0, x0
+
+
+def euler(denoiser, x, ts, cond: Cond = None, *, generator=None, return_trajectory=False):
+    """Euler's method on the probability-flow ODE (Karras et al., 2022, Alg. 1 without the Heun
+    correction); equals DDIM with eta = 0."""
+    states, x0s = [x], []
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        c, sh, k = _ode_frame(denoiser, t, x)
+        cn, shn, _ = _ode_frame(denoiser, t_next, x)
+        f, x0 = _velocity(denoiser, x, t, cond, k)
+        x = cn * (x / c + (shn - sh) * f)
+        states.append(x), x0s.append(x0)
+    return (x, Trajectory(list(ts), states, x0s)) if return_trajectory else x
+
+
+def heun(denoiser, x, ts, cond: Cond = None, *, generator=None, return_trajectory=False):
+    """Heun's 2nd-order method (Karras et al., 2022, Alg. 1, deterministic); the step into clean
+    data is a plain Euler step. NFE = 2 * steps - 1."""
+    states, x0s = [x], []
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        c, sh, k = _ode_frame(denoiser, t, x)
+        cn, shn, _ = _ode_frame(denoiser, t_next, x)
+        f, x0 = _velocity(denoiser, x, t, cond, k)
+        y_euler = x / c + (shn - sh) * f
+        x_next = cn * y_euler
+        _, sn = _coef(denoiser, t_next, x)
+        live = (sn > 0).flatten()
+        if bool(live.any()):
+            f2, _ = _velocity(denoiser, x_next, t_next, cond, k)
+            x_heun = cn * (x / c + (shn - sh) * 0.5 * (f + f2))
+            x_next = torch.where(sn > 0, x_heun, x_next)
+        x = x_next
+        states.append(x), x0s.append(x0)
+    return (x, Trajectory(list(ts), states, x0s)) if return_trajectory else x
+
+
+def dpmpp_2m(denoiser, x, ts, cond: Cond = None, *, generator=None, return_trajectory=False):
+    """DPM-Solver++(2M) (Lu et al., 2022b, Alg. 2) in data prediction; the step into clean data is
+    first order, as diffusers does with final sigma 0."""
+    states, x0s = [x], []
+    x0_prev, h_prev = None, None
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        (a, s), (an, sn) = _coef(denoiser, t, x), _coef(denoiser, t_next, x)
+        x0 = denoiser(x, t, cond)
+        lam, lam_n = a.log() - s.log(), an.log() - sn.log()
+        h = lam_n - lam
+        d = x0
+        if x0_prev is not None:
+            r = h_prev / h
+            second = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # eq. in Alg. 2, line 8
+            ok = torch.isfinite(h) & torch.isfinite(r) & (r > 0)
+            d = torch.where(ok, second, x0)
+        # exact exponential-integrator step: x_n = (s_n/s) x - a_n (e^{-h} - 1) D
+        ratio = torch.where(sn > 0, sn / s, torch.zeros_like(s))
+        x = ratio * x - an * torch.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+        states.append(x), x0s.append(x0)
+    return (x, Trajectory(list(ts), states, x0s)) if return_trajectory else x
+
+
+SAMPLERS: dict[str, Callable] = {"ddim": ddim, "euler": euler, "heun": heun, "dpmpp2m": dpmpp_2m}
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Network evaluations of an n-step run (CFG doubles the batch, not the count)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, *, sampler: str = "ddim",
+           cond: Cond = None, guidance: float = 1.0, generator=None, ts=None, **options):
+    """Generate from unit noise in `steps` steps on the schedule's own grid (the diffusers one)."""
+    fn = get_sampler(sampler)
+    ts = denoiser.schedule.timesteps(steps) if ts is None else ts
+    x = denoiser.schedule.prior(noise, ts[0])
+    return fn(guided(denoiser, guidance), x, ts, cond, generator=generator, **options)
