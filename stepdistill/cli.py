@@ -11,7 +11,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["pretrain", "sample"]
+COMMANDS = ["pretrain", "sample", "train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

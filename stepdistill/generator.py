@@ -9,7 +9,7 @@ timestep_scaling 10), so that f(x, t) -> x as t -> 0 exactly as the exported LCM
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,3 +73,68 @@ class Student(nn.Module):
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         return self.schedule.timesteps(steps)[:-1]
+
+
+# -- building a student from a teacher --------------------------------------------------------------
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class StudentConfig:
+    steps: Optional[int] = None          # K sampling steps; None = what the objective fixes, else 1
+    boundary: Optional[str] = None       # None or "lcm" (consistency boundary condition, LCM eq. 8)
+    lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
+    lora_alpha: Optional[float] = None   # LoRA scale numerator (None = rank, i.e. scale 1)
+    lora_dropout: float = 0.0
+    # modules that receive adapters (peft names); the attention and conv layers of diffusers UNets
+    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0",
+                                                                     "conv1", "conv2", "time_emb_proj"])
+
+
+def _add_lora(backbone: nn.Module, cfg: StudentConfig) -> nn.Module:
+    """LoRA (Hu et al., 2022) through peft: the base weights freeze, only the adapters train. Models
+    with diffusers' ``PeftAdapterMixin`` take ``add_adapter``; others get peft's in-place injection."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    present = {name.split(".")[-1] for name, _ in backbone.named_modules()} | {
+        ".".join(name.split(".")[-2:]) for name, _ in backbone.named_modules()}
+    targets = [m for m in cfg.lora_target_modules if m in present]
+    if not targets:
+        raise UserError(f"student.lora_target_modules {list(cfg.lora_target_modules)} match no module of "
+                        f"{type(backbone).__name__}; name some of its layers (e.g. to_q, conv1)")
+    lcfg = LoraConfig(r=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha or cfg.lora_rank),
+                      lora_dropout=float(cfg.lora_dropout), target_modules=targets, init_lora_weights="gaussian")
+    backbone.requires_grad_(False)
+    if hasattr(backbone, "add_adapter"):
+        backbone.add_adapter(lcfg)
+    else:
+        inject_adapter_in_model(lcfg, backbone)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return backbone
+
+
+def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps: int | None = None) -> Student:
+    """A student initialised from the teacher: a deep copy of its backbone (trainable), or the copy
+    frozen with LoRA adapters, sampling on ``teacher.schedule.timesteps(K)[:-1]`` -- the grid the
+    exported diffusers scheduler produces for K steps, so export needs no custom timesteps."""
+    import copy
+
+    cfg = cfg or StudentConfig()
+    k = int(steps if steps is not None else (cfg.steps or 1))
+    if k < 1:
+        raise UserError(f"student steps must be >= 1, got {k}; set student.steps=1 (or 2, 4)")
+    backbone = getattr(teacher, "backbone", None)
+    if backbone is None:
+        raise UserError(f"teacher {type(teacher).__name__} has no diffusers backbone to initialise a student from")
+    backbone = copy.deepcopy(backbone)
+    backbone.train()
+    if cfg.lora_rank and cfg.lora_rank > 0:
+        _add_lora(backbone, cfg)
+    else:
+        backbone.requires_grad_(True)
+    from .denoisers import DiffusersDenoiser
+
+    den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
+                            null_text=getattr(teacher, "null_text", None))
+    return Student(den, teacher.schedule.timesteps(k)[:-1], boundary=cfg.boundary)

@@ -1,0 +1,173 @@
+"""A teacher-output cache: noise -> image pairs (and optionally whole trajectories) produced once
+by a teacher sampler and reused by any objective (DMD's regression loss, Yin et al., 2024, sec. 3.3;
+trajectory-based objectives).
+
+Layout of a cache folder::
+
+    manifest.json            teacher hash, sampler, steps, guidance, seed, count, shape, shards, grid
+    shard-00000.safetensors  noise [n,C,H,W], x0 [n,C,H,W], cond.<key> [n,...], trajectory [n,S+1,C,H,W]
+
+Samples are written in shards as they are produced and the manifest last, into a temporary
+folder renamed into place, so an interrupted build leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .denoisers import Denoiser
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def teacher_hash(teacher: Denoiser) -> str:
+    """sha256 over the teacher's weights (names, shapes, dtypes, bytes); adapter weights excluded."""
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        if "lora_" in name:
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _labels(teacher: Denoiser, num: int):
+    meta = dict(getattr(teacher, "meta", None) or {})
+    classes = meta.get("num_classes")
+    if not classes or getattr(teacher, "null_class", None) is None:
+        return None
+    return torch.arange(num) % int(classes)  # balanced classes, deterministic
+
+
+def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
+                seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None) -> Path:
+    """Sample `num` teacher pairs in `steps` steps of `sampler` (CFG `guidance`) from noise seeded by
+    `seed`, and write them to `out_dir` (which must not exist yet)."""
+    from safetensors.torch import save_file
+
+    from .fake_score import sample_shape
+    from .sampling import get_sampler, sample
+
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"cache folder {str(out)!r} already exists; choose a new folder or delete it")
+    if num < 1 or steps < 1 or batch < 1:
+        raise UserError(f"build_cache needs num, steps and batch >= 1 (got {num}, {steps}, {batch})")
+    get_sampler(sampler)
+    shape = tuple(shape or sample_shape(teacher))
+    device = next(teacher.parameters()).device if any(True for _ in teacher.parameters()) else torch.device("cpu")
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = _labels(teacher, num)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    shards, grid = [], None
+    try:
+        for s, i in enumerate(range(0, num, batch)):
+            n = min(batch, num - i)
+            noise = torch.randn((n, *shape), generator=gen)
+            cond = None if labels is None else {"class_labels": labels[i:i + n].to(device)}
+            res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
+                         generator=gen, return_trajectory=trajectory)
+            x0, traj = (res if trajectory else (res, None))
+            tensors = {"noise": noise, "x0": x0.float().cpu()}
+            if cond is not None:
+                tensors.update({f"cond.{k}": v.cpu() for k, v in cond.items()})
+            if traj is not None:
+                tensors["trajectory"] = torch.stack([st.float().cpu() for st in traj.states], 1)
+                grid = [float(t) for t in traj.ts]
+            name = f"shard-{s:05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+            shards.append(name)
+        manifest = {"format": FORMAT, "teacher_hash": teacher_hash(teacher), "sampler": sampler, "steps": int(steps),
+                    "guidance": float(guidance), "seed": int(seed), "num": int(num), "shape": list(shape),
+                    "trajectory": bool(trajectory), "grid": grid, "shards": shards,
+                    "cond_keys": [] if labels is None else ["class_labels"]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class TeacherPairs:
+    """A loaded cache, held in memory: ``get(idx)`` -> (noise, x0, cond)."""
+
+    manifest: dict
+    noise: torch.Tensor
+    x0: torch.Tensor
+    cond: dict
+    trajectory: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def get(self, idx: torch.Tensor, device=None):
+        cond = {k: v[idx].to(device) for k, v in self.cond.items()} or None
+        return self.noise[idx].to(device), self.x0[idx].to(device), cond
+
+
+def read_manifest(path) -> dict | None:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{str(f)!r} is not valid JSON ({err}); delete the cache folder and rebuild it") from None
+
+
+def load_cache(path, teacher: Denoiser | None = None) -> TeacherPairs:
+    """Load a cache folder; with `teacher`, refuse a cache built by different weights."""
+    from safetensors.torch import load_file
+
+    m = read_manifest(path)
+    if m is None:
+        raise UserError(f"{str(path)!r} is not a teacher-output cache (no {MANIFEST}); build one with "
+                        "stepdistill.cache.build_cache")
+    if teacher is not None and m["teacher_hash"] != teacher_hash(teacher):
+        raise UserError(f"cache {str(path)!r} was built by another teacher (hash {m['teacher_hash']}); rebuild it "
+                        "for this teacher in a new folder")
+    parts: dict[str, list] = {}
+    for name in m["shards"]:
+        for k, v in load_file(str(Path(path) / name)).items():
+            parts.setdefault(k, []).append(v)
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    cond = {k[5:]: v for k, v in cat.items() if k.startswith("cond.")}
+    return TeacherPairs(m, cat["noise"], cat["x0"], cond, cat.get("trajectory"))
+
+
+def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
+                 seed: int = 0, batch: int = 256) -> TeacherPairs:
+    """Load the cache at `path` if it matches these settings and this teacher; build it if absent."""
+    m = read_manifest(path)
+    if m is None:
+        if Path(path).exists() and any(Path(path).iterdir()):
+            raise UserError(f"{str(path)!r} exists but is not a teacher-output cache; choose another objective.cache")
+        if Path(path).exists():
+            Path(path).rmdir()
+        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch)
+        return load_cache(path, teacher)
+    want = {"sampler": sampler, "steps": int(steps), "guidance": float(guidance), "seed": int(seed)}
+    diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
+    if m.get("num", 0) < num:
+        diff["num"] = (m.get("num"), num)
+    if diff:
+        said = ", ".join(f"{k}: cache {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise UserError(f"cache {str(path)!r} was built with other settings ({said}); point objective.cache at a "
+                        "new folder or match the settings")
+    return load_cache(path, teacher)
+
+
+__all__ = ["build_cache", "load_cache", "ensure_cache", "teacher_hash", "TeacherPairs", "MANIFEST"]

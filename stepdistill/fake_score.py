@@ -1,0 +1,291 @@
+"""The fake score: a trainable denoiser initialised from the teacher that tracks the student's
+distribution (DMD, Yin et al., 2024, sec. 3.2; DMD2; SiD's f_psi; VSD), with an optional
+discriminator head on bottleneck features (DMD2, sec. 4.3) or on the teacher's (LADD).
+
+Two layouts:
+* full copy -- a deep copy of the teacher (any ``Denoiser``), all weights trainable;
+* LoRA      -- peft adapters added to the teacher's own backbone module (base weights frozen and
+  stored once); the real score is the same module with adapters switched off (``real_score``).
+
+The fake score is trained by denoising score matching on detached student samples, in the
+teacher's own parameterisation (``schedule.x0_to_raw`` target), so it learns exactly what the
+teacher learnt, only on the student's distribution.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .denoisers import Cond, Denoiser
+from .errors import UserError
+from .schedules import Schedule
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+
+
+# -- times -----------------------------------------------------------------------------------------
+_GRIDS: "weakref.WeakKeyDictionary[Schedule, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def noise_grid(schedule: Schedule, n: int = 1000) -> torch.Tensor:
+    """The schedule's n-step sampling grid without its clean end, least noisy first (float64)."""
+    g = _GRIDS.get(schedule)
+    if g is None or len(g) != n:
+        g = schedule.timesteps(n)[:-1].flip(0).contiguous()
+        _GRIDS[schedule] = g
+    return g
+
+
+def sample_times(schedule: Schedule, n: int, t_range: Sequence[float] = (0.02, 0.98), *,
+                 device=None) -> torch.Tensor:
+    """Times drawn uniformly from a fraction of the schedule's 1000-step grid, 0 = least noisy,
+    1 = noisiest. On a VP schedule (0.02, 0.98) is DMD's t ~ U[0.02T, 0.98T] (Yin et al., 2024,
+    sec. 4.2); on an EDM grid (0, 0.8) is SiD's tmax = 800 of the Karras rho-grid."""
+    lo, hi = float(t_range[0]), float(t_range[1])
+    if not 0.0 <= lo < hi <= 1.0:
+        raise UserError(f"time range {list(t_range)} must satisfy 0 <= lo < hi <= 1 (fractions of the noise range)")
+    grid = noise_grid(schedule)
+    i_lo, i_hi = int(round(lo * (len(grid) - 1))), int(round(hi * (len(grid) - 1)))
+    idx = torch.randint(i_lo, max(i_hi, i_lo + 1), (n,))
+    return grid[idx].to(device)
+
+
+# -- LoRA on a shared backbone ------------------------------------------------------------------------
+def _tuner_layers(module: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """Run the base weights of a module that carries peft adapters (peft's ``disable_adapter``
+    idea, for any module the adapters were injected into)."""
+    layers = _tuner_layers(module)
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+class AdaptersOff(Denoiser):
+    """The teacher as it was: its denoiser evaluated with the fake score's adapters switched off."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        object.__setattr__(self, "_inner", denoiser)  # not a submodule: the weights belong to the teacher
+        self.schedule = denoiser.schedule
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._inner.is_conditional
+
+    def null_cond(self, cond):
+        return self._inner.null_cond(cond)
+
+    def forward(self, x, t, cond=None):
+        with adapters_disabled(self._inner):
+            return self._inner(x, t, cond)
+
+
+# -- the fake score -------------------------------------------------------------------------------
+class FakeScore(Denoiser):
+    """A trainable x0-denoiser on the teacher's schedule: ``forward(x, t, cond) -> x0``."""
+
+    def __init__(self, teacher: Denoiser, *, lora_rank: int = 0, lora_alpha: float | None = None,
+                 target_modules: Sequence[str] = DEFAULT_LORA_TARGETS):
+        super().__init__()
+        self.schedule = teacher.schedule
+        self.shared = lora_rank > 0
+        if self.shared:
+            backbone = getattr(teacher, "backbone", None)
+            if backbone is None:
+                raise UserError(f"a LoRA fake score needs a diffusers backbone; {type(teacher).__name__} has none "
+                                "(set fake_lora_rank=0 for a full copy)")
+            _add_adapter(backbone, lora_rank, lora_alpha, target_modules)
+            self.denoiser = teacher  # one copy of the base weights; only the adapters train
+        else:
+            self.denoiser = copy.deepcopy(teacher)
+            self.denoiser.requires_grad_(True)
+            self.denoiser.train()
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.denoiser.is_conditional
+
+    def null_cond(self, cond):
+        return self.denoiser.null_cond(cond)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, x, t, cond: Cond = None):
+        return self.denoiser(x, t, cond)
+
+    def real_score(self, teacher: Denoiser) -> Denoiser:
+        """The teacher's score: with adapters on its own backbone, the same module with them off."""
+        return AdaptersOff(teacher) if self.shared else teacher
+
+
+def real_score(nets) -> Denoiser:
+    """The real (teacher) score of a ``Nets`` bag, correct for a LoRA fake score sharing its weights."""
+    fake = nets.get("fake_score")
+    return fake.real_score(nets.teacher) if isinstance(fake, FakeScore) else nets.teacher
+
+
+def _add_adapter(backbone: nn.Module, rank: int, alpha: float | None, targets: Sequence[str]) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    present = {n.split(".")[-1] for n, _ in backbone.named_modules()} | {
+        ".".join(n.split(".")[-2:]) for n, _ in backbone.named_modules()}
+    use = [m for m in targets if m in present]
+    if not use:
+        raise UserError(f"fake_target_modules {list(targets)} match no module of {type(backbone).__name__}; "
+                        "name some of its layers (e.g. to_q, conv1)")
+    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), target_modules=use, init_lora_weights=True)
+    backbone.requires_grad_(False)
+    inject_adapter_in_model(cfg, backbone, adapter_name="fake_score")
+    for name, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+# -- denoising score matching ----------------------------------------------------------------------
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: Cond = None, *, space: str = "raw",
+                   t: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample DSM loss on clean samples x0 at t ~ the teacher's training times.
+
+    space="raw": MSE between the backbone's own outputs (eps, v, EDM's F, velocity), i.e. the
+    teacher's training loss (Ho et al., 2020, eq. 14; Karras et al., 2022, eq. 8). space="x0":
+    unweighted x0 MSE. Mean over pixels."""
+    sched = denoiser.schedule
+    if t is None:
+        t = sched.sample_t(x0.shape[0]).to(x0.device)
+    x_t = sched.add_noise(x0, torch.randn_like(x0), t)
+    pred = denoiser(x_t, t, cond)
+    if space == "raw":
+        diff = sched.x0_to_raw(pred, x_t, t) - sched.x0_to_raw(x0, x_t, t)
+    elif space == "x0":
+        diff = pred - x0
+    else:
+        raise UserError(f"fake_loss {space!r} is not supported; use 'raw' (the teacher's parameterisation) or 'x0'")
+    return diff.pow(2).flatten(1).mean(1)
+
+
+# -- features and a discriminator head -----------------------------------------------------------
+def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Cond = None):
+    """(x0, features): one denoiser evaluation, with `module`'s output caught by a forward hook
+    (DMD2 puts its classifier on the UNet's mid-block output, sec. 4.3)."""
+    caught = []
+
+    def hook(_m, _inp, out):
+        caught.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    h = module.register_forward_hook(hook)
+    try:
+        x0 = denoiser(x, t, cond)
+    finally:
+        h.remove()
+    if not caught:
+        raise UserError(f"the feature module {type(module).__name__} was not run by the denoiser; choose a module "
+                        "on its forward path (e.g. mid_block)")
+    return x0, caught[-1].float()
+
+
+def find_module(denoiser: Denoiser, name: str) -> nn.Module:
+    """`name` inside the denoiser's backbone (or the denoiser itself), with a clear error."""
+    root = getattr(denoiser, "backbone", denoiser)
+    if isinstance(denoiser, FakeScore):
+        root = getattr(denoiser.denoiser, "backbone", denoiser.denoiser)
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in root.named_children()]
+        raise UserError(f"feature module {name!r} not found in {type(root).__name__}; children: {', '.join(names)}") \
+            from None
+
+
+def sample_shape(teacher: Denoiser) -> tuple[int, ...]:
+    """(C, H, W) of the teacher's data, from its meta, its backbone config or `sample_shape`."""
+    if getattr(teacher, "sample_shape", None) is not None:
+        return tuple(teacher.sample_shape)
+    meta = dict(getattr(teacher, "meta", None) or {})
+    cfg = getattr(getattr(teacher, "backbone", None), "config", None)
+    c = meta.get("in_channels") or (cfg.get("in_channels") if cfg is not None else None)
+    s = meta.get("sample_size") or (cfg.get("sample_size") if cfg is not None else None)
+    if c is None or s is None:
+        raise UserError(f"cannot tell the data shape of {type(teacher).__name__}; give it in_channels and "
+                        "sample_size in its stepdistill.json")
+    hw = (s, s) if isinstance(s, int) else tuple(s)
+    return (int(c), *map(int, hw))
+
+
+@torch.no_grad()
+def feature_shape(denoiser: Denoiser, module: nn.Module, shape: Sequence[int]) -> tuple[int, ...]:
+    """The per-sample shape of `module`'s output, from one dummy evaluation at the noisiest time."""
+    x = torch.zeros(1, *shape, device=next(denoiser.parameters()).device)
+    cond = None
+    null = getattr(denoiser, "null_class", None) or getattr(getattr(denoiser, "denoiser", None), "null_class", None)
+    if null is not None:
+        cond = {"class_labels": torch.full((1,), int(null), dtype=torch.long, device=x.device)}
+    t = torch.full((1,), denoiser.schedule.t_max, dtype=torch.float64)
+    return tuple(forward_with_features(denoiser, module, x, t, cond)[1].shape[1:])
+
+
+class DiscHead(nn.Module):
+    """A small classifier on features ([B, C, h, w] or [B, C]) -> logits [B]; with `num_classes`,
+    a projection term <embed(y), phi> (Miyato & Koyama, 2018) makes it class-aware."""
+
+    def __init__(self, feature_shape: Sequence[int], hidden: int | None = None, num_classes: int | None = None):
+        super().__init__()
+        c = int(feature_shape[0])
+        h = int(hidden or max(c, 16))
+        self.spatial = len(feature_shape) == 3
+        if self.spatial:
+            groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0 and h % g == 0)
+            self.body = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, h, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(h, h, 3, padding=1), nn.SiLU())
+        else:
+            self.body = nn.Sequential(nn.Linear(c, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU())
+        self.out = nn.Linear(h, 1)
+        self.embed = nn.Embedding(num_classes, h) if num_classes else None
+
+    def forward(self, feats: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        phi = self.body(feats.float())
+        if self.spatial:
+            phi = phi.mean(dim=(2, 3))
+        logit = self.out(phi).squeeze(1)
+        labels = None if cond is None else cond.get("class_labels")
+        if self.embed is not None and labels is not None:
+            logit = logit + (self.embed(labels.clamp(0, self.embed.num_embeddings - 1)) * phi).sum(1)
+        return logit
+
+
+def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None) -> DiscHead:
+    module = find_module(denoiser, module_name)
+    shape = feature_shape(denoiser, module, sample_shape(teacher))
+    meta = dict(getattr(teacher, "meta", None) or {})
+    classes = meta.get("num_classes")
+    null = getattr(teacher, "null_class", None)
+    n_embed = (max(int(classes or 0), int(null) + 1 if null is not None else 0)) or None
+    return DiscHead(shape, hidden, n_embed)
+
+
+def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: torch.Tensor, t, cond: Cond):
+    """Discriminator logits of clean images seen through `denoiser`'s features at x_t (diffusion
+    GAN: both real and fake are noised to the same kind of t, DMD2 sec. 4.3; LADD sec. 3)."""
+    x_t = denoiser.schedule.add_noise(x_clean, torch.randn_like(x_clean), t)
+    _, feats = forward_with_features(denoiser, find_module(denoiser, module_name), x_t, t, cond)
+    return head(feats, cond)
+
+
+__all__ = ["FakeScore", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "sample_times",
+           "noise_grid", "forward_with_features", "find_module", "DiscHead", "build_disc_head", "disc_logits",
+           "sample_shape", "feature_shape"]

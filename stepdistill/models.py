@@ -1,0 +1,60 @@
+"""Anything that can generate images, behind one call: ``load_for_sampling(path).generate(...)``.
+
+Today a teacher folder (sampled with the teacher samplers); a trained student's run folder or an
+exported pipeline is one more branch in ``load_for_sampling``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .denoisers import Denoiser
+from .errors import UserError
+
+
+@dataclass
+class TeacherModel:
+    """A teacher, sampled with a teacher sampler on its schedule's diffusers grid."""
+
+    denoiser: Denoiser
+    meta: dict
+    samplers: tuple[str, ...] = ("ddim", "euler", "heun", "dpmpp2m")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.backbone.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return int(cfg.in_channels), int(size), int(size)
+
+    def make_cond(self, labels: torch.Tensor | None):
+        return None if labels is None else {"class_labels": labels}
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, cond, steps: int, sampler: str = "ddim", guidance: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        from .sampling import sample
+
+        return sample(self.denoiser, noise, steps, sampler=sampler, cond=cond, guidance=guidance,
+                      generator=generator)
+
+
+def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) -> TeacherModel:
+    """The sampleable model stored at ``path`` (a teacher folder)."""
+    from .teachers import META_FILE, load_teacher
+
+    p = Path(path)
+    if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
+        raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
+                        f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")
+    den = load_teacher(p, trust_pickle=trust_pickle)
+    return TeacherModel(den, den.meta)
+
+
+__all__ = ["TeacherModel", "load_for_sampling"]

@@ -1,0 +1,176 @@
+"""Consistency distillation (Song et al., 2023, Alg. 2) in the discrete, skipping-step form of
+latent consistency models (Luo et al., 2023, Alg. 1).
+
+Teacher grid. As LCM's ``DDIMSolver``: the teacher steps on an N-step grid (default 50), so one
+teacher step from t_{n+k} to t_n skips k = T/N training timesteps (k = 20 for T = 1000, N = 50).
+Here the grid is ``schedule.timesteps(N)`` (the diffusers grid; for VP with trailing spacing these
+are LCM's times 999, 979, ..., 19) and its last step ends at clean data. The step is one step of
+any solver of ``stepdistill.sampling`` (ddim, euler, heun, dpmpp2m), on the teacher with CFG.
+
+Target. f_target(x^_{t_n}, t_n) from a frozen EMA copy of the student (Song et al., 2023, eq. 7,
+decay ``target_ema``), or the student itself under stop-gradient when the decay is 0 (iCT,
+Song & Dhariwal, 2023, sec. 3.2; LCM-LoRA). Where t_n is clean data the target is x^_{t_n} itself:
+the boundary condition f(x, t_clean) = x (Song et al., 2023, eq. 4), so the network is never asked at
+a time it was not trained on.
+
+Distance. Pseudo-Huber sqrt(||f - f_target||^2 + c^2) - c with c = 0.00054 sqrt(d) (iCT, sec. 3.3;
+d = values per sample), or the mean squared error (LCM's l2).
+
+Guidance. With ``w_embedding`` the student is conditioned on a CFG scale w ~ U[w_min, w_max] through
+LCM's guidance-scale embedding (sec. 4.2) passed as ``timestep_cond``, while the teacher uses CFG at
+that w. w is the usual CFG scale (1 = no guidance); the embedding is of w - 1, as diffusers'
+LatentConsistencyModelPipeline computes it from its guidance_scale, so an exported pipeline agrees.
+
+Sampling. The student (``stepdistill.generator.Student``) samples as multi-step consistency models
+do (Song et al., 2023, Alg. 1): f at the first of its K times, then re-noise to the next and repeat.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..denoisers import guided
+from ..errors import UserError
+from ..sampling import SAMPLERS, get_sampler
+from ..schedules import Schedule, bcast
+from .base import Nets, Objective, register
+from .progressive import _randint, _randn_like
+
+LOSSES = ("pseudo_huber", "l2")
+ICT_HUBER_C = 0.00054  # times sqrt(d) (Song & Dhariwal, 2023, sec. 3.3)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance-scale embedding of w - 1 (the convention of diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``): sinusoids of 1000 (w - 1)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
+    return get_timestep_embedding((w - 1.0) * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+def cond_proj_dim(student) -> Optional[int]:
+    """The width of the student backbone's ``timestep_cond`` input (diffusers' time_cond_proj_dim)."""
+    backbone = getattr(student.denoiser, "backbone", None)
+    base = getattr(backbone, "base_model", None)
+    for m in (backbone, getattr(base, "model", base)):
+        dim = getattr(getattr(m, "config", None), "time_cond_proj_dim", None)
+        if dim:
+            return int(dim)
+    return None
+
+
+def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None) -> torch.Tensor:
+    """One step of the named solver from t_{n+k} to t_n (per-sample times)."""
+    return get_sampler(solver)(teacher, x, [t_from, t_to], cond)
+
+
+@register
+class Consistency(Objective):
+    name = "consistency"
+    uses_real_data = True  # x_{t_{n+k}} is noised data (Alg. 2)
+
+    @dataclass
+    class Config:
+        solver: str = "ddim"            # teacher ODE solver for one step t_{n+k} -> t_n: ddim | euler | heun | dpmpp2m
+        teacher_steps: int = 50         # N: teacher grid schedule.timesteps(N); skip k = T / N (LCM's DDIMSolver)
+        target_ema: float = 0.95        # EMA decay of the target network (LCM's 0.95); 0 = stop-gradient student
+        loss: str = "pseudo_huber"      # "pseudo_huber" (iCT) or "l2"
+        huber_c: Optional[float] = None  # pseudo-Huber c; None = 0.00054 * sqrt(values per sample) (iCT)
+        guidance: float = 1.0           # teacher CFG scale when w_embedding is off; 1 = plain conditional
+        w_embedding: bool = False       # condition the student on w ~ U[w_min, w_max] (LCM, sec. 4.2)
+        w_min: float = 4.0              # CFG scale range (usual convention: LCM's w in [3, 15] is w_min=4, w_max=16)
+        w_max: float = 16.0
+
+    def __init__(self, cfg: Any = None):
+        super().__init__(cfg)
+        c = self.cfg
+        if c.solver not in SAMPLERS:
+            raise UserError(f"consistency: solver {c.solver!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if c.teacher_steps < 1:
+            raise UserError(f"consistency: teacher_steps must be >= 1, got {c.teacher_steps}; LCM uses 50")
+        if not 0.0 <= c.target_ema < 1.0:
+            raise UserError(f"consistency: target_ema must be in [0, 1), got {c.target_ema}; 0 = stop-gradient")
+        if c.loss not in LOSSES:
+            raise UserError(f"consistency: loss {c.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if c.huber_c is not None and c.huber_c <= 0:
+            raise UserError(f"consistency: huber_c must be > 0 (or null for iCT's default), got {c.huber_c}")
+        if c.w_embedding and not 1.0 <= c.w_min <= c.w_max:
+            raise UserError(f"consistency: need 1 <= w_min <= w_max, got w_min={c.w_min}, w_max={c.w_max}")
+        self._grids: dict[int, torch.Tensor] = {}
+        self._w_dim: Optional[int] = None
+
+    def build(self, teacher, student) -> dict:
+        c = self.cfg
+        if (c.w_embedding or c.guidance != 1.0) and not teacher.is_conditional:
+            raise UserError("consistency: guidance needs a conditional teacher; set guidance=1 and w_embedding=false")
+        if c.w_embedding:
+            self._w_dim = cond_proj_dim(student)
+            if self._w_dim is None:
+                raise UserError("consistency: w_embedding needs a student backbone with a timestep_cond input "
+                                "(a UNet2DConditionModel with time_cond_proj_dim set); set w_embedding=false")
+        if c.target_ema == 0.0:
+            return {}
+        return {"target": copy.deepcopy(student).requires_grad_(False).eval()}
+
+    @torch.no_grad()
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        target = nets.get("target")
+        if target is None:
+            return
+        mu = float(self.cfg.target_ema)
+        # theta^- <- mu theta^- + (1 - mu) theta (Song et al., 2023, Alg. 2, last line)
+        for p_t, p_s in zip(target.parameters(), nets.student.parameters(), strict=True):
+            p_t.mul_(mu).add_(p_s.detach(), alpha=1.0 - mu)
+        for b_t, b_s in zip(target.buffers(), nets.student.buffers(), strict=True):
+            b_t.copy_(b_s)
+
+    # -- loss -------------------------------------------------------------------------------------
+    def _grid(self, schedule: Schedule, device) -> torch.Tensor:
+        key = id(schedule)
+        if key not in self._grids:
+            self._grids[key] = schedule.timesteps(self.cfg.teacher_steps)
+        return self._grids[key].to(device)
+
+    def _scales(self, batch: dict, n: int, device):
+        """CFG scale per sample: sampled in [w_min, w_max] with the w-embedding, else fixed."""
+        c = self.cfg
+        if not c.w_embedding:
+            return c.guidance
+        rng = batch.get("rng")
+        u = rng.rand() if rng is not None else torch.rand(n)
+        return (c.w_min + (c.w_max - c.w_min) * u.to(torch.float64)).to(device)
+
+    def distance(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        sq = (f - target).square().flatten(1)
+        if self.cfg.loss == "l2":
+            return sq.mean(1)
+        c = self.cfg.huber_c if self.cfg.huber_c is not None else ICT_HUBER_C * math.sqrt(sq.shape[1])
+        return (sq.sum(1) + c**2).sqrt() - c
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["x0"]
+        cond = batch.get("cond")
+        schedule = nets.student.schedule
+        grid = self._grid(schedule, x.device)
+        n = _randint(batch, self.cfg.teacher_steps, x.shape[0], x.device)
+        t, t_prev = grid[n], grid[n + 1]                       # t_{n+k}, t_n
+        x_t = schedule.add_noise(x, _randn_like(batch, x), t)
+        w = self._scales(batch, x.shape[0], x.device)
+        s_cond = cond
+        if self.cfg.w_embedding:
+            s_cond = {**(cond or {}), "timestep_cond": guidance_embedding(w, self._w_dim).to(x.device)}
+        f = nets.student.denoise(x_t, t, s_cond)
+        with torch.no_grad():
+            x_prev = teacher_step(self.cfg.solver, guided(nets.teacher, w), x_t, t, t_prev, cond)
+            target_net = nets.get("target")
+            target_net = nets.student if target_net is None else target_net
+            target = target_net.denoise(x_prev, t_prev, s_cond)
+            _, sigma_prev = schedule.alpha_sigma(t_prev)
+            target = torch.where(bcast(sigma_prev == 0, x).bool(), x_prev.to(target.dtype), target)
+        return {"loss": self.distance(f, target.to(f.dtype)),
+                "_t": t.to(f.dtype)}

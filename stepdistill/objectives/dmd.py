@@ -1,0 +1,306 @@
+"""Distribution Matching Distillation: DMD (Yin et al., 2024) and DMD2 (Yin et al., 2024b).
+
+Generator: push student samples x along the difference of the fake and the real (teacher, with
+CFG) x0-predictions at a noised copy x_t, the gradient of KL(p_fake,t || p_real,t) (DMD eq. 7),
+normalised per sample by mean|x - real_x0| (eq. 8). It is written as 0.5 * mean((x - sg(x - g))^2)
+so that its gradient w.r.t. x is g / (C*H*W) per sample (the mean-reduced form of the DMD/DMD2
+code bases, so their learning rates carry over).
+Critic: the fake score learns the student's distribution by denoising score matching; DMD2 runs
+it `critic_repeats` times per generator update (two time-scale rule, sec. 4.2) and may add a GAN
+classifier on its bottleneck features trained against real images (sec. 4.3).
+DMD adds a regression loss on teacher noise -> image pairs (eq. 9) from a ``cache`` folder.
+Multi-step students train with backward simulation (DMD2 sec. 4.5).
+
+Guidance (all on the real score): a fixed CFG scale; a per-sample scale uniform in
+``guidance_range`` (SNOOPI's random-scale guidance, Nguyen et al., 2024); and Decoupled DMD (Liu
+et al., 2025): the CFG-augmentation term (w - 1)(real_c - real_u) and the distribution-matching
+term (real_c - fake) evaluated at independent times drawn from their own ranges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..denoisers import GuidedDenoiser
+from ..errors import UserError
+from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, denoising_loss, disc_logits,
+                          real_score, sample_times)
+from ..schedules import bcast
+from . import gan
+from .base import Nets, Objective, Phase, register
+
+
+# -- shared pieces (also used by SiD and the adversarial objective) ------------------------------
+def student_sample(student, noise: torch.Tensor, cond, *, backward_simulation: bool = True) -> torch.Tensor:
+    """Student samples with gradient through one student evaluation.
+
+    One step: x = G(noise). K steps with backward simulation (DMD2 sec. 4.5; SiD's uniform mixture
+    over steps): per sample pick k ~ U{0..K-1}, run the student's own chain without gradient from
+    noise to its k-th timestep, then take one step with gradient. Without backward simulation
+    the whole chain runs with gradient."""
+    ts = student.timesteps
+    if len(ts) == 1 or not backward_simulation:
+        return student(noise, cond)
+    b = noise.shape[0]
+    k = torch.randint(0, len(ts), (b,))
+    sched = student.schedule
+    x = sched.prior(noise, ts[0])
+    x_at = x.clone()
+    with torch.no_grad():
+        for i in range(int(k.max())):
+            x0 = student.denoise(x, ts[i], cond)
+            x = sched.add_noise(x0, torch.randn_like(noise), ts[i + 1])
+            x_at = torch.where(bcast(k == i + 1, x).bool(), x, x_at)
+    return student.denoise(x_at, ts[k.to(ts.device)], cond)
+
+
+def noise_like_batch(batch: dict) -> torch.Tensor:
+    x0 = batch["x0"]
+    return torch.randn_like(x0)
+
+
+def cfg_scales(cfg, n: int, device) -> torch.Tensor | float:
+    """The teacher's CFG scale(s): fixed, or one per sample uniform in guidance_range (SNOOPI)."""
+    if cfg.guidance_range is not None:
+        lo, hi = map(float, cfg.guidance_range)
+        return lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device=device)
+    return float(cfg.guidance)
+
+
+def mean_abs(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().flatten(1).mean(1).clamp_min(1e-5)
+
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD eq. 7-8: (fake - real) normalised per sample by mean|x - real| (the paper's
+    sigma^2/alpha * CS / ||mu_real - x||_1 weight times the score difference alpha(real - fake)/sigma^2)."""
+    return (fake_x0 - real_x0) / bcast(mean_abs(x - real_x0), x)
+
+
+def target_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean((x - sg(x - grad))^2) per sample: d/dx = grad / numel(x[0])."""
+    target = (x - grad).detach()
+    return 0.5 * (x - target).pow(2).flatten(1).mean(1)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """Pseudo-Huber distance (Song & Dhariwal, 2023, sec. 3.3): sqrt(||a-b||^2 + c^2) - c, with
+    c = 0.00054 sqrt(d) by default; a stand-in for LPIPS, whose weights are downloaded at run time."""
+    d = a[0].numel()
+    c = 0.00054 * d**0.5 if c is None else c
+    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+
+
+@register
+class DMD(Objective):
+    name = "dmd"
+
+    @dataclass
+    class Config:
+        guidance: float = 1.0                          # teacher CFG scale in the real score
+        guidance_range: Optional[List[float]] = None   # [w_min, w_max]: a scale per sample (SNOOPI); None = fixed
+        t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # DM term times (fractions of noise range)
+        cfg_t_range: Optional[List[float]] = None      # Decoupled DMD: CFG-augmentation term's own range; None = coupled
+        fake_lora_rank: int = 0                        # 0 = full copy of the teacher; > 0 = LoRA on its backbone
+        fake_lora_alpha: Optional[float] = None
+        fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+        fake_loss: str = "raw"                         # "raw" (teacher's parameterisation) | "x0" (unweighted)
+        critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
+        backward_simulation: bool = True               # multi-step students (DMD2 sec. 4.5)
+        regression_weight: float = 0.25                # DMD eq. 9, lambda_reg; 0 = off (DMD2)
+        regression_loss: str = "pseudo_huber"          # "pseudo_huber" | "mse" | "lpips" (needs local weights)
+        huber_c: Optional[float] = None                # None = 0.00054 sqrt(d)
+        cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache)
+        cache_num: int = 1000                          # built there if missing: pairs ...
+        cache_steps: int = 50                          # ... teacher steps
+        cache_sampler: str = "ddim"
+        cache_seed: int = 0
+        regression_batch: Optional[int] = None         # pairs per step; None = the batch size
+        gan_weight: float = 0.0                        # generator GAN term (DMD2 ImageNet: 3e-3); 0 = off
+        gan_critic_weight: float = 1e-2                # discriminator term in the critic phase
+        gan_loss: str = "ns"                           # "ns" (DMD2) | "hinge"
+        r1_weight: float = 0.0                         # approximate R1 on real logits; 0 = off
+        r1_noise: float = 0.01
+        feature_module: str = "mid_block"              # bottleneck the discriminator head reads
+        disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        c = self.cfg
+        if c.critic_repeats < 1:
+            raise UserError(f"objective.critic_repeats must be >= 1, got {c.critic_repeats}")
+        if c.guidance_range is not None and (len(c.guidance_range) != 2 or c.guidance_range[0] > c.guidance_range[1]):
+            raise UserError(f"objective.guidance_range must be [w_min, w_max] with w_min <= w_max, got "
+                            f"{list(c.guidance_range)}")
+        if c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
+            raise UserError(f"objective.regression_loss {c.regression_loss!r} is not supported; use pseudo_huber, "
+                            "mse or lpips")
+        if c.regression_weight > 0 and not c.cache:
+            raise UserError("DMD's regression loss needs teacher noise->image pairs: set objective.cache to a folder "
+                            "(built there on first use) or objective.regression_weight=0")
+        gan._check(c.gan_loss)
+        self.uses_real_data = c.gan_weight > 0
+        self._pairs = None
+        self._lpips = None
+
+    # -- contract -------------------------------------------------------------------------------
+    def phases(self):
+        trains = ("fake_score", "disc") if self.cfg.gan_weight > 0 else ("fake_score",)
+        return [Phase("critic", trains, repeats=self.cfg.critic_repeats), Phase("generator", ("student",))]
+
+    def build(self, teacher, student):
+        c = self.cfg
+        if c.regression_weight > 0:  # before any adapter touches the teacher's backbone
+            self._pairs = self._load_pairs(teacher)
+        nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
+                                        target_modules=c.fake_target_modules)}
+        if c.gan_weight > 0:
+            nets["disc"] = build_disc_head(nets["fake_score"], c.feature_module, teacher)
+        return nets
+
+    def _load_pairs(self, teacher):
+        from ..cache import ensure_cache
+
+        c = self.cfg
+        if c.regression_loss == "lpips":
+            self._lpips = _load_lpips()
+        return ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
+                            guidance=c.guidance, seed=c.cache_seed)
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def fake_cond(self, nets, cond):
+        return cond
+
+    def dm_terms(self, nets: Nets, x: torch.Tensor, cond) -> tuple[torch.Tensor, dict]:
+        """The DMD gradient g w.r.t. the student's samples x (no graph), and what to log."""
+        c = self.cfg
+        real = real_score(nets)
+        fake = nets.fake_score
+        b = x.shape[0]
+        w = cfg_scales(c, b, x.device) if cond is not None else 1.0
+        with torch.no_grad():
+            t = sample_times(real.schedule, b, c.t_range, device=x.device)
+            x_t = real.schedule.add_noise(x, torch.randn_like(x), t)
+            fake_x0 = fake(x_t, t, self.fake_cond(nets, cond))
+            if c.cfg_t_range is None:
+                real_x0 = GuidedDenoiser(real, w)(x_t, t, cond) if _guides(w) else real(x_t, t, cond)
+                g = dmd_gradient(x, real_x0, fake_x0)
+                logs = {}
+            else:
+                # Decoupled DMD: DM term (fake - real_c) at t, CA term -(w-1)(real_c - real_u) at its own t'
+                real_c = real(x_t, t, cond)
+                g_dm = dmd_gradient(x, real_c, fake_x0)
+                t2 = sample_times(real.schedule, b, c.cfg_t_range, device=x.device)
+                x_t2 = real.schedule.add_noise(x, torch.randn_like(x), t2)
+                d_u, d_c = real(x_t2, t2, real.null_cond(cond)), real(x_t2, t2, cond)
+                wm1 = bcast(torch.as_tensor(w, dtype=torch.float64, device=x.device), x) - 1.0
+                g_ca = -wm1 * (d_c - d_u) / bcast(mean_abs(x - d_c), x)
+                g = g_dm + g_ca
+                logs = {"_ca_norm": g_ca.flatten(1).norm(dim=1), "_dm_norm": g_dm.flatten(1).norm(dim=1)}
+        return g, logs
+
+    def gan_generator_term(self, nets, x, cond):
+        c = self.cfg
+        t = sample_times(nets.fake_score.schedule, x.shape[0], c.disc_t_range, device=x.device)
+        logits = disc_logits(nets.fake_score, c.feature_module, nets.disc, x, t, self.fake_cond(nets, cond))
+        return c.gan_weight * gan.g_loss(logits, c.gan_loss)
+
+    def gan_critic_terms(self, nets, x_fake, batch) -> dict:
+        c = self.cfg
+        real_x = batch.get("x0")
+        if real_x is None:
+            raise UserError("the GAN term needs real images in the batch; set data to an image set or gan_weight=0")
+        cond = batch.get("cond")
+        fs = nets.fake_score
+        b = x_fake.shape[0]
+        t_r = sample_times(fs.schedule, b, c.disc_t_range, device=x_fake.device)
+        t_f = sample_times(fs.schedule, b, c.disc_t_range, device=x_fake.device)
+        fc = self.fake_cond(nets, cond)
+        real_logits = disc_logits(fs, c.feature_module, nets.disc, real_x, t_r, fc)
+        fake_logits = disc_logits(fs, c.feature_module, nets.disc, x_fake, t_f, fc)
+        out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
+               "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+        if c.r1_weight > 0:
+            x_t = fs.schedule.add_noise(real_x, torch.randn_like(real_x), t_r)
+            from ..fake_score import find_module, forward_with_features
+
+            mod = find_module(fs, c.feature_module)
+
+            def d_of(xt):
+                return nets.disc(forward_with_features(fs, mod, xt, t_r, fc)[1], fc)
+
+            out["r1"] = c.r1_weight * gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
+        return out
+
+    def regression_term(self, nets, like: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        pairs = self._pairs
+        n = c.regression_batch or like.shape[0]
+        idx = torch.randint(0, len(pairs), (n,))
+        noise, x_ref, cond = pairs.get(idx, device=like.device)
+        out = nets.student(noise, cond)
+        if c.regression_loss == "mse":
+            d = (out - x_ref).pow(2).flatten(1).mean(1)
+        elif c.regression_loss == "lpips":
+            d = self._lpips(out, x_ref).flatten(1).mean(1)
+        else:
+            d = pseudo_huber(out, x_ref, c.huber_c)
+        # the regression batch may differ in size from the DM batch: spread its mean over [B]
+        return c.regression_weight * d.mean().expand(like.shape[0])
+
+    # -- phases ----------------------------------------------------------------------------------
+    def critic_loss(self, nets: Nets, batch: dict) -> dict:
+        cond = batch.get("cond")
+        with torch.no_grad():
+            x = student_sample(nets.student, noise_like_batch(batch), cond,
+                               backward_simulation=self.cfg.backward_simulation)
+        out = {"fake_dsm": denoising_loss(nets.fake_score, x, self.fake_cond(nets, cond), space=self.cfg.fake_loss)}
+        if self.cfg.gan_weight > 0:
+            out.update(self.gan_critic_terms(nets, x, batch))
+        return out
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict:
+        cond = batch.get("cond")
+        x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=self.cfg.backward_simulation)
+        g, logs = self.dm_terms(nets, x, cond)
+        out = {"dmd": target_loss(x, g), "_dmd_grad_norm": g.flatten(1).norm(dim=1), **logs}
+        if self.cfg.regression_weight > 0:
+            out["regression"] = self.regression_term(nets, x)
+        if self.cfg.gan_weight > 0:
+            out["gan_g"] = self.gan_generator_term(nets, x, cond)
+        return out
+
+
+@register
+class DMD2(DMD):
+    """DMD2 (Yin et al., 2024b): no regression loss, critic updated 5 times per generator update,
+    optional GAN term through the fake score's bottleneck."""
+
+    name = "dmd2"
+
+    @dataclass
+    class Config(DMD.Config):
+        critic_repeats: int = 5
+        regression_weight: float = 0.0
+        gan_weight: float = 3e-3
+
+
+def _guides(w) -> bool:
+    return torch.is_tensor(w) or float(w) != 1.0
+
+
+def _load_lpips():
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        raise UserError("regression_loss 'lpips' needs the lpips package and its weights available offline; "
+                        "use regression_loss=pseudo_huber") from None
+    try:
+        return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True).eval().requires_grad_(False)
+    except Exception as err:  # the package downloads backbone weights on first use
+        raise UserError(f"could not load LPIPS weights offline ({err}); use regression_loss=pseudo_huber") from None
+
+
+__all__ = ["DMD", "DMD2", "student_sample", "dmd_gradient", "target_loss", "pseudo_huber", "cfg_scales"]

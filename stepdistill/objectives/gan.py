@@ -1,0 +1,52 @@
+"""GAN losses shared by the adversarial objective and the GAN add-ons of DMD2 and SiD.
+
+Every function maps logits [B] to per-sample losses [B].
+* non-saturating (Goodfellow et al., 2014, sec. 3): D: softplus(-D(real)) + softplus(D(fake));
+  G: softplus(-D(fake)) = -log sigmoid(D(fake)). DMD2 (Yin et al., 2024b, eq. 4) uses this form.
+* hinge (Lim & Ye, 2017): D: relu(1 - D(real)) + relu(1 + D(fake)); G: -D(fake). ADD/LADD use it.
+* approximate R1 (LADD, Sauer et al., 2024, sec. 3.2; SANA-Sprint): instead of the gradient
+  penalty ||grad_x D(x)||^2, which needs double backprop through the feature network, penalise
+  the change of D's output under a small Gaussian perturbation of its input: E||D(x) - D(x + s n)||^2.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+LOSSES = ("ns", "hinge")
+
+
+def _check(kind: str) -> None:
+    if kind not in LOSSES:
+        raise UserError(f"gan_loss {kind!r} is not supported; use one of {', '.join(LOSSES)}")
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """The discriminator's per-sample loss (real and fake batches of equal size)."""
+    _check(kind)
+    if kind == "ns":
+        return F.softplus(-real_logits) + F.softplus(fake_logits)
+    return F.relu(1.0 - real_logits) + F.relu(1.0 + fake_logits)
+
+
+def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    """The generator's per-sample loss."""
+    _check(kind)
+    if kind == "ns":
+        return F.softplus(-fake_logits)
+    return -fake_logits
+
+
+def approx_r1(disc: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
+              noise_std: float) -> torch.Tensor:
+    """Approximate R1: (D(x) - D(x + noise_std * n))^2 per sample; `logits` = D(x), already computed.
+    As noise_std -> 0 it equals noise_std^2 * ||grad_x D||^2 in expectation (first-order Taylor)."""
+    perturbed = disc(x + noise_std * torch.randn_like(x))
+    return (logits - perturbed).pow(2)
+
+
+__all__ = ["d_loss", "g_loss", "approx_r1", "LOSSES"]

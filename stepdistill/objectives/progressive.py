@@ -1,0 +1,184 @@
+"""Progressive distillation (Salimans & Ho, 2022, Alg. 2): a student learns to take one DDIM step
+where its teacher takes two; after each round the student becomes the next round's teacher and the
+step count halves, e.g. a 64-step teacher -> 32 -> 16 -> 8 -> 4-step student.
+
+Grids. A round whose student takes N steps trains at the times of ``schedule.timesteps(N)`` (the
+diffusers grid); the teacher's intermediate time t' is the matching point of
+``schedule.timesteps(2N)`` when that grid contains the N grid (VP with trailing spacing: every
+power-of-two halving is nested), so each round's teacher is only asked at the times it was trained
+on. For grids that are not nested (EDM's Karras grid, flow's linspace) t' is the midpoint
+(t + t'') / 2 in the schedule's own time, the paper's t' = t - 0.5/N. The last round trains on
+``schedule.timesteps(K)``, whose first K times are the student's (and the exported scheduler's).
+
+Target and weighting. Written with alpha(t), sigma(t) only, so it holds for VP, EDM and flow:
+the x0 target x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha) makes one student
+DDIM step from z land exactly on the teacher's two-step result z'' (Alg. 2). The x0 error is
+weighted by max(SNR, 1), the "truncated SNR" weighting of sec. 4 (= max(||x - x^||^2, ||eps - eps^||^2)).
+Why this one: the eps loss (weight SNR on the x0 error) gives no weight to the high-noise end where a
+few-step student starts and where eps = z carries no information, while plain x0 error neglects
+low noise; the max is x0 error at high noise and eps error at low noise. "snr_plus_one" (the v-loss,
+weight SNR + 1, also sec. 4) is offered as the alternative the paper reports as equally good.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..denoisers import guided
+from ..errors import UserError
+from ..sampling import ddim_step
+from ..schedules import Schedule, bcast
+from .base import Nets, Objective, register
+
+WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+def pd_target(denoise, schedule: Schedule, z: torch.Tensor, t, t_mid, t_next, cond=None) -> torch.Tensor:
+    """Salimans & Ho (2022), Alg. 2: two deterministic DDIM teacher steps z -> z' -> z'' and the x0
+    that takes one DDIM step from (z, t) to z'' at t_next. `denoise(x, t, cond) -> x0`; the times
+    are per-sample float64 tensors (or scalars) with sigma(t) > 0."""
+    (a, s), (am, sm), (an, sn) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=z.device))
+                                  for u in (t, t_mid, t_next))
+    c = [bcast(v, z) for v in (a, s, am, sm, an, sn)]
+    z_mid = ddim_step(z, denoise(z, t, cond), c[0], c[1], c[2], c[3])
+    z_next = ddim_step(z_mid, denoise(z_mid, t_mid, cond), c[2], c[3], c[4], c[5])
+    ratio = sn / s  # float64 until it multiplies data
+    return (z_next - bcast(ratio, z) * z) / bcast(an - ratio * a, z)
+
+
+def grid_with_midpoints(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n-step grid (n + 1 times) and the teacher's intermediate time in each of its n steps."""
+    g, g2 = schedule.timesteps(n), schedule.timesteps(2 * n)
+    if len(g2) == 2 * n + 1 and torch.equal(g2[::2], g):
+        return g, g2[1::2]
+    return g, 0.5 * (g[:-1] + g[1:])
+
+
+def _randint(batch: dict, high: int, n: int, device) -> torch.Tensor:
+    rng = batch.get("rng")
+    idx = rng.randint(0, high) if rng is not None else torch.randint(0, high, (n,))
+    return idx.to(device)
+
+
+def _randn_like(batch: dict, x: torch.Tensor) -> torch.Tensor:
+    rng = batch.get("rng")
+    return rng.randn_like(x) if rng is not None else torch.randn_like(x)
+
+
+@register
+class Progressive(Objective):
+    name = "progressive"
+    uses_real_data = True  # z_t is noised data (Alg. 2, line 3)
+
+    @dataclass
+    class Config:
+        start_steps: int = 64           # DDIM steps of the round-1 teacher; round 1's student takes half
+        final_steps: int = 4            # K: the last round's student steps (= the exported step count)
+        iterations_per_round: int = 1000  # outer iterations per round; the last round runs on past its share
+        guidance: float = 1.0           # CFG scale of the round-1 (real) teacher; 1 = plain conditional
+        weighting: str = "truncated_snr"  # "truncated_snr": max(SNR, 1) (sec. 4); "snr_plus_one": SNR + 1
+
+    def __init__(self, cfg: Any = None):
+        super().__init__(cfg)
+        c = self.cfg
+        if c.final_steps < 1 or c.start_steps <= c.final_steps:
+            raise UserError(f"progressive: need start_steps > final_steps >= 1, got start_steps={c.start_steps}, "
+                            f"final_steps={c.final_steps}; e.g. start_steps=64 final_steps=4")
+        ratio = c.start_steps // c.final_steps
+        if c.start_steps % c.final_steps or ratio & (ratio - 1):
+            raise UserError(f"progressive: start_steps / final_steps must be a power of two (each round halves), "
+                            f"got {c.start_steps} / {c.final_steps}; e.g. start_steps={c.final_steps * 16}")
+        if c.iterations_per_round < 1:
+            raise UserError(f"progressive: iterations_per_round must be >= 1, got {c.iterations_per_round}")
+        if c.weighting not in WEIGHTINGS:
+            raise UserError(f"progressive: weighting {c.weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
+        # student step counts, one per round: start/2, start/4, ..., K
+        self.rounds = [c.start_steps >> r for r in range(1, ratio.bit_length())]
+        self.round = 0          # index into self.rounds
+        self.iteration = 0      # outer iterations done in the current round
+        self._grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- rounds ---------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """The current round's student step count N."""
+        return self.rounds[self.round]
+
+    @property
+    def total_iterations(self) -> int:
+        """Outer iterations until the last round has had its share (a sensible max_steps)."""
+        return len(self.rounds) * self.cfg.iterations_per_round
+
+    def student_steps(self) -> int:
+        return int(self.cfg.final_steps)
+
+    def build(self, teacher, student) -> dict:
+        final = student.schedule.timesteps(self.cfg.final_steps)[:-1]
+        if not torch.equal(student.timesteps.cpu(), final):
+            raise UserError(f"progressive: the student samples at {student.timesteps.tolist()} but the last round "
+                            f"trains at {final.tolist()}; build the student with steps={self.cfg.final_steps}")
+        if self.cfg.guidance != 1.0 and not teacher.is_conditional:
+            raise UserError(f"progressive: guidance={self.cfg.guidance} needs a conditional teacher; set guidance=1")
+        # the frozen teacher of rounds 2.. (the previous round's student); a net, so it checkpoints
+        prev = copy.deepcopy(student).requires_grad_(False).eval()
+        return {"pd_teacher": prev}
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration += 1
+        if self.iteration >= self.cfg.iterations_per_round and self.round + 1 < len(self.rounds):
+            # Alg. 2, outer loop: this round's student is the next round's (frozen) teacher
+            with torch.no_grad():
+                for p_t, p_s in zip(nets.pd_teacher.parameters(), nets.student.parameters(), strict=True):
+                    p_t.copy_(p_s)
+                for b_t, b_s in zip(nets.pd_teacher.buffers(), nets.student.buffers(), strict=True):
+                    b_t.copy_(b_s)
+            self.round += 1
+            self.iteration = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "iteration": self.iteration, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        r = int(state["round"])
+        if r >= len(self.rounds) or self.rounds[r] != int(state["steps"]):
+            raise UserError(f"progressive: the checkpoint is in a round with a {int(state['steps'])}-step student, "
+                            f"which rounds {self.rounds} do not have; resume with the run's own start_steps and "
+                            "final_steps")
+        self.round, self.iteration = r, int(state["iteration"])
+
+    # -- loss -------------------------------------------------------------------------------------
+    def _grid(self, schedule: Schedule, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.steps, id(schedule))
+        if key not in self._grids:
+            self._grids[key] = grid_with_midpoints(schedule, self.steps)
+        g, mid = self._grids[key]
+        return g.to(device), mid.to(device)
+
+    def teacher_denoiser(self, nets: Nets):
+        """Round 1: the real teacher (with CFG); later rounds: the previous round's student."""
+        if self.round == 0:
+            return guided(nets.teacher, self.cfg.guidance)
+        return nets.pd_teacher.denoise
+
+    def weight(self, schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+        snr = schedule.snr(t)
+        return snr.clamp_min(1.0) if self.cfg.weighting == "truncated_snr" else snr + 1.0
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["x0"]
+        cond = batch.get("cond")
+        schedule = nets.student.schedule
+        grid, mid = self._grid(schedule, x.device)
+        i = _randint(batch, self.steps, x.shape[0], x.device)  # Alg. 2: t on the student's grid
+        t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
+        z = schedule.add_noise(x, _randn_like(batch, x), t)
+        with torch.no_grad():
+            x_tilde = pd_target(self.teacher_denoiser(nets), schedule, z, t, t_mid, t_next, cond)
+        x_hat = nets.student.denoise(z, t, cond)
+        err = (x_hat - x_tilde.to(x_hat.dtype)).square().flatten(1).mean(1)
+        w = self.weight(schedule, t).to(err.dtype)
+        return {"loss": w * err, "_x0_mse": err.detach(),
+                "_round_steps": torch.full_like(err, float(self.steps)).detach()}

@@ -1,0 +1,65 @@
+"""The training config: every field has a default and a comment; ``None`` disables a feature.
+
+``batch_size`` is the *global* batch of one micro-step, split evenly over the processes, so the
+same config gives the same run (to float tolerance) on 1 or N processes. The objective's own
+hyperparameters live under ``objective:`` (``name`` plus the fields of its ``Config`` dataclass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ..generator import StudentConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5                 # AdamW learning rate
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    lr_schedule: str = "constant_with_warmup"   # any diffusers.optimization.get_scheduler name
+    warmup_steps: int = 0            # in updates of this network
+    max_grad_norm: Optional[float] = 1.0        # gradient clipping; None = off
+
+
+@dataclass
+class EMAConfig:
+    decay: Optional[float] = 0.999   # EMA of the student's trainable weights; None = no EMA
+    update_after_step: int = 0       # plain copy before this many steps
+    warmup: bool = False             # diffusers' EMA warm-up (decay grows as 1 - (1 + step/gamma)^-power)
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = "assets/teachers/digits16"   # teacher folder (not copied into checkpoints)
+    data: str = "digits-train"       # any stepdistill.data.load_images spec
+    output_dir: str = "runs/train"   # run folder: config.yaml, checkpoints/, metrics.jsonl, previews/
+    objective: Dict[str, Any] = field(default_factory=lambda: {"name": ""})  # name + its Config fields
+    student: StudentConfig = field(default_factory=StudentConfig)
+    optim: Dict[str, OptimConfig] = field(default_factory=lambda: {"student": OptimConfig()})  # per network
+    seed: int = 0
+    max_steps: int = 1000            # outer iterations (every phase of the objective once)
+    batch_size: int = 64             # global batch per micro-step, split over processes
+    grad_accum: int = 1              # micro-steps per update
+    mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses loss scaling)
+    gradient_checkpointing: bool = False
+    cpu: bool = False                # force CPU even when an accelerator is present
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint_every: int = 500      # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 3        # newest K kept
+    log_every: int = 10              # steps per metrics.jsonl line
+    preview_every: Optional[int] = 500   # steps per preview grid; None = off
+    preview_n: int = 16              # samples in a preview grid (fixed noise and labels)
+    eval_every: Optional[int] = None     # steps per FID evaluation; None = off
+    eval_samples: int = 500
+    eval_detector: str = "digits"
+    log_with: Optional[str] = None   # accelerate tracker: "tensorboard" | "wandb"; None = only metrics.jsonl
+    max_nonfinite_in_a_row: int = 20 # stop after this many consecutive skipped (NaN/Inf) updates
+    progress: bool = True            # rich progress bar (only on a TTY and the main process)
+
+
+#: keys whose change makes a checkpoint meaningless for the new config: refused on resume
+RESUME_FIXED = ("teacher", "objective.name", "student.steps", "student.boundary", "student.lora_rank",
+                "student.lora_target_modules")

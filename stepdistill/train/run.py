@@ -1,0 +1,58 @@
+"""A run folder back into a sampling student: the newest checkpoint's student with EMA weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import UserError
+from . import checkpoint as ckpt
+
+
+def is_run_dir(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
+    """(student in eval mode with EMA weights where the run kept an EMA, meta dict).
+
+    meta: step, steps (student step count), checkpoint path, teacher path, objective, config,
+    num_classes, null_class, sample_size, in_channels (from the teacher)."""
+    from ..generator import build_student
+    from ..teachers import load_teacher
+    from .config import TrainConfig
+
+    run = Path(run_dir)
+    if not is_run_dir(run):
+        raise UserError(f"{str(run)!r} is not a run folder (config.yaml + checkpoints/); pass the output_dir "
+                        "of a `stepdistill train` run")
+    folder = run / "checkpoints" / checkpoint if checkpoint else ckpt.latest(run)
+    if folder is None or not (folder / "trainer.json").is_file():
+        raise UserError(f"run {str(run)!r} has no complete checkpoint yet; train longer or lower checkpoint_every")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / "config.yaml"))
+    state = ckpt.read_json(folder / "trainer.json")
+    teacher = load_teacher(state.get("teacher") or cfg.teacher)
+    torch.manual_seed(int(cfg.seed))
+    student = build_student(teacher, OmegaConf.to_object(cfg.student), steps=int(state["student_steps"]))
+    tensors = ckpt.load_tensors(folder / "nets.safetensors")
+    own = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    if ema and (folder / "ema.safetensors").is_file():
+        own.update(ckpt.load_tensors(folder / "ema.safetensors"))
+    named = dict(student.named_parameters())
+    named.update(dict(student.named_buffers()))
+    unknown = sorted(set(own) - set(named))
+    if unknown:
+        raise UserError(f"checkpoint {str(folder)!r} does not match its config.yaml (e.g. {unknown[0]!r}); "
+                        "was config.yaml edited?")
+    with torch.no_grad():
+        for k, v in own.items():
+            named[k].copy_(v.to(named[k].dtype))
+    student.requires_grad_(False).eval()
+    tmeta = dict(getattr(teacher, "meta", {}) or {})
+    meta = {"step": int(state["step"]), "steps": student.steps, "checkpoint": str(folder),
+            "teacher": str(teacher.meta.get("path", cfg.teacher)), "objective": state.get("objective"),
+            "config": OmegaConf.to_container(cfg, resolve=True), "ema": bool(ema and (folder / "ema.safetensors").is_file()),
+            **{k: tmeta.get(k) for k in ("num_classes", "null_class", "sample_size", "in_channels", "class_names")}}
+    return student, meta

