@@ -26,8 +26,24 @@ def _valid_keys(schema: Any, full_key: str) -> list[str]:
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
-def _explain(err: OmegaConfBaseException, schema: Any, where: str) -> UserError:
-    key = getattr(err, "full_key", None) or "?"
+def _clash(node: Any, src: Any, prefix: str = "") -> str | None:
+    """The dotted key where `src` puts a plain value on a section of the schema (OmegaConf's merge
+    error for this case carries no key)."""
+    if not isinstance(src, (dict, DictConfig)) or not isinstance(node, DictConfig):
+        return None
+    for k, v in src.items():
+        child = node.get(k) if k in node else None
+        if isinstance(child, DictConfig):
+            if not isinstance(v, (dict, DictConfig)):
+                return f"{prefix}{k}"
+            found = _clash(child, v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
+def _explain(err: OmegaConfBaseException, schema: Any, where: str, src: Any = None) -> UserError:
+    key = getattr(err, "full_key", None) or _clash(OmegaConf.structured(schema), src) or "?"
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         leaf = key.split(".")[-1]
         valid = _valid_keys(schema, key)
@@ -47,7 +63,7 @@ def merge(schema: Any, *sources: Any, where: str = "config") -> DictConfig:
         for src in sources:
             base = OmegaConf.merge(base, src)
     except OmegaConfBaseException as err:
-        raise _explain(err, schema, where) from None
+        raise _explain(err, schema, where, src) from None
     return base
 
 
@@ -69,7 +85,8 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     try:
         cfg = OmegaConf.load(p)
     except Exception as err:  # yaml syntax errors come in several types
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        # OmegaConf also rejects a file holding a bare scalar or list here, so say both
+        raise UserError(f"config file {str(p)!r} is not a valid YAML mapping of keys to values: {err}") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
     return cfg

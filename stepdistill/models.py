@@ -50,6 +50,10 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) ->
     from .teachers import META_FILE, load_teacher
 
     p = Path(path)
+    from .train.run import is_run_dir, load_run_model
+
+    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA student
+        return load_run_model(p)
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
         raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
                         f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")

@@ -28,7 +28,7 @@ from .schedules import VPSchedule
 @dataclass
 class ModelConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # one per resolution level
-    attention: list[bool] = field(default_factory=lambda: [False, True, False])  # self-attention per level
+    attention: list[bool] = field(default_factory=lambda: [False, False, False])  # per level; mid block always
     layers_per_block: int = 1
     norm_num_groups: int = 8
     attention_head_dim: int = 8
@@ -60,8 +60,8 @@ class PretrainConfig:
     warmup_steps: int = 50
     lr_schedule: str = "cosine"        # a diffusers.optimization schedule name, over max_steps
     grad_clip: float | None = 1.0      # None = disable
-    batch_size: int = 128
-    max_steps: int = 900
+    batch_size: int = 64
+    max_steps: int = 1000
     max_minutes: float | None = None   # stop early once this wall time is spent; None = disable
     ema_decay: float = 0.995           # EMAModel's cap; its warm-up ramps towards it
     ema_power: float = 0.75            # EMA warm-up: decay = 1 - (1 + step)^-power

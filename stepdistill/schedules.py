@@ -173,6 +173,10 @@ class VPSchedule(Schedule):
         # index -1 is clean data (alpha-bar 1), as diffusers' set_alpha_to_one uses for the last step
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), ab.clamp_min(1e-300).log()])
         self._zero_terminal = bool(ab[-1] == 0)
+        if self._zero_terminal and self.prediction_type == "eps":
+            # at alpha = 0 the noise carries no information about x0 (Lin et al., 2024, sec. 3.2)
+            raise UserError("VP schedule: rescale_betas_zero_snr makes the last step pure noise, where an "
+                            "epsilon prediction cannot give x0; use prediction_type 'v_prediction'")
         self.t_clean = -1.0 if self.config["set_alpha_to_one"] else 0.0
         self.ode_space = "flow" if self._zero_terminal else "ve"
 

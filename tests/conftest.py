@@ -7,6 +7,10 @@ import torch
 
 from stepdistill.denoisers import Denoiser
 
+# The test models are tiny: with intra-op threads, scheduling overhead dominates and on a shared
+# 2-core machine oversubscription made the suite several times slower.
+torch.set_num_threads(1)
+
 
 def fill_zero_params(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give zero-initialised layers (output projections, adaLN-zero) random values, so a random

@@ -22,6 +22,7 @@ from stepdistill.fake_score import FakeScore, denoising_loss
 from stepdistill.generator import Student
 from stepdistill.objectives.base import Nets
 from stepdistill.objectives.dmd import DMD, DMD2, dmd_gradient
+from stepdistill.objectives.sid import SiD
 from stepdistill.schedules import EDMSchedule, VPSchedule, bcast
 
 SHAPE = (2, 1, 1)
@@ -119,7 +120,7 @@ def sliced_w1(a, b, n_proj=256, seed=0):
     return (pa.sort(0).values - pb.sort(0).values).abs().mean().item()
 
 
-MIX = dict(mu=[[-1.2, -0.4], [1.0, 0.8], [0.6, -1.2]], s=[0.45, 0.35, 0.4], pi=[0.35, 0.35, 0.3])
+MIX = dict(mu=[[-1.2, -0.4], [1.0, 0.8], [0.6, -1.2]], s=[0.6, 0.5, 0.55], pi=[0.35, 0.35, 0.3])
 
 
 def make_nets(schedule, fit_steps=300, seed=0):
@@ -129,12 +130,14 @@ def make_nets(schedule, fit_steps=300, seed=0):
     return teacher, student, fake
 
 
-def train(obj, teacher, student, fake, *, steps, lr_g, lr_f=2e-3, batch=256, fit_steps=300, critic=None):
+def train(obj, teacher, student, fake, *, steps, lr_g, lr_f=2e-3, batch=1024, fit_steps=300, critic=None):
     """A manual loop over objective.losses: fit the fake score to the initial generator, then
     alternate the objective's phases, each with its own Adam optimiser."""
     nets = Nets(teacher=teacher, student=student, fake_score=fake)
     opt = {"student": torch.optim.Adam(student.parameters(), lr=lr_g, betas=(0.0, 0.99)),
            "fake_score": torch.optim.Adam(fake.parameters(), lr=lr_f, betas=(0.0, 0.99))}
+    # linear decay of every learning rate to 10 % over the run, to read off a converged state
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1 - 0.9 * min(i / steps, 1)) for o in opt.values()]
     batch_d = {"x0": torch.zeros(batch, *SHAPE), "cond": None}
     for _ in range(fit_steps):
         with torch.no_grad():
@@ -151,10 +154,12 @@ def train(obj, teacher, student, fake, *, steps, lr_g, lr_f=2e-3, batch=256, fit
                 sum(v.mean() for k, v in losses.items() if not k.startswith("_")).backward()
                 for n in ph.trains:
                     opt[n].step()
+        for sc in sched:
+            sc.step()
     return nets
 
 
-def eval_sw(teacher, student, n=4000, seed=123):
+def eval_sw(teacher, student, n=2000, seed=123):
     g = torch.Generator().manual_seed(seed)
     ref = teacher.sample(n, g)
     exact = teacher.sample(n, g)
@@ -253,20 +258,44 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
 
 
 # -- convergence ------------------------------------------------------------------------------------
-CASES = {
-    "dmd": (lambda: DMD(DMD.Config(regression_weight=0.0, fake_loss="raw")), 1500, 3e-3),
-    "dmd2": (lambda: DMD2(DMD2.Config(gan_weight=0.0, fake_loss="raw")), 500, 3e-3),
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny MLPs run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CASES = {  # objective, learning rates (generator, fake score)
+    "dmd": (lambda: DMD(DMD.Config(regression_weight=0.0)), 2e-3, 1e-3),
+    "dmd2": (lambda: DMD2(DMD2.Config(gan_weight=0.0)), 2e-3, 1e-3),
+    "sid": (lambda: SiD(SiD.Config()), 1e-3, 1e-3),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_one_step_generator_converges(name):
-    make_obj, steps, lr = CASES[name]
+def run_case(name, steps):
+    make_obj, lr_g, lr_f = CASES[name]
     torch.manual_seed(0)
     teacher, student, fake = make_nets(vp_schedule())
     sw0, _ = eval_sw(teacher, student)
     t0 = time.time()
-    train(make_obj(), teacher, student, fake, steps=steps, lr_g=lr)
+    train(make_obj(), teacher, student, fake, steps=steps, lr_g=lr_g, lr_f=lr_f)
     sw, sw_exact = eval_sw(teacher, student)
-    print(f"{name}: SW {sw0:.4f} -> {sw:.4f} (exact sampler {sw_exact:.4f}), {time.time() - t0:.1f} s")
-    assert sw < 2 * sw_exact, (sw0, sw, sw_exact)
+    print(f"{name} ({steps} steps): SW {sw0:.4f} -> {sw:.4f} (exact sampler {sw_exact:.4f}), {time.time() - t0:.1f} s")
+    return sw0, sw, sw_exact
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_step_generator_improves_fast(name):
+    """CI version: a short run must cut the distance to the mixture at least 3-fold."""
+    sw0, sw, _ = run_case(name, {"dmd": 150, "dmd2": 40, "sid": 150}[name])
+    assert sw < sw0 / 3, (sw0, sw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_step_generator_converges(name):
+    """Full version: within 2x of an exact sampler's sliced-Wasserstein distance at 2,000 samples."""
+    _, sw, sw_exact = run_case(name, {"dmd": 1500, "dmd2": 600, "sid": 1500}[name])
+    assert sw < 2 * sw_exact, (sw, sw_exact)

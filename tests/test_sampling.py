@@ -60,6 +60,7 @@ def test_ddim_equals_diffusers_ddim_loop(unet, ptype, eta):
 
 
 @torch.no_grad()
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside diffusers' EulerDiscreteScheduler
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
 def test_vp_euler_equals_diffusers_euler_loop_and_ddim(unet, ptype):
     """EulerDiscreteScheduler with trailing spacing and final sigma 0 integrates in VE space
@@ -83,6 +84,29 @@ def test_vp_euler_equals_diffusers_euler_loop_and_ddim(unet, ptype):
     ours = euler(den, sch.prior(noise, ts[0]), ts, cond)
     assert (ours - x).abs().max().item() < 1e-4
     torch.testing.assert_close(ours, ddim(den, sch.prior(noise, ts[0]), ts, cond), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside diffusers' DPMSolverMultistepScheduler
+@pytest.mark.parametrize("n", [1, 8, 20])
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
+def test_dpmpp2m_equals_diffusers_dpm_solver_loop(unet, ptype, n):
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, final sigma 0): first-order first and
+    last steps, second-order multistep in between, as ours."""
+    ref = diffusers.DPMSolverMultistepScheduler(**VP_CFG, prediction_type=ptype, algorithm_type="dpmsolver++",
+                                                solver_order=2, final_sigmas_type="zero")
+    ref.set_timesteps(n)
+    noise, _ = _noise(0)
+    x = noise * ref.init_noise_sigma
+    for t in ref.timesteps:
+        x = ref.step(unet(x, t, class_labels=LABELS).sample, t, x).prev_sample
+
+    sch = VPSchedule(dict(VP_CFG, prediction_type=ptype))
+    ts = sch.timesteps(n)
+    assert torch.equal(ts[:-1], ref.timesteps.to(torch.float64))
+    ours = dpmpp_2m(DiffusersDenoiser(unet, sch, null_class=10), sch.prior(noise, ts[0]), ts,
+                    {"class_labels": LABELS})
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-5)  # eps outputs reach ~100 here
 
 
 @torch.no_grad()
@@ -168,6 +192,10 @@ CASES = {
     "edm-karras": (lambda: EDMSchedule(), lambda s, n: karras_grid(80.0, 0.02, n)),
     "edm-logsnr": (lambda: EDMSchedule(), lambda s, n: log_snr_grid(s, 80.0, 0.02, n)),
     "flow-logsnr": (lambda: FlowSchedule(dict(shift=3.0)), lambda s, n: log_snr_grid(s, 995.0, 10.0, n)),
+    "vp-zero-snr-uniform-from-noise": (
+        lambda: VPSchedule(dict(beta_schedule="scaled_linear", rescale_betas_zero_snr=True,
+                                prediction_type="v_prediction")),
+        lambda s, n: torch.linspace(999.0, 20.0, n + 1, dtype=torch.float64)),
     "flow-uniform-from-noise": (lambda: FlowSchedule(), lambda s, n: torch.linspace(1000.0, 20.0, n + 1,
                                                                                     dtype=torch.float64)),
 }

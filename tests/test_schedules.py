@@ -41,8 +41,7 @@ def _t_interior(schedule, u: float) -> torch.Tensor:
         lo = schedule.sigma_min
     t = torch.tensor(lo + (hi - lo) * (0.001 + 0.998 * u), dtype=torch.float64)
     a, s = schedule.alpha_sigma(t)
-    assume_ok = bool(a > 0) and bool(s > 0)
-    return t if assume_ok else None
+    return t if bool(a > 0) and bool(s > 0) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,11 +183,16 @@ def test_prior_matches_init_noise_sigma(schedule, ref):
     torch.testing.assert_close(schedule.prior(noise, ts[0]), noise * scale, atol=1e-6, rtol=1e-6)
 
 
-def test_sample_t_within_training_range():
-    for sch in (VPSchedule(), EDMSchedule(), FlowSchedule(dict(shift=3.0))):
-        t = sch.sample_t(2000, generator=torch.Generator().manual_seed(0))
-        assert t.dtype == torch.float64 and t.shape == (2000,)
-        assert bool((t >= 0).all()) and bool((t <= sch.t_max).all() or isinstance(sch, EDMSchedule))
+def test_sample_t_training_distributions():
+    """DDPM: uniform integer indices; EDM: ln sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022, sec. 5);
+    flow: shifted logit-normal, whose median sigma is shift / (1 + shift) (sigmoid(0) = 1/2)."""
+    g = torch.Generator().manual_seed(0)
+    t = VPSchedule().sample_t(20000, generator=g)
+    assert t.dtype == torch.float64 and t.min() == 0 and t.max() == 999 and torch.equal(t, t.round())
+    log_sigma = EDMSchedule().sample_t(20000, generator=g).log()
+    assert abs(log_sigma.mean() + 1.2) < 0.03 and abs(log_sigma.std() - 1.2) < 0.03
+    t = FlowSchedule(dict(shift=3.0)).sample_t(20000, generator=g)
+    assert 0 < t.min() and t.max() < 1000 and abs(t.median() / 1000 - 0.75) < 0.01
 
 
 def test_schedule_from_config_families_and_unknown_class():
@@ -206,3 +210,5 @@ def test_unsupported_prediction_types_are_user_errors():
         VPSchedule(dict(prediction_type="flow"))
     with pytest.raises(UserError, match="prediction_type"):
         EDMSchedule(dict(prediction_type="sample"))
+    with pytest.raises(UserError, match="v_prediction"):
+        VPSchedule(dict(rescale_betas_zero_snr=True, prediction_type="epsilon"))

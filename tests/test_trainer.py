@@ -99,12 +99,14 @@ def test_nonfinite_guard_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, 
 
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="non-finite") as err:
-        run(tiny_teacher_dir, tiny_data_npz, out, max_steps=10, checkpoint_every=2, max_nonfinite_in_a_row=3,
-            **{"objective.nan_after": 2})
-    assert "step-00000002" in str(err.value)
+        run(tiny_teacher_dir, tiny_data_npz, out, max_steps=10, checkpoint_every=2, max_nonfinite_in_a_row=2,
+            **{"objective.nan_after": 2})  # NaN from the 3rd step on: the 4th stops the run
+    assert "step-00000002" in str(err.value) and "2 updates in a row" in str(err.value)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    saved = load_file(out / "checkpoints" / "step-00000002" / "nets.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["skipped_total"] == 2  # steps 3 and 4 logged as skipped; the 3rd raised
+    assert [x["skipped_total"] for x in lines] == [0, 0, 1]
 
 
 def test_skipped_update_leaves_weights_and_ema_alone(tiny_teacher_dir, tiny_data_npz, tmp_path):

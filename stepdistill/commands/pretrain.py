@@ -48,9 +48,14 @@ def run(args: argparse.Namespace) -> int:
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"))
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("pretrain", total=obj.max_steps, loss=float("nan"), rate=0.0)
+        every = max(1, obj.max_steps // 20)
 
         def on_step(step: int, loss: float, elapsed: float) -> None:
             bar.update(task, completed=step, loss=loss, rate=step / max(elapsed, 1e-9))
+            if not console.is_terminal and (step % every == 0 or step == obj.max_steps):
+                # logs and pipes get a plain line instead of the live bar
+                console.print(f"step {step}/{obj.max_steps}  loss {loss:.4f}  {step / max(elapsed, 1e-9):.2f} it/s  "
+                              f"{elapsed:.0f} s", highlight=False)
 
         den, summary = pretrain(obj, on_step=on_step, extras=extras)
     console.print(f"wrote {den.meta['path']}: {summary['steps']} steps in {summary['train_seconds']} s "

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -20,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="samples.png", help="PNG grid path (default samples.png)")
     p.add_argument("--save-npz", default=None, help="also write the images as .npz (uint8 NHWC + labels)")
     p.add_argument("--classes", default=None,
-                   help="comma-separated class ids, cycled over the images (default: every class in order)")
+                   help="comma-separated class ids, cycled over the images so that every grid row shows them in "
+                        "order, one column per class (default: every class)")
     p.add_argument("--batch", type=int, default=256, help="images per forward batch (default 256)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -49,8 +49,8 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import yaml
 
+    from ..config import save_resolved
     from ..data import save_npz
     from ..errors import UserError
     from ..images import save_grid
@@ -84,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
                 "out": str(grid), "npz": args.save_npz}
     if args.save_npz:
         save_npz(args.save_npz, x, labels)
-    Path(grid).with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    save_resolved(settings, grid.parent, grid.with_suffix(".yaml").name)
     print(f"wrote {grid}" + (f" and {args.save_npz}" if args.save_npz else ""))
     return 0

@@ -45,12 +45,13 @@ ICT_HUBER_C = 0.00054  # times sqrt(d) (Song & Dhariwal, 2023, sec. 3.3)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """LCM's guidance-scale embedding of w - 1 (the convention of diffusers'
-    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``): sinusoids of 1000 (w - 1)."""
-    from diffusers.models.embeddings import get_timestep_embedding
+    """LCM's guidance-scale embedding of w - 1, computed by diffusers' own
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` (sinusoids of 1000 (w - 1)),
+    bit for bit what an exported LCM pipeline feeds the student."""
+    from diffusers import LatentConsistencyModelPipeline
 
-    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
-    return get_timestep_embedding((w - 1.0) * 1000.0, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).cpu()
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1.0, embedding_dim=dim)
 
 
 def cond_proj_dim(student) -> Optional[int]:

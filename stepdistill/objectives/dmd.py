@@ -57,8 +57,9 @@ def student_sample(student, noise: torch.Tensor, cond, *, backward_simulation: b
 
 
 def noise_like_batch(batch: dict) -> torch.Tensor:
-    x0 = batch["x0"]
-    return torch.randn_like(x0)
+    """Generator input noise shaped like the batch, from the trainer's per-sample stream if any."""
+    x0, rng = batch["x0"], batch.get("rng")
+    return rng.randn_like(x0).to(x0.device) if rng is not None else torch.randn_like(x0)
 
 
 def cfg_scales(cfg, n: int, device) -> torch.Tensor | float:

@@ -54,7 +54,8 @@ class TrainConfig:
     preview_n: int = 16              # samples in a preview grid (fixed noise and labels)
     eval_every: Optional[int] = None     # steps per FID evaluation; None = off
     eval_samples: int = 500
-    eval_detector: str = "digits"
+    eval_detector: str = "digits"   # stepdistill.eval detector name
+    eval_ref: str = "digits"        # reference images (a data spec) or a stats .npz
     log_with: Optional[str] = None   # accelerate tracker: "tensorboard" | "wandb"; None = only metrics.jsonl
     max_nonfinite_in_a_row: int = 20 # stop after this many consecutive skipped (NaN/Inf) updates
     progress: bool = True            # rich progress bar (only on a TTY and the main process)

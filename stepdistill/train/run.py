@@ -56,3 +56,40 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
             "config": OmegaConf.to_container(cfg, resolve=True), "ema": bool(ema and (folder / "ema.safetensors").is_file()),
             **{k: tmeta.get(k) for k in ("num_classes", "null_class", "sample_size", "in_channels", "class_names")}}
     return student, meta
+
+
+class StudentModel:
+    """A trained student behind the same calls as ``models.TeacherModel`` (``stepdistill sample``).
+    It samples with its own K-step rule (re-noising between steps), so ``sampler`` is ignored;
+    ``steps`` other than the trained K use the schedule's K-step grid."""
+
+    samplers = ("student",)
+
+    def __init__(self, student, meta: dict):
+        self.student, self.meta, self.denoiser = student, meta, student.denoiser
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.backbone.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return int(cfg.in_channels), int(size), int(size)
+
+    def make_cond(self, labels):
+        return None if labels is None else {"class_labels": labels}
+
+    @torch.no_grad()
+    def generate(self, noise, cond, steps: int | None = None, sampler: str = "student", guidance: float = 1.0,
+                 generator=None):
+        if guidance != 1.0:
+            raise UserError("a distilled student samples without classifier-free guidance (its guidance was "
+                            "distilled in); use --guidance 1")
+        return self.student(noise, cond, steps=steps, generator=generator)
+
+
+def load_run_model(run_dir) -> StudentModel:
+    student, meta = load_run(run_dir)
+    return StudentModel(student, meta)

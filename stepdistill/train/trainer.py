@@ -144,6 +144,8 @@ class Trainer:
         last = ckpt.latest(self.out)
         if last is not None:
             self.load(last)
+            if self.main:
+                print(f"resuming from {last} (step {self.step})", flush=True)
         else:
             _seed_process(cfg.seed, self.rank)
         self.resumed_from = last
@@ -314,21 +316,30 @@ class Trainer:
                 warnings.warn(f"eval_every is set but the eval harness is unavailable ({err}); skipping eval")
                 self._eval_warned = True
             return
+        dev = self.acc.device
+
+        def generate(noise, labels):
+            cond = None if labels is None else {"class_labels": labels.to(dev)}
+            return self.student(noise.to(dev), cond, generator=torch.Generator(device=dev).manual_seed(0)).float()
+
+        nc = int(self.meta.get("num_classes") or 0) if getattr(self.teacher, "null_class", None) is not None else 0
         with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
             if self.ema is not None:
                 stack.enter_context(self.ema.applied())
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(self.acc.autocast())
             np_state, py_state = np.random.get_state(), random.getstate()
             self.student.eval()
             try:
-                result = evaluate_generator(self.student, detector=self.cfg.eval_detector,
-                                            num_samples=self.cfg.eval_samples, seed=self.cfg.seed)
+                result = evaluate_generator(generate, self.cfg.eval_samples, self.cfg.eval_detector, self.cfg.eval_ref,
+                                            seed=self.cfg.seed, sample_shape=tuple(self.data.images.shape[1:]),
+                                            num_classes=nc, device=dev)
             finally:
                 self.student.train()
                 np.random.set_state(np_state)
                 random.setstate(py_state)
-        scores = result if isinstance(result, dict) else getattr(result, "__dict__", {"result": result})
-        rec = {"step": self.step, "eval": {k: float(v) for k, v in scores.items()
-                                            if isinstance(v, (int, float)) or torch.is_tensor(v) and v.numel() == 1}}
+        rec = {"step": self.step, "eval": {k: float(v) for k, v in result.items()
+                                            if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         self.log.write(rec)
         if self.cfg.log_with:
             self.acc.log({f"eval/{k}": v for k, v in rec["eval"].items()}, step=self.step)

@@ -1,0 +1,132 @@
+"""Adversarial distillation: ADD (Sauer et al., 2023) and LADD (Sauer et al., 2024).
+
+The student is trained against a discriminator on clean real images (``batch["x0"]``) and its own
+samples, plus an optional score-distillation term towards the teacher:
+* disc="teacher" (LADD, sec. 3): the frozen teacher backbone at a noised input x_t supplies
+  features (a forward hook on ``feature_module``) to a small trainable head; the generator's
+  gradient flows through the frozen teacher to x.
+* disc="pixels": the head reads the clean images directly (a small conv discriminator).
+Losses come from ``gan`` (hinge by default, as ADD/LADD; non-saturating on request) with the
+approximate R1 penalty of LADD / SANA-Sprint.
+distill="sds" adds ADD's distillation loss (eq. 4-5): d(x, sg(teacher_x0(x_t))) with the
+exponential weighting c(t) = alpha_t and d the per-pixel squared error.
+
+DMD2 and SiD take the same GAN terms as an add-on through their fake score (``gan_weight``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from ..denoisers import guided
+from ..errors import UserError
+from ..fake_score import (DiscHead, build_disc_head, disc_logits, find_module, forward_with_features, sample_shape,
+                          sample_times)
+from ..schedules import bcast
+from . import gan
+from .base import Nets, Objective, Phase, register
+from .dmd import noise_like_batch, student_sample
+
+DISCS = ("teacher", "pixels")
+
+
+@register
+class Adversarial(Objective):
+    name = "adversarial"
+    uses_real_data = True
+
+    @dataclass
+    class Config:
+        disc: str = "teacher"               # "teacher" (LADD: frozen teacher features + head) | "pixels"
+        feature_module: str = "mid_block"   # teacher module whose output the head reads (disc="teacher")
+        disc_hidden: int = 64               # head width
+        gan_loss: str = "hinge"             # "hinge" (ADD/LADD) | "ns"
+        gan_weight: float = 1.0             # generator adversarial term
+        r1_weight: float = 0.0              # approximate R1 on real inputs; 0 = off
+        r1_noise: float = 0.01              # its input perturbation std
+        t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # disc noise levels (teacher disc)
+        distill: str = "sds"                # "sds" (ADD's distillation term) | "none"
+        distill_weight: float = 2.5         # ADD's lambda
+        distill_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
+        guidance: float = 1.0               # teacher CFG scale in the distillation term
+        backward_simulation: bool = True    # multi-step students
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        if self.cfg.disc not in DISCS:
+            raise UserError(f"objective.disc {self.cfg.disc!r} is not supported; use one of {', '.join(DISCS)}")
+        if self.cfg.distill not in ("sds", "none"):
+            raise UserError(f"objective.distill {self.cfg.distill!r} is not supported; use 'sds' or 'none'")
+        gan._check(self.cfg.gan_loss)
+
+    def phases(self):
+        return [Phase("disc", ("disc",)), Phase("generator", ("student",))]
+
+    def build(self, teacher, student):
+        c = self.cfg
+        if c.disc == "teacher":
+            return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden)}
+        null = getattr(teacher, "null_class", None)
+        return {"disc": DiscHead(sample_shape(teacher), c.disc_hidden, None if null is None else int(null) + 1)}
+
+    # -- the discriminator --------------------------------------------------------------------------
+    def logits(self, nets: Nets, x: torch.Tensor, cond, t=None) -> torch.Tensor:
+        if self.cfg.disc == "pixels":
+            return nets.disc(x, cond)
+        t = sample_times(nets.teacher.schedule, x.shape[0], self.cfg.t_range, device=x.device) if t is None else t
+        return disc_logits(nets.teacher, self.cfg.feature_module, nets.disc, x, t, cond)
+
+    def r1(self, nets, real_x, real_logits, cond, t):
+        c = self.cfg
+        if c.disc == "pixels":
+            return gan.approx_r1(lambda xx: nets.disc(xx, cond), real_x, real_logits, c.r1_noise)
+        # LADD: perturb the noised input the features are computed from
+        mod = find_module(nets.teacher, c.feature_module)
+        x_t = nets.teacher.schedule.add_noise(real_x, torch.randn_like(real_x), t)
+
+        def d_of(xt):
+            return nets.disc(forward_with_features(nets.teacher, mod, xt, t, cond)[1], cond)
+
+        return gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
+
+    # -- phases ---------------------------------------------------------------------------------------
+    def disc_loss(self, nets: Nets, batch: dict) -> dict:
+        c = self.cfg
+        real_x, cond = batch["x0"], batch.get("cond")
+        with torch.no_grad():
+            fake_x = student_sample(nets.student, noise_like_batch(batch), cond,
+                                    backward_simulation=c.backward_simulation)
+        t = sample_times(nets.teacher.schedule, real_x.shape[0], c.t_range, device=real_x.device)
+        real_logits = self.logits(nets, real_x, cond, t)
+        fake_logits = self.logits(nets, fake_x, cond)
+        out = {"gan_d": gan.d_loss(real_logits, fake_logits, c.gan_loss),
+               "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+        if c.r1_weight > 0:
+            out["r1"] = c.r1_weight * self.r1(nets, real_x, real_logits, cond, t)
+        return out
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict:
+        c = self.cfg
+        cond = batch.get("cond")
+        x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
+        out = {"gan_g": c.gan_weight * gan.g_loss(self.logits(nets, x, cond), c.gan_loss)}
+        if c.distill == "sds":
+            out["distill"] = c.distill_weight * sds_loss(nets.teacher, x, cond, c.distill_t_range, c.guidance)
+        return out
+
+
+def sds_loss(teacher, x: torch.Tensor, cond, t_range, guidance: float = 1.0) -> torch.Tensor:
+    """ADD's distillation loss (Sauer et al., 2023, eq. 5): c(t) * mean((x - sg(x0_teacher(x_t)))^2),
+    c(t) = alpha_t; its gradient w.r.t. x is c(t) (x - x0_teacher) (score distillation sampling)."""
+    sched = teacher.schedule
+    t = sample_times(sched, x.shape[0], t_range, device=x.device)
+    with torch.no_grad():
+        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        target = guided(teacher, guidance)(x_t, t, cond) if cond is not None else teacher(x_t, t, None)
+    a, _ = sched.alpha_sigma(t)
+    return bcast(a, x).flatten(1)[:, 0] * (x - target).pow(2).flatten(1).mean(1)
+
+
+__all__ = ["Adversarial", "sds_loss"]

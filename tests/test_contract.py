@@ -1,0 +1,89 @@
+"""The objective contract, checked on every registered objective with tiny CPU networks: per phase,
+losses are finite float tensors of shape [B]; backpropagating a phase's loss gives gradients to
+the networks that phase trains and to no other (never the teacher); objective state survives a
+checkpoint round trip (saved and loaded the way the trainer does)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trainer_toy
+from conftest import tiny_teacher
+from stepdistill.generator import StudentConfig, build_student
+from stepdistill.objectives import Nets, load_all
+from stepdistill.train.randomness import BatchRandom
+
+NAMES = sorted(set(load_all()) | {trainer_toy.ToyRegress.name, trainer_toy.ToyCritic.name})
+B = 4
+#: objectives whose defaults need resources beyond the networks (a teacher-pair cache on disk):
+#: the contract runs them without those terms
+WITHOUT_RESOURCES = {"dmd": {"regression_weight": 0.0}}
+
+
+def _setup(name):
+    from stepdistill.objectives import get_objective
+
+    torch.manual_seed(0)
+    cls = get_objective(name)
+    obj = cls(cls.Config(**WITHOUT_RESOURCES.get(name, {})))
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, StudentConfig(steps=obj.student_steps() or 1))
+    nets = Nets(teacher=teacher, student=student, **(obj.build(teacher, student) or {}))
+    return obj, nets
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x0": torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, "cond": {"class_labels": torch.arange(B) % 2},
+            "rng": BatchRandom(seed, B, slice(0, B))}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_losses_and_gradients_per_phase(name):
+    obj, nets = _setup(name)
+    phases = obj.phases()
+    assert phases
+    for ph in phases:
+        assert "teacher" not in ph.trains and all(nets.get(n) is not None for n in ph.trains), ph
+        nets.zero_grad(set_to_none=True)
+        losses = obj.losses(ph.name, nets, _batch())
+        assert losses and any(not k.startswith("_") for k in losses), ph.name
+        for k, v in losses.items():
+            assert torch.is_tensor(v) and v.is_floating_point() and v.shape == (B,), (ph.name, k, getattr(v, "shape", v))
+            assert torch.isfinite(v).all(), (ph.name, k)
+        total = sum(v.mean() for k, v in losses.items() if not k.startswith("_"))
+        total.backward()
+        assert all(p.grad is None for p in nets.teacher.parameters()), f"{ph.name}: the teacher got gradients"
+        trained_params = {id(p) for n in ph.trains for p in nets.get(n).parameters()}
+        for n in ph.trains:
+            grads = [p.grad for p in nets.get(n).parameters() if p.requires_grad]
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{ph.name}: {n} got no gradient"
+        for n, mod in nets.named_children():
+            if n in ph.trains or n == "teacher":
+                continue
+            for pname, p in mod.named_parameters():
+                if id(p) in trained_params:
+                    continue  # shared with a trained network
+                assert p.grad is None or not p.grad.abs().sum(), f"{ph.name}: {n}.{pname} got a gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_round_trips_through_a_checkpoint(name, tmp_path):
+    from stepdistill.objectives import get_objective
+    from stepdistill.train import checkpoint as ckpt
+
+    obj, nets = _setup(name)
+    for step in (1, 2):
+        for ph in obj.phases():
+            obj.losses(ph.name, nets, _batch(step))
+        obj.on_step_end(nets, step)
+    state = obj.state_dict()
+    ckpt.save_torch({"objective": state}, tmp_path / "optim.pt")
+    cls = get_objective(name)
+    fresh = cls(cls.Config(**WITHOUT_RESOURCES.get(name, {})))
+    fresh.load_state_dict(ckpt.load_torch(tmp_path / "optim.pt")["objective"])
+    again = fresh.state_dict()
+    assert again.keys() == state.keys()
+    for k in state:
+        a, b = state[k], again[k]
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
