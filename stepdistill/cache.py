@@ -148,26 +148,35 @@ def load_cache(path, teacher: Denoiser | None = None) -> TeacherPairs:
     return TeacherPairs(m, cat["noise"], cat["x0"], cond, cat.get("trajectory"))
 
 
-def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                 seed: int = 0, batch: int = 256) -> TeacherPairs:
-    """Load the cache at `path` if it matches these settings and this teacher; build it if absent."""
-    m = read_manifest(path)
+def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
+                         seed: int = 0) -> dict | None:
+    """The manifest at `path` if it matches these settings, None if there is no cache yet; a
+    UserError naming each difference otherwise."""
+    p = Path(path)
+    m = read_manifest(p)
     if m is None:
-        if Path(path).exists() and any(Path(path).iterdir()):
-            raise UserError(f"{str(path)!r} exists but is not a teacher-output cache; choose another objective.cache")
-        if Path(path).exists():
-            Path(path).rmdir()
-        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch)
-        return load_cache(path, teacher)
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise UserError(f"{str(p)!r} exists but is not a teacher-output cache; choose another objective.cache")
+        return None
     want = {"sampler": sampler, "steps": int(steps), "guidance": float(guidance), "seed": int(seed)}
     diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
     if m.get("num", 0) < num:
         diff["num"] = (m.get("num"), num)
     if diff:
         said = ", ".join(f"{k}: cache {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise UserError(f"cache {str(path)!r} was built with other settings ({said}); point objective.cache at a "
+        raise UserError(f"cache {str(p)!r} was built with other settings ({said}); point objective.cache at a "
                         "new folder or match the settings")
+    return m
+
+
+def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
+                 seed: int = 0, batch: int = 256) -> TeacherPairs:
+    """Load the cache at `path` if it matches these settings and this teacher; build it if absent."""
+    if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed) is None:
+        if Path(path).exists():
+            Path(path).rmdir()  # an empty folder
+        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch)
     return load_cache(path, teacher)
 
 
-__all__ = ["build_cache", "load_cache", "ensure_cache", "teacher_hash", "TeacherPairs", "MANIFEST"]
+__all__ = ["build_cache", "load_cache", "ensure_cache", "check_cache_settings", "teacher_hash", "TeacherPairs", "MANIFEST"]

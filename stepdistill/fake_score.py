@@ -96,6 +96,20 @@ class AdaptersOff(Denoiser):
             return self._inner(x, t, cond)
 
 
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None):
+    """Build a graph that reaches these modules' inputs but not their weights (the generator
+    phase differentiates through the fake score and the discriminator without training them)."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 # -- the fake score -------------------------------------------------------------------------------
 class FakeScore(Denoiser):
     """A trainable x0-denoiser on the teacher's schedule: ``forward(x, t, cond) -> x0``."""
@@ -258,7 +272,8 @@ class DiscHead(nn.Module):
         self.embed = nn.Embedding(num_classes, h) if num_classes else None
 
     def forward(self, feats: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        phi = self.body(feats.float())
+        # contiguous: torch's CPU GroupNorm backward crashes on channels-last strides (UNet mid-block output)
+        phi = self.body(feats.float().contiguous())
         if self.spatial:
             phi = phi.mean(dim=(2, 3))
         logit = self.out(phi).squeeze(1)
@@ -286,6 +301,6 @@ def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: t
     return head(feats, cond)
 
 
-__all__ = ["FakeScore", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "sample_times",
+__all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "sample_times",
            "noise_grid", "forward_with_features", "find_module", "DiscHead", "build_disc_head", "disc_logits",
            "sample_shape", "feature_shape"]

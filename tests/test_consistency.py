@@ -35,7 +35,8 @@ class ExactConsistency(Denoiser):
         self.schedule, self.mu, self.sd, self.shift = schedule, mu, sd, shift
 
     def forward(self, x, t, cond=None):
-        a, s = (v.expand(x.shape[0])[:, None] for v in self.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64)))
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, s = (v.expand(x.shape[0])[:, None] for v in self.schedule.alpha_sigma(t))
         return self.mu + self.sd * (x - a * self.mu) / (a**2 * self.sd**2 + s**2).sqrt() + self.shift
 
 
@@ -193,7 +194,8 @@ def test_guidance_embedding_matches_lcm_pipeline_and_changes_the_output():
     obj = CD(CD.Config(w_embedding=True, w_min=2.0, w_max=6.0, teacher_steps=10))
     nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
     u = torch.tensor([0.0, 1.0])
-    batch = {"x0": torch.randn(2, 4, 8, 8), "cond": text, "rng": FixedRng(torch.tensor([3, 9]), torch.randn(2, 4, 8, 8), u)}
+    rng = FixedRng(torch.tensor([3, 9]), torch.randn(2, 4, 8, 8), u)
+    batch = {"x0": torch.randn(2, 4, 8, 8), "cond": text, "rng": rng}
     loss = obj.losses("generator", nets, batch)["loss"]
     loss.sum().backward()
     assert torch.isfinite(loss).all() and net.time_embedding.cond_proj.weight.grad.abs().sum() > 0

@@ -98,7 +98,8 @@ def test_target_makes_one_student_step_land_on_two_teacher_steps(kind, gauss):
     for i in range(4):  # every step, including the first (flow: alpha = 0) and the one into clean data
         t, tm, tn = grid[i], mid[i], grid[i + 1]
         assert tn < tm < t
-        z = sched.add_noise(mu + sd * torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64), t)
+        x0, eps = mu + sd * torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+        z = sched.add_noise(x0, eps, t)
         x_tilde = pd_target(teacher, sched, z, t, tm, tn)
         p1, q1 = ddim_affine(sched, mu, sd, t, tm)
         p2, q2 = ddim_affine(sched, mu, sd, tm, tn)

@@ -147,3 +147,21 @@ def test_shipped_digits_teacher():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
     assert sum(p.stat().st_size for p in files) < 8 * 2**20
     assert m["training"]["data"] == "digits-train"
+
+
+def test_shipped_digits_teacher_draws_the_requested_digits():
+    """An independent judge: a 3-nearest-neighbour classifier on the real training digits' pixels
+    (97-98 % on the held-out writers) must read the requested class in 20-step DDIM samples."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from stepdistill.data import load_images
+    from stepdistill.sampling import sample
+
+    train = load_images("digits-train")
+    knn = KNeighborsClassifier(3).fit(train.images.flatten(1).numpy(), train.labels.numpy())
+    den = load_teacher(DIGITS16)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(100) % 10
+    x = sample(den, torch.randn(100, 1, 16, 16, generator=g), 20, cond={"class_labels": labels})
+    assert x.min() >= -1.2 and x.max() <= 1.2  # in the data range, no blow-up
+    assert knn.score(x.flatten(1).numpy(), labels.numpy()) >= 0.9

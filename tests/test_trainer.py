@@ -222,3 +222,26 @@ def test_dry_run_prints_config_and_parameter_counts(tiny_teacher_dir, tiny_data_
     text = capsys.readouterr().out
     n = sum(p.numel() for p in tiny_teacher().parameters())
     assert "toy-regress" in text and f"{n:,}" in text and not (tmp_path / "r").exists()
+
+
+def test_eval_hook_logs_scores_and_leaves_training_untouched(tiny_teacher_dir, tiny_data_npz, tmp_path, monkeypatch):
+    import stepdistill.eval.harness as harness
+    from accelerate.state import AcceleratorState
+
+    calls = []
+
+    def fake_evaluate(generate_fn, num, detector, ref, seed=0, *, sample_shape, num_classes=0, device="cpu", **kw):
+        x = generate_fn(torch.randn(num, *sample_shape), torch.arange(num) % num_classes)
+        torch.rand(5)  # an evaluator is free to use the global generator
+        calls.append((num, detector, ref, num_classes))
+        return {"fid": float(x.float().pow(2).mean()), "protocol": {"detector": detector}}
+
+    monkeypatch.setattr(harness, "evaluate_generator", fake_evaluate)
+    a, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "a", max_steps=2, eval_every=1, eval_samples=6)
+    AcceleratorState._reset_state(True)
+    b, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "b", max_steps=2)
+    assert calls == [(6, "digits", "digits", 2)] * 2
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval" in x] == [1, 2] and all("fid" in x["eval"] for x in lines if "eval" in x)
+    for (k, va), vb in zip(a.net_state().items(), b.net_state().values()):
+        assert torch.equal(va, vb), k

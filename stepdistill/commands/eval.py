@@ -54,6 +54,7 @@ def _validate(args) -> None:
         raise UserError("no MODEL given; pass a teacher folder or a folder of images (or use --make-stats)")
     if not args.ref:
         raise UserError("no --ref given; pass a dataset (e.g. --ref digits-test) or a stats .npz")
+    _parse_steps(args.steps)
     if args.num < 2:
         raise UserError(f"--num {args.num} is too small; FID needs at least 2 samples")
     if args.plot and not args.plot.endswith(".png"):

@@ -96,8 +96,7 @@ def score_images(images: torch.Tensor, labels: torch.Tensor | None, detector: De
     t0 = time.perf_counter()
     out = detector.extract(images, batch)
     feats = out["features"]
-    s = stats_from_features(feats, {}, keep_features=False)
-    res = {"count": len(images), "fid": metrics.frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma)}
+    res = {"count": len(images), "fid": fid_against(feats, ref)}
     if ref.features is not None:
         res["kid"], res["kid_std"] = metrics.kid(ref.features, feats.numpy(), subsets=KID_SUBSETS,
                                                  subset_size=KID_SUBSET_SIZE, seed=seed)
@@ -106,6 +105,15 @@ def score_images(images: torch.Tensor, labels: torch.Tensor | None, detector: De
         res["class_accuracy"] = metrics.class_accuracy(out["logits"], labels)
     res["seconds_features"] = round(time.perf_counter() - t0, 3)
     return res
+
+
+def fid_against(feats: torch.Tensor, ref: Stats) -> float:
+    """FID of features against reference statistics; when both sets are smaller than the feature
+    size (small-sample Inception runs) the exact low-rank form avoids a d x d eigensolve."""
+    if ref.features is not None and min(len(feats), len(ref.features)) < feats.shape[1]:
+        return metrics.frechet_distance_low_rank(feats.numpy(), ref.features)
+    s = stats_from_features(feats, {}, keep_features=False)
+    return metrics.frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma)
 
 
 def protocol_block(detector: Detector, ref: Stats, *, num: int, seed: int, extra: dict | None = None) -> dict:

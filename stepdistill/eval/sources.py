@@ -72,6 +72,20 @@ def _denoiser_source(den, path: Path, sampler: str, guidance: float) -> Source:
                   info={"sampler": sampler, "guidance": guidance})
 
 
+def _model_source(model, path: Path, sampler: str, guidance: float) -> Source:
+    from ..sampling import nfe
+
+    def sampler_for(steps: int):
+        def generate(noise, labels):
+            return model.generate(noise, model.make_cond(labels), steps, sampler=sampler, guidance=guidance)
+        generate.nfe = nfe(sampler, steps) if sampler in getattr(model, "samplers", ()) else steps
+        return generate
+
+    return Source(str(path), "generator", sampler_for=sampler_for, sample_shape=tuple(model.shape),
+                  num_classes=int(model.num_classes), info={"sampler": sampler, "guidance": guidance,
+                                                            "model_type": type(model).__name__})
+
+
 def _load_via_models(path: Path, sampler: str, guidance: float) -> Source | None:
     try:
         models = importlib.import_module("stepdistill.models")
@@ -81,10 +95,10 @@ def _load_via_models(path: Path, sampler: str, guidance: float) -> Source | None
     if fn is None:
         return None
     obj = fn(str(path))
-    if hasattr(obj, "schedule"):   # a denoiser: sample it like a teacher
+    if hasattr(obj, "generate"):   # .generate(noise, cond, steps, sampler=, guidance=)
+        return _model_source(obj, path, sampler, guidance)
+    if hasattr(obj, "schedule"):   # a bare denoiser: sample it like a teacher
         return _denoiser_source(obj, path, sampler, guidance)
-    if isinstance(obj, Source):
-        return obj
     raise UserError(f"{str(path)!r} loaded as {type(obj).__name__}, which eval cannot sample yet; "
                     "evaluate its teacher folder or a folder of its images instead")
 

@@ -22,8 +22,8 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import (DiscHead, build_disc_head, disc_logits, find_module, forward_with_features, sample_shape,
-                          sample_times)
+from ..fake_score import (DiscHead, build_disc_head, disc_logits, find_module, forward_with_features, frozen,
+                          sample_shape, sample_times)
 from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
@@ -111,7 +111,9 @@ class Adversarial(Objective):
         c = self.cfg
         cond = batch.get("cond")
         x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
-        out = {"gan_g": c.gan_weight * gan.g_loss(self.logits(nets, x, cond), c.gan_loss)}
+        with frozen(nets.disc):
+            logits = self.logits(nets, x, cond)
+        out = {"gan_g": c.gan_weight * gan.g_loss(logits, c.gan_loss)}
         if c.distill == "sds":
             out["distill"] = c.distill_weight * sds_loss(nets.teacher, x, cond, c.distill_t_range, c.guidance)
         return out

@@ -25,7 +25,7 @@ import torch
 
 from ..denoisers import GuidedDenoiser
 from ..errors import UserError
-from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, denoising_loss, disc_logits,
+from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, denoising_loss, disc_logits, frozen,
                           real_score, sample_times)
 from ..schedules import bcast
 from . import gan
@@ -135,10 +135,11 @@ class DMD(Objective):
         if c.guidance_range is not None and (len(c.guidance_range) != 2 or c.guidance_range[0] > c.guidance_range[1]):
             raise UserError(f"objective.guidance_range must be [w_min, w_max] with w_min <= w_max, got "
                             f"{list(c.guidance_range)}")
-        if c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
+        reg = getattr(c, "regression_weight", 0.0)  # SiD shares this class without a regression term
+        if reg and c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
             raise UserError(f"objective.regression_loss {c.regression_loss!r} is not supported; use pseudo_huber, "
                             "mse or lpips")
-        if c.regression_weight > 0 and not c.cache:
+        if reg > 0 and not c.cache:
             raise UserError("DMD's regression loss needs teacher noise->image pairs: set objective.cache to a folder "
                             "(built there on first use) or objective.regression_weight=0")
         gan._check(c.gan_loss)
@@ -153,20 +154,29 @@ class DMD(Objective):
 
     def build(self, teacher, student):
         c = self.cfg
-        if c.regression_weight > 0:  # before any adapter touches the teacher's backbone
-            self._pairs = self._load_pairs(teacher)
+        if getattr(c, "regression_weight", 0.0) > 0:
+            self._check_cache()
         nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
                                         target_modules=c.fake_target_modules)}
         if c.gan_weight > 0:
             nets["disc"] = build_disc_head(nets["fake_score"], c.feature_module, teacher)
         return nets
 
+    def _check_cache(self):
+        """Fail before training if the cache folder holds pairs made with other settings, or LPIPS
+        cannot load; the pairs themselves are loaded (or built) at the first generator step."""
+        from ..cache import check_cache_settings
+
+        c = self.cfg
+        check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
+                             guidance=c.guidance, seed=c.cache_seed)
+        if c.regression_loss == "lpips":
+            self._lpips = _load_lpips()
+
     def _load_pairs(self, teacher):
         from ..cache import ensure_cache
 
         c = self.cfg
-        if c.regression_loss == "lpips":
-            self._lpips = _load_lpips()
         return ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
                             guidance=c.guidance, seed=c.cache_seed)
 
@@ -205,7 +215,8 @@ class DMD(Objective):
     def gan_generator_term(self, nets, x, cond):
         c = self.cfg
         t = sample_times(nets.fake_score.schedule, x.shape[0], c.disc_t_range, device=x.device)
-        logits = disc_logits(nets.fake_score, c.feature_module, nets.disc, x, t, self.fake_cond(nets, cond))
+        with frozen(nets.fake_score, nets.disc):
+            logits = disc_logits(nets.fake_score, c.feature_module, nets.disc, x, t, self.fake_cond(nets, cond))
         return c.gan_weight * gan.g_loss(logits, c.gan_loss)
 
     def gan_critic_terms(self, nets, x_fake, batch) -> dict:
@@ -237,6 +248,8 @@ class DMD(Objective):
 
     def regression_term(self, nets, like: torch.Tensor) -> torch.Tensor:
         c = self.cfg
+        if self._pairs is None:
+            self._pairs = self._load_pairs(real_score(nets))  # the teacher without any fake-score adapters
         pairs = self._pairs
         n = c.regression_batch or like.shape[0]
         idx = torch.randint(0, len(pairs), (n,))

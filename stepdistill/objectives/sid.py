@@ -23,7 +23,7 @@ import torch
 
 from ..denoisers import GuidedDenoiser
 from ..errors import UserError
-from ..fake_score import DEFAULT_LORA_TARGETS, real_score, sample_times
+from ..fake_score import DEFAULT_LORA_TARGETS, frozen, real_score, sample_times
 from ..schedules import bcast
 from .base import Nets, register
 from .dmd import DMD, cfg_scales, mean_abs, noise_like_batch, student_sample
@@ -66,19 +66,12 @@ class SiD(DMD):
         r1_noise: float = 0.01
         feature_module: str = "mid_block"
         disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
-        # DMD's fields SiD does not use, fixed off so the shared critic code reads them
-        regression_weight: float = 0.0
-        cache: Optional[str] = None
-        cfg_t_range: Optional[List[float]] = None
-        regression_loss: str = "pseudo_huber"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         if self.cfg.guidance_mode not in GUIDANCE_MODES:
             raise UserError(f"objective.guidance_mode {self.cfg.guidance_mode!r} is not supported; use one of "
                             f"{', '.join(GUIDANCE_MODES)}")
-        if self.cfg.regression_weight:
-            raise UserError("SiD has no regression loss; set objective.regression_weight=0")
 
     def fake_cond(self, nets, cond):
         # Zero-CFG: the fake score never sees the condition (trained and evaluated unconditionally)
@@ -107,7 +100,8 @@ class SiD(DMD):
         x_g = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
         t = sample_times(nets.fake_score.schedule, x_g.shape[0], c.t_range, device=x_g.device)
         x_t = nets.fake_score.schedule.add_noise(x_g, torch.randn_like(x_g), t)
-        f_phi, f_psi = self.scores(nets, x_t, t, cond)
+        with frozen(nets.fake_score):
+            f_phi, f_psi = self.scores(nets, x_t, t, cond)
         out = {"sid": sid_generator_loss(x_g, f_phi, f_psi, c.alpha),
                "_score_gap": (f_phi - f_psi).detach().flatten(1).norm(dim=1)}
         if c.gan_weight > 0:

@@ -1,0 +1,102 @@
+"""The fake score: full copy and LoRA on the teacher's own backbone (base weights stored once,
+adapters off = the teacher exactly), its denoising loss, the feature hook and the discriminator
+head, and the diagnostics that read it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from stepdistill.fake_score import (FakeScore, build_disc_head, denoising_loss, disc_logits, frozen, real_score,
+                                    sample_times)
+from stepdistill.objectives.base import Nets
+
+X = torch.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8)
+T = torch.tensor([999.0, 700.0, 300.0, 20.0], dtype=torch.float64)
+COND = {"class_labels": torch.tensor([0, 1, 0, 1])}
+
+
+def test_full_copy_starts_at_the_teacher_and_trains_alone():
+    teacher = tiny_teacher().requires_grad_(False)
+    fake = FakeScore(teacher)
+    assert torch.equal(fake(X, T, COND), teacher(X, T, COND))
+    assert all(p.requires_grad for p in fake.parameters())
+    assert not {id(p) for p in fake.parameters()} & {id(p) for p in teacher.parameters()}
+
+
+def test_lora_shares_the_teacher_weights_and_switches_off():
+    teacher = tiny_teacher().requires_grad_(False)
+    before = teacher(X, T, COND)
+    n_base = sum(p.numel() for p in teacher.parameters())
+    fake = FakeScore(teacher, lora_rank=4)
+    trainable = [n for n, p in fake.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base_ids = {id(p) for n, p in teacher.named_parameters() if "lora_" not in n}
+    assert base_ids <= {id(p) for p in fake.parameters()}  # one copy of the base weights
+    assert sum(p.numel() for n, p in teacher.named_parameters() if "lora_" not in n) == n_base
+    opt = torch.optim.SGD(fake.trainable_parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        denoising_loss(fake, X, COND).mean().backward()
+        opt.step()
+    nets = Nets(teacher=teacher, student=torch.nn.Identity(), fake_score=fake)
+    assert not torch.allclose(fake(X, T, COND), before)           # the adapters moved the fake score
+    assert torch.equal(real_score(nets)(X, T, COND), before)      # the real score is the teacher, exactly
+    assert not torch.allclose(fake(X, T, COND), before)           # and switching back restores the adapters
+
+
+def test_denoising_loss_is_the_teachers_own_loss():
+    """space='raw' on a v-prediction teacher is the v-MSE of diffusers' training loop."""
+    teacher = tiny_teacher()
+    torch.manual_seed(0)
+    got = denoising_loss(teacher, X, COND, t=T)
+    torch.manual_seed(0)
+    eps = torch.randn_like(X)
+    from diffusers import DDPMScheduler
+
+    sch = DDPMScheduler.from_config(teacher.schedule.config)
+    ti = T.long()
+    x_t = sch.add_noise(X, eps, ti)
+    v_target = sch.get_velocity(X, eps, ti)
+    v_pred = teacher.backbone(x_t, ti.float(), class_labels=COND["class_labels"]).sample
+    want = (v_pred - v_target).pow(2).flatten(1).mean(1)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-5), (got, want)
+
+
+def test_disc_head_on_bottleneck_features_and_frozen():
+    teacher = tiny_teacher().requires_grad_(False)
+    fake = FakeScore(teacher)
+    head = build_disc_head(fake, "mid_block", teacher)
+    x = X.clone().requires_grad_(True)
+    with frozen(fake, head):
+        logits = disc_logits(fake, "mid_block", head, x, T, COND)
+    assert logits.shape == (4,)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in list(fake.parameters()) + list(head.parameters()))
+    assert all(p.requires_grad for p in head.parameters())  # restored after the block
+
+
+def test_sample_times_range_and_errors():
+    sched = tiny_teacher().schedule
+    t = sample_times(sched, 5000, (0.02, 0.98))
+    assert t.min() >= 19.5 and t.max() <= 979.5 and t.max() > 950
+    from stepdistill.errors import UserError
+
+    with pytest.raises(UserError, match="lo < hi"):
+        sample_times(sched, 4, (0.9, 0.1))
+
+
+def test_preview_and_collapse_watchdog(tmp_path):
+    from stepdistill.diagnostics import collapse_check, score_preview
+    from stepdistill.generator import build_student
+
+    teacher = tiny_teacher()
+    nets = Nets(teacher=teacher, student=build_student(teacher), fake_score=FakeScore(teacher))
+    grid = score_preview(nets, torch.randn(4, 1, 8, 8), COND, tmp_path / "p.png")
+    assert grid.shape == (12, 1, 8, 8) and (tmp_path / "p.png").is_file()
+    real = torch.randn(200, 16)
+    assert not collapse_check(real[:100] * 0.9, real[100:])["collapsed"]
+    with pytest.warns(RuntimeWarning, match="collapse"):
+        out = collapse_check(real[:100] * 0.1, real[100:])
+    assert out["collapsed"] and 0.05 < out["diversity_ratio"] < 0.15
