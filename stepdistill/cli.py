@@ -11,7 +11,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["pretrain", "sample", "train", "eval"]
+COMMANDS = ["pretrain", "sample", "train", "eval", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -234,6 +234,9 @@ def save_npz(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved dataset is a normal file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -72,7 +72,8 @@ class Student(nn.Module):
             return self.timesteps
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
-        return self.schedule.timesteps(steps)[:-1]
+        from .export.scheduler import student_timesteps  # as the exported scheduler runs `steps`
+        return student_timesteps(self.schedule, steps, self.boundary)
 
 
 # -- building a student from a teacher --------------------------------------------------------------
@@ -116,8 +117,9 @@ def _add_lora(backbone: nn.Module, cfg: StudentConfig) -> nn.Module:
 
 def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps: int | None = None) -> Student:
     """A student initialised from the teacher: a deep copy of its backbone (trainable), or the copy
-    frozen with LoRA adapters, sampling on ``teacher.schedule.timesteps(K)[:-1]`` -- the grid the
-    exported diffusers scheduler produces for K steps, so export needs no custom timesteps."""
+    frozen with LoRA adapters, sampling on the timesteps that the exported diffusers scheduler's
+    ``set_timesteps(K)`` produces (``export.scheduler.student_timesteps``), so export needs no
+    custom timesteps."""
     import copy
 
     cfg = cfg or StudentConfig()
@@ -137,4 +139,5 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
 
     den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
                             null_text=getattr(teacher, "null_text", None))
-    return Student(den, teacher.schedule.timesteps(k)[:-1], boundary=cfg.boundary)
+    from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
+    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary), boundary=cfg.boundary)

@@ -70,6 +70,9 @@ def _atomic_save(img, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved image is a normal file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,7 +1,7 @@
 """Anything that can generate images, behind one call: ``load_for_sampling(path).generate(...)``.
 
-Today a teacher folder (sampled with the teacher samplers); a trained student's run folder or an
-exported pipeline is one more branch in ``load_for_sampling``.
+A teacher folder (sampled with the teacher samplers), a trained student's run folder, or a folder
+written by ``stepdistill export`` (the student rebuilt from its weights and JSON configs).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class TeacherModel:
 
 
 def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) -> TeacherModel:
-    """The sampleable model stored at ``path`` (a teacher folder)."""
+    """The sampleable model stored at ``path`` (a teacher, run or exported folder)."""
     from .teachers import META_FILE, load_teacher
 
     p = Path(path)
@@ -54,6 +54,10 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) ->
 
     if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA student
         return load_run_model(p)
+    from .export import is_export_dir, load_exported_model
+
+    if is_export_dir(p):  # a `stepdistill export` folder: the student rebuilt from weights + JSON
+        return load_exported_model(p, trust_pickle=trust_pickle)
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
         raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
                         f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")

@@ -206,6 +206,9 @@ def save_teacher(denoiser: DiffusersDenoiser, path: str | os.PathLike, meta: dic
     sched_cls = getattr(diffusers, sched_cfg["_class_name"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the teacher folder is a normal folder
     try:
         denoiser.backbone.save_pretrained(tmp / record["backbone_folder"], safe_serialization=True)
         sched_cls.from_config({k: v for k, v in sched_cfg.items() if k != "_class_name"}).save_pretrained(

@@ -105,3 +105,20 @@ def test_cli_teacher_json_and_plot(tmp_path, tiny_teacher_dir):
 def test_bad_input_is_refused_with_one_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_teacher_fid_falls_with_steps_and_stays_above_real_data():
+    """The acceptance run: digits FID of the shipped teacher at 1, 4, 50 DDIM steps (N = 1,000)."""
+    from pathlib import Path
+
+    from stepdistill.eval.report import evaluate_model
+
+    teacher = Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits16"
+    if not (teacher / "stepdistill.json").is_file():
+        pytest.skip("the digits teacher is not in assets/")
+    det = get_detector("digits")
+    fids = [r["fid"] for r in evaluate_model(str(teacher), steps=[1, 4, 50], num=1000, detector=det,
+                                             ref="digits-test")["results"]]
+    real = evaluate_model("digits-train", steps=[1], num=1400, detector=det, ref="digits-test")["results"][0]["fid"]
+    assert fids[0] > fids[1] > fids[2] > 1.5 * real, (fids, real)

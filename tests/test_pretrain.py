@@ -2,6 +2,7 @@
 set, the CLI on data other than digits, and config errors before compute."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,11 @@ from omegaconf import OmegaConf
 
 from stepdistill.cli import main
 from stepdistill.data import save_npz
+from stepdistill.denoisers import DiffusersDenoiser
 from stepdistill.errors import UserError
-from stepdistill.pretrain import ModelConfig, PretrainConfig, diffusion_loss, drop_labels, pretrain
+from stepdistill.pretrain import (ModelConfig, PretrainConfig, build_backbone, diffusion_loss, drop_labels,
+                                  pretrain)
+from stepdistill.schedules import VPSchedule
 from stepdistill.teachers import load_teacher
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "teacher.yaml")
@@ -63,11 +67,6 @@ def test_training_learns_a_constant_image(tmp_path):
         return (den(xt, 600.0) - target).pow(2).mean().item()
 
     torch.manual_seed(cfg.seed)  # the initial network pretrain builds (same seed, same config)
-    from stepdistill.pretrain import build_backbone
-    from stepdistill.denoisers import DiffusersDenoiser
-    from stepdistill.schedules import VPSchedule
-    import dataclasses
-
     init = DiffusersDenoiser(build_backbone(cfg, 1, 8, 0), VPSchedule(dataclasses.asdict(cfg.schedule)))
     den, summary = pretrain(cfg)
     assert summary["steps"] == 80 and den.meta["kind"] == "unconditional"

@@ -163,5 +163,5 @@ def test_shipped_digits_teacher_draws_the_requested_digits():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(100) % 10
     x = sample(den, torch.randn(100, 1, 16, 16, generator=g), 20, cond={"class_labels": labels})
-    assert x.min() >= -1.2 and x.max() <= 1.2  # in the data range, no blow-up
+    assert x.abs().max() < 2  # near the data range [-1, 1]: no blow-up
     assert knn.score(x.flatten(1).numpy(), labels.numpy()) >= 0.9

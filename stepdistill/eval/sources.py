@@ -35,9 +35,19 @@ def _is_image_set(path: Path) -> bool:
 
     if path.suffix == ".npz" or str(path).startswith("digits"):
         return True
+    if _is_run_dir(path):  # a training run holds preview PNGs but is a model, not an image set
+        return False
     return path.is_dir() and not any((path / f).exists() for f in
                                      ("stepdistill.json", "model_index.json", "unet", "config.json")) \
         and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+
+
+def _is_run_dir(path: Path) -> bool:
+    try:
+        from ..train.run import is_run_dir
+    except ImportError:
+        return False
+    return bool(is_run_dir(path))
 
 
 def _load_images(path: Path) -> Source | None:

@@ -1,0 +1,33 @@
+"""``stepdistill export RUN_DIR --out DIR [--lora | --fuse]``: the run's (EMA) student as a diffusers folder."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a trained student as a diffusers pipeline folder",
+        description="Write the newest checkpoint's (EMA) student of a `stepdistill train` run as a diffusers "
+                    "folder whose scheduler runs the student's own timesteps, with a model card (README.md). "
+                    "Unconditional full-weight students load as diffusers' DDPMPipeline; class-conditional and "
+                    "LoRA students ship their sampling loop as pipeline.py (load with trust_remote_code=True).")
+    p.add_argument("run_dir", help="output_dir of a `stepdistill train` run")
+    p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export)")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA students: write the adapters (pytorch_lora_weights.safetensors) on the teacher's weights")
+    p.add_argument("--fuse", action="store_true",
+                   help="LoRA students: merge the adapters into the weights (the default for a LoRA student)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: the newest), e.g. step-00000500")
+    p.add_argument("--eval-json", default=None,
+                   help="results of `stepdistill eval ... --json FILE` to put in the model card (default: the run's "
+                        "newest in-training evaluation, if any)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_run
+
+    out = export_run(args.run_dir, args.out, lora=args.lora, fuse=args.fuse, checkpoint=args.checkpoint,
+                     eval_json=args.eval_json)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,53 @@
+"""An exported folder back into a stepdistill student (``stepdistill eval|sample EXPORT``), from its
+weights and JSON configs alone: ``pipeline.py`` is never imported, so loading runs no code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from .writer import EXPORT_META, FORMAT_VERSION
+
+
+def is_export_dir(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / EXPORT_META).is_file() and (p / "model_index.json").is_file()
+
+
+def load_exported(path, *, trust_pickle: bool = False):
+    """(Student in eval mode, meta) as ``train.run.load_run`` returns them."""
+    from ..denoisers import DiffusersDenoiser
+    from ..generator import Student
+    from ..schedules import schedule_from_config
+    from ..teachers import _load_backbone
+    from .lora import load_lora
+    from .pipeline import LORA_WEIGHT_NAME
+    from .scheduler import student_scheduler_config, student_timesteps
+
+    p = Path(path)
+    record = json.loads((p / EXPORT_META).read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{str(p / EXPORT_META)!r} has format_version {record.get('format_version')!r}; this "
+                        f"stepdistill reads {FORMAT_VERSION}; re-export the run or upgrade stepdistill")
+    sched_cfg = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    schedule = schedule_from_config(sched_cfg)
+    boundary = record.get("boundary")
+    expected = student_scheduler_config(schedule, boundary)
+    for key in ("_class_name", "timestep_scaling", "original_inference_steps", "stochastic_sampling"):
+        if key in expected and sched_cfg.get(key) != expected[key]:
+            raise UserError(f"{str(p)!r}: scheduler/scheduler_config.json has {key}={sched_cfg.get(key)!r} but the "
+                            f"student needs {expected[key]!r}; restore the exported scheduler config")
+    unet = _load_backbone(p / "unet", None, trust_pickle)
+    if record.get("mode") == "lora":
+        load_lora(unet, p / LORA_WEIGHT_NAME)
+    den = DiffusersDenoiser(unet, schedule, null_class=record.get("null_class"))
+    student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary), boundary=boundary)
+    student.requires_grad_(False).eval()
+    meta = {**record, "path": str(p)}
+    return student, meta
+
+
+def load_exported_model(path, *, trust_pickle: bool = False):
+    from ..train.run import StudentModel
+
+    return StudentModel(*load_exported(path, trust_pickle=trust_pickle))

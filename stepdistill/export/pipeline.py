@@ -1,0 +1,132 @@
+"""A few-step distilled image generator as a diffusers pipeline.
+
+This file is copied verbatim into exported folders, where diffusers loads it through its
+custom-pipeline mechanism (``model_index.json``: ``"_class_name": ["pipeline",
+"StepDistillPipeline"]``). It imports only torch, numpy, diffusers and (for LoRA) peft:
+
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    images = pipe(class_labels=[0, 1, 2]).images          # the trained step count by default
+
+Sampling is the scheduler's own loop: the exported scheduler (``LCMScheduler`` for VP models,
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` for flow models) predicts x0 at each
+of its timesteps and re-noises it with fresh noise from ``generator`` to the next one, the
+multi-step consistency sampler (Song et al., 2023, Alg. 1).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the LoraConfig in the file header
+
+
+class StepDistillPipeline(DiffusionPipeline):
+    """unet: a UNet2DModel (class-conditional when its config has num_class_embeds);
+    scheduler: the student's scheduler; trained_steps: the step count the student was trained for."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler, trained_steps: int = 1):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(trained_steps=int(trained_steps))
+
+    @property
+    def num_classes(self) -> int:
+        n = self.unet.config.get("num_class_embeds") or 0
+        return max(int(n) - 1, 0)  # the last embedding is the "no class" label of CFG training
+
+    def _labels(self, class_labels, batch_size):
+        if self.num_classes == 0:
+            if class_labels is not None:
+                raise ValueError("this model is unconditional; call it without class_labels")
+            return None, int(batch_size or 1)
+        if class_labels is None:
+            raise ValueError(f"this model is class-conditional; pass class_labels (ints in 0..{self.num_classes - 1})")
+        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long)
+        labels = labels.reshape(-1)
+        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"class_labels must be ints in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        if batch_size is not None and int(batch_size) != len(labels):
+            raise ValueError(f"batch_size={batch_size} but {len(labels)} class_labels were given; pass one")
+        return labels.to(self._execution_device), len(labels)
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, batch_size: int | None = None, num_inference_steps: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Generate images. ``num_inference_steps`` defaults to the trained step count.
+        ``output_type``: "pil", "np" (floats in [0, 1], NHWC), "pt" (floats in [0, 1], NCHW) or
+        "latent" (the raw samples in [-1, 1] data units, unclipped)."""
+        labels, b = self._labels(class_labels, batch_size)
+        steps = int(num_inference_steps or self.config.trained_steps)
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (b, self.unet.config.in_channels, *size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        x = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = self.unet(x, t, class_labels=labels).sample
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        if output_type == "latent":
+            images = x
+        else:
+            images = (x.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # -- LoRA (Hu et al., 2022) in peft's format --------------------------------------------------
+    def load_lora_weights(self, path: str, adapter_name: str = "default") -> None:
+        """Add the LoRA adapters in ``path`` (a folder holding pytorch_lora_weights.safetensors, or
+        the file) to the unet. Keys are peft's, prefixed "unet."; the LoraConfig is in the header."""
+        import os
+
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        file = os.path.join(path, LORA_WEIGHT_NAME) if os.path.isdir(path) else path
+        with safe_open(file, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(LORA_METADATA_KEY, "{}"))
+        cfg = {k[len("unet."):]: v for k, v in meta.items() if k.startswith("unet.")}
+        if not cfg:
+            raise ValueError(f"{file} has no LoRA config in its header ({LORA_METADATA_KEY}); re-export it")
+        cfg = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
+        state = {k[len("unet."):]: v for k, v in load_file(file).items() if k.startswith("unet.")}
+        inject_adapter_in_model(LoraConfig(**cfg), self.unet, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter_name)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise ValueError(f"LoRA weights in {file} do not fit this unet (e.g. {missing[0]})")
+        self.unet.to(self.unet.device, self.unet.dtype)
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded adapters into the base weights (W + scale * B A), then drop them."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        _unload(self.unet)
+
+
+def _unload(model: torch.nn.Module) -> None:
+    """Replace every merged peft layer by its base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())

@@ -1,0 +1,97 @@
+"""The student's scheduler: one diffusers config from which both the student's training timesteps
+and the exported pipeline's timesteps are computed, so the two cannot drift apart.
+
+A K-step student (Song et al., 2023, Alg. 1; Yin et al., 2024b, sec. 4.5) predicts x0 at each of
+its timesteps and re-noises that x0 with *fresh* noise to the next one. In diffusers this is:
+
+* VP teachers: ``LCMScheduler`` (Luo et al., 2023), whose step is x_next = sqrt(ab_next) f +
+  sqrt(1 - ab_next) z with f = c_skip x + c_out x0_hat. With ``original_inference_steps`` equal to
+  ``num_train_timesteps`` its K-step grid is index-uniform over all training steps ([999, 749, 499,
+  249] for K = 4), not LCM's default 50-step skeleton ([999, 759, 499, 259]) that peers make users
+  override by hand. Its boundary condition (eq. 8, ``timestep_scaling``) is exactly the student's
+  ``boundary="lcm"``; a student without it gets a ``timestep_scaling`` so large that c_skip and
+  1 - c_out vanish to float precision at every timestep >= 1.
+* Flow teachers: ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, whose step is
+  x_next = (1 - s_next) x0_hat + s_next z: the same re-noising on the rectified-flow path.
+* EDM teachers: diffusers has no scheduler whose step is "x0, then fresh noise at the next sigma"
+  for EDM's preconditioned backbones (``CMStochasticIterativeScheduler`` feeds the network
+  1000 * c_noise and applies its own boundary), so export refuses them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..schedules import EDMSchedule, FlowSchedule, Schedule, VPSchedule
+
+#: LCM's c_skip/c_out scale (diffusers' LCMScheduler default, Luo et al., 2023, eq. 8)
+LCM_TIMESTEP_SCALING = 10.0
+#: for students without a boundary condition: at t >= 1, c_skip = 0.25 / (1e12 t^2 + 0.25) < 3e-13
+#: and c_out = 1 to float32 precision, so the scheduler's step uses the network's x0 unchanged
+NO_BOUNDARY_TIMESTEP_SCALING = 1e6
+#: diffusers' LCMScheduler fixes sigma_data at 0.5 in get_scalings_for_boundary_condition_discrete
+LCM_SIGMA_DATA = 0.5
+
+_LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+             "prediction_type", "set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr",
+             "timestep_spacing", "clip_sample")
+
+
+def _boundary(boundary: str | None) -> str | None:
+    if boundary in (None, "none"):
+        return None
+    if boundary != "lcm":
+        raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
+    return boundary
+
+
+def student_scheduler_config(schedule: Schedule, boundary: str | None = None) -> dict[str, Any]:
+    """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
+    K-step student's timesteps and whose ``step`` is the student's sampling step."""
+    boundary = _boundary(boundary)
+    if isinstance(schedule, VPSchedule):
+        cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
+        cfg["clip_sample"] = False  # the student's x0 is never clipped
+        # every training index is on the grid: K-step timesteps are index-uniform ("trailing")
+        cfg["original_inference_steps"] = int(schedule.num_train_timesteps)
+        cfg["timestep_scaling"] = LCM_TIMESTEP_SCALING if boundary == "lcm" else NO_BOUNDARY_TIMESTEP_SCALING
+        return {"_class_name": "LCMScheduler", **cfg}
+    if isinstance(schedule, FlowSchedule):
+        if boundary is not None:
+            raise UserError("boundary='lcm' has no flow-matching scheduler in diffusers; train the flow student "
+                            "with student.boundary=null")
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config, "stochastic_sampling": True}
+    if isinstance(schedule, EDMSchedule):
+        raise UserError("EDM teachers have no diffusers scheduler that samples like the student (x0, then fresh "
+                        "noise at the next sigma); export supports VP (DDPM/DDIM-family) and flow-matching "
+                        "teachers; sample EDM students with `stepdistill sample RUN_DIR`")
+    raise UserError(f"schedule {type(schedule).__name__} cannot be exported; use a VP or flow-matching teacher")
+
+
+def make_scheduler(config: dict[str, Any]):
+    """Instantiate a scheduler config written by ``student_scheduler_config``."""
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None) -> torch.Tensor:
+    """A K-step student's timesteps (float64, descending): what the exported scheduler's
+    ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
+    if steps < 1:
+        raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
+    if isinstance(schedule, EDMSchedule):
+        return schedule.timesteps(steps)[:-1]
+    # the grid does not depend on the boundary condition; flow schedulers have none to configure
+    sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None))
+    sched.set_timesteps(steps)
+    return sched.timesteps.to(torch.float64)
+
+
+def boundary_scalings(config: dict[str, Any], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) that the exported LCMScheduler applies at timesteps t, in float64."""
+    st = torch.as_tensor(t, dtype=torch.float64) * float(config["timestep_scaling"])
+    return LCM_SIGMA_DATA**2 / (st**2 + LCM_SIGMA_DATA**2), st / (st**2 + LCM_SIGMA_DATA**2).sqrt()

@@ -1,0 +1,187 @@
+"""``export_run``: a run folder's (EMA) student as a diffusers folder that loads with no
+knowledge of stepdistill and samples on the student's own timesteps by default.
+
+Layout (each part plain diffusers)::
+
+    out/
+      model_index.json        DDPMPipeline (unconditional, full weights) or ["pipeline", "StepDistillPipeline"]
+      pipeline.py             the custom pipeline (class-conditional or LoRA exports)
+      unet/                   the student's weights (fused LoRA included), or the teacher's for --lora
+      scheduler/              the student's scheduler (``export.scheduler.student_scheduler_config``)
+      pytorch_lora_weights.safetensors   (--lora) the adapters, peft format
+      stepdistill_student.json           what stepdistill needs to rebuild the student (no code)
+      README.md               the model card
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .card import model_card
+from .lora import base_copy, has_lora, merged_copy, save_lora
+from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
+
+EXPORT_META = "stepdistill_student.json"
+FORMAT_VERSION = 1
+PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
+PIPELINE_CLASS = "StepDistillPipeline"
+#: with no boundary condition the scheduler's c_skip must vanish (and c_out be 1) to this tolerance
+BOUNDARY_TOL = 1e-7
+
+
+def _mode(student, lora: bool, fuse: bool) -> str:
+    """"full", "fused" or "lora", or a clear refusal."""
+    is_lora = has_lora(student.denoiser.backbone)
+    if lora and fuse:
+        raise UserError("--lora writes the adapters and --fuse merges them into the weights; pass one of them")
+    if lora and not is_lora:
+        raise UserError("--lora: this run's student trains full weights, so it has no LoRA adapters to export; "
+                        "drop --lora (or train with student.lora_rank > 0)")
+    if fuse and not is_lora:
+        raise UserError("--fuse merges LoRA adapters, but this run's student trains full weights; drop --fuse")
+    if lora:
+        return "lora"
+    return "fused" if is_lora else "full"
+
+
+def check_exportable(student) -> dict:
+    """The scheduler config for ``student``, after checking that the exported scheduler runs exactly
+    the student's sampling rule: same timesteps, same boundary condition."""
+    backbone = student.denoiser.backbone
+    if type(backbone).__name__ != "UNet2DModel":
+        raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional); this one is "
+                        f"{type(backbone).__name__}; sample it with `stepdistill sample RUN_DIR` instead")
+    cfg = student_scheduler_config(student.schedule, student.boundary)
+    sched = make_scheduler(cfg)
+    sched.set_timesteps(student.steps)
+    ts = sched.timesteps.to(torch.float64)
+    if not torch.equal(ts, student.timesteps.cpu()):
+        raise UserError(f"the student was trained at timesteps {student.timesteps.tolist()} but its exported scheduler "
+                        f"runs {ts.tolist()} for {student.steps} steps; retrain with this version of stepdistill")
+    if cfg["_class_name"] == "LCMScheduler":
+        c_skip, c_out = boundary_scalings(cfg, ts)
+        if student.boundary == "lcm":
+            s_skip, s_out = student.boundary_scalings(ts)
+            ok = torch.allclose(c_skip, s_skip, rtol=0, atol=1e-12) and torch.allclose(c_out, s_out, rtol=0, atol=1e-12)
+        else:
+            ok = bool(c_skip.max() <= BOUNDARY_TOL and (1 - c_out).abs().max() <= BOUNDARY_TOL)
+        if not ok:
+            raise UserError(f"the exported scheduler's boundary condition does not match the student's at timesteps "
+                            f"{ts.tolist()} (a timestep 0 without a boundary condition?); train fewer steps")
+    return cfg
+
+
+def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool) -> None:
+    import diffusers
+
+    scheduler = make_scheduler(cfg)
+    if custom:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        shutil.copyfile(PIPELINE_FILE, tmp / "pipeline.py")
+        index = {"_class_name": ["pipeline", PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
+                 "trained_steps": int(steps), "scheduler": ["diffusers", type(scheduler).__name__],
+                 "unet": ["diffusers", type(unet).__name__]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    else:  # diffusers' own DDPMPipeline runs an unconditional UNet2DModel with any scheduler's step
+        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+
+
+def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool = False,
+                   eval_report: dict | None = None) -> Path:
+    """Write ``student`` (with ``meta`` from ``train.run.load_run``) to the folder ``out``, atomically."""
+    mode = _mode(student, lora, fuse)
+    cfg = check_exportable(student)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
+        raise UserError(f"--out {str(out)!r} exists and is not an earlier export; pass a new or empty folder")
+    backbone = student.denoiser.backbone
+    unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
+    conditional = student.denoiser.null_class is not None or bool(unet.config.get("num_class_embeds"))
+    custom = conditional or mode == "lora"
+    record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
+              "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "DDPMPipeline",
+              "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
+              "null_class": meta.get("null_class") if conditional else None,
+              "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
+              "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
+              "checkpoint": meta.get("checkpoint")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_pipeline(tmp, unet, cfg, student.steps, custom)
+        if mode == "lora":
+            save_lora(backbone, tmp)
+        (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(record, meta, cfg, eval_report, custom=custom))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_run(run_dir, out, *, lora: bool = False, fuse: bool = False, checkpoint: str | None = None,
+               eval_json: str | None = None) -> Path:
+    """Export the newest (or the named) checkpoint's EMA student of a ``stepdistill train`` run."""
+    from ..train import checkpoint as ckpt
+    from ..train.run import is_run_dir, load_run
+
+    run = Path(run_dir)
+    if not is_run_dir(run):
+        raise UserError(f"{str(run)!r} is not a run folder (config.yaml + checkpoints/); pass the output_dir of a "
+                        "`stepdistill train` run")
+    if checkpoint is None and ckpt.latest(run) is None:
+        raise UserError(f"run {str(run)!r} has no complete checkpoint to export; train it first (a checkpoint is "
+                        "written every checkpoint_every steps and at the end)")
+    report = _read_eval(eval_json) if eval_json else _run_eval(run)
+    student, meta = load_run(run, checkpoint=checkpoint)
+    return export_student(student, meta, out, lora=lora, fuse=fuse, eval_report=report)
+
+
+def _read_eval(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--eval-json {path!r} could not be read ({err}); pass the file that "
+                        "`stepdistill eval ... --json FILE` wrote") from None
+    if "results" not in report or "protocol" not in report:
+        raise UserError(f"--eval-json {path!r} has no results/protocol; pass the file `stepdistill eval --json` wrote")
+    return report
+
+
+def _run_eval(run: Path) -> dict | None:
+    """The newest in-training evaluation of the run (metrics.jsonl), with the protocol its config fixed."""
+    log = run / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    last = None
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "eval" in rec:
+            last = rec
+    if last is None:
+        return None
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    protocol = {"source": "in-training evaluation (metrics.jsonl)", "training_step": last.get("step"),
+                "detector": cfg.get("eval_detector"), "reference": cfg.get("eval_ref"),
+                "num_samples": cfg.get("eval_samples"), "seed": cfg.get("seed"),
+                "student_noise": "fresh noise between steps from torch.Generator().manual_seed(0)"}
+    return {"results": [{"steps": None, **last["eval"]}], "protocol": protocol}
