@@ -10,7 +10,7 @@ from stepdistill.denoisers import Denoiser
 from stepdistill.errors import UserError
 from stepdistill.generator import Student
 from stepdistill.objectives import Nets, get_objective
-from stepdistill.objectives.progressive import grid_with_midpoints, pd_target
+from stepdistill.objectives.progressive import grid_with_midpoints, student_grid, pd_target
 from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
 
 VP = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
@@ -109,10 +109,15 @@ def test_target_makes_one_student_step_land_on_two_teacher_steps(kind, gauss):
         torch.testing.assert_close(one_step, two_steps, rtol=1e-9, atol=1e-9)
 
 
-def test_vp_trailing_grids_nest_and_others_use_the_time_midpoint():
+def test_vp_student_grids_nest_and_others_use_the_time_midpoint():
+    # VP students run the exported LCMScheduler grid t = T-1 - floor(i T / n), which nests at every
+    # halving (even where T / n is not an integer, unlike DDIM's rounded trailing grid)
     vp = VPSchedule(VP)
-    g, mid = grid_with_midpoints(vp, 32)
-    assert torch.equal(mid, vp.timesteps(64)[1::2]) and torch.equal(g, vp.timesteps(64)[::2])
+    for n in (1, 2, 4, 8, 16, 32):
+        g, mid = grid_with_midpoints(vp, n)
+        fine = student_grid(vp, 2 * n)
+        assert torch.equal(mid, fine[1::2]) and torch.equal(g, fine[::2])
+        assert torch.equal(g[:-1], torch.tensor([vp.t_max - (i * 1000) // n for i in range(n)], dtype=torch.float64))
     edm = EDMSchedule()
     g, mid = grid_with_midpoints(edm, 4)
     assert not torch.equal(edm.timesteps(8)[::2], g)

@@ -42,17 +42,27 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def reference(detector: str, work: Path) -> str:
+    """Reference statistics of all real digits for `detector`, computed once per work folder."""
+    path = work / f"ref_{detector}.npz"
+    if not path.exists():
+        run([sys.executable, "-m", "stepdistill", "eval", "--make-stats", REF, "--detector", detector,
+             "--out", str(path)], work / "log.txt")
+    return str(path)
+
+
 def evaluate(model: str, steps: list[int], detector: str, args, work: Path, tag: str) -> dict[int, dict]:
     """{steps: {"fid": [per seed], "acc": [per seed]}} for one model and detector."""
     out: dict[int, dict] = {k: {"fid": [], "acc": []} for k in steps}
+    ref = reference(detector, work)
     for seed in args.seeds:
         js = work / f"{tag}_{detector}_s{seed}.json"
-        run([sys.executable, "-m", "stepdistill", "eval", model, "--steps", ",".join(map(str, steps)),
-             "--num", str(args.num), "--detector", detector, "--ref", REF, "--seed", str(seed),
-             "--json", str(js)], work / "log.txt")
-        res = json.loads(js.read_text())
-        for k in steps:
-            m = res["results"][str(k)]
+        if not js.exists():  # a re-run of the benchmark reuses finished evaluations
+            run([sys.executable, "-m", "stepdistill", "eval", model, "--steps", ",".join(map(str, steps)),
+                 "--num", str(args.num), "--detector", detector, "--ref", ref, "--seed", str(seed),
+                 "--json", str(js)], work / "log.txt")
+        for m in json.loads(js.read_text())["results"]:
+            k = int(m["steps"])
             out[k]["fid"].append(m["fid"])
             if m.get("class_accuracy") is not None:
                 out[k]["acc"].append(m["class_accuracy"])

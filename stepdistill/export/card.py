@@ -8,11 +8,13 @@ import json
 def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> list[str]:
     """The lines a user needs to load and run the exported student."""
     k = record["steps"]
+    labels = list(range(min(4, int(record["num_classes"] or 0))))
     if not custom:
+        call = (f"pipe(batch_size={len(labels)}, class_labels={labels}, num_inference_steps={k})" if labels
+                else f"pipe(batch_size=4, num_inference_steps={k})")
         return ["from diffusers import DiffusionPipeline",
-                f'pipe = DiffusionPipeline.from_pretrained("{folder}")',
-                f"images = pipe(batch_size=4, num_inference_steps={k}).images"]
-    call = "pipe(class_labels=[0, 1, 2, 3]).images" if record["num_classes"] else "pipe(batch_size=4).images"
+                f'pipe = DiffusionPipeline.from_pretrained("{folder}")', f"images = {call}.images"]
+    call = f"pipe(class_labels={labels}).images" if labels else "pipe(batch_size=4).images"
     lines = ["from diffusers import DiffusionPipeline",
              f'pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)']
     if record["mode"] == "lora":
@@ -57,8 +59,12 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
             "diffusers refuses to run code from a folder without that argument. Read `pipeline.py` before "
             f"you pass it. `num_inference_steps` defaults to the trained {k}.", ""]
     else:
-        lines += [f"This is diffusers' own `DDPMPipeline` with the student's scheduler; pass "
-                  f"`num_inference_steps={k}` (its default is 1000).", ""]
+        lines += [f"This is diffusers' own `ConsistencyModelPipeline` with the student's scheduler: no custom code. "
+                  f"Pass `num_inference_steps={k}` (the pipeline's default is 1)"
+                  + (", `class_labels` (ints in 0.." + str(record["num_classes"] - 1) + ") and `batch_size` equal to "
+                     "their number; without labels it draws random ones, including the no-class label "
+                     + str(record["num_classes"]) if record["num_classes"] else "") + ". No guidance is applied: "
+                  "any guidance was distilled in.", ""]
     lines += [
         f"The scheduler's `set_timesteps({k})` gives exactly the timesteps the student was trained at (the student's "
         "timesteps are computed from this scheduler config). Each step predicts x0 and re-noises it with fresh noise "

@@ -69,7 +69,8 @@ class StepDistillPipeline(DiffusionPipeline):
         shape = (b, self.unet.config.in_channels, *size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        x = latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+        # the prior's scale at the first timestep (1 for LCMScheduler; flow schedulers define none: 1)
+        x = latents.to(self._execution_device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.scheduler.set_timesteps(steps, device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.unet(x, t, class_labels=labels).sample
@@ -107,10 +108,9 @@ class StepDistillPipeline(DiffusionPipeline):
         state = {k[len("unet."):]: v for k, v in load_file(file).items() if k.startswith("unet.")}
         inject_adapter_in_model(LoraConfig(**cfg), self.unet, adapter_name=adapter_name)
         result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter_name)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            raise ValueError(f"LoRA weights in {file} do not fit this unet (e.g. {missing[0]})")
-        self.unet.to(self.unet.device, self.unet.dtype)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"LoRA weights in {file} do not fit this unet (e.g. {unexpected[0]})")
 
     def fuse_lora(self) -> None:
         """Merge the loaded adapters into the base weights (W + scale * B A), then drop them."""

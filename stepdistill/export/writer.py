@@ -4,8 +4,9 @@ knowledge of stepdistill and samples on the student's own timesteps by default.
 Layout (each part plain diffusers)::
 
     out/
-      model_index.json        DDPMPipeline (unconditional, full weights) or ["pipeline", "StepDistillPipeline"]
-      pipeline.py             the custom pipeline (class-conditional or LoRA exports)
+      model_index.json        ConsistencyModelPipeline (full or fused weights), or
+                              ["pipeline", "StepDistillPipeline"] (LoRA adapters; flow schedulers)
+      pipeline.py             the custom pipeline (those exports only)
       unet/                   the student's weights (fused LoRA included), or the teacher's for --lora
       scheduler/              the student's scheduler (``export.scheduler.student_scheduler_config``)
       pytorch_lora_weights.safetensors   (--lora) the adapters, peft format
@@ -89,8 +90,10 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool) -> Non
                  "trained_steps": int(steps), "scheduler": ["diffusers", type(scheduler).__name__],
                  "unet": ["diffusers", type(unet).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    else:  # diffusers' own DDPMPipeline runs an unconditional UNet2DModel with any scheduler's step
-        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    else:
+        # diffusers' own ConsistencyModelPipeline runs a (class-conditional) UNet2DModel through any
+        # scheduler's step: unet(x, t, class_labels), then scheduler.step(..., generator), no guidance
+        diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
 
 
 def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool = False,
@@ -104,9 +107,11 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     backbone = student.denoiser.backbone
     unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
     conditional = student.denoiser.null_class is not None or bool(unet.config.get("num_class_embeds"))
-    custom = conditional or mode == "lora"
+    # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
+    # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
+    custom = mode == "lora" or cfg["_class_name"] != "LCMScheduler"
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
-              "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "DDPMPipeline",
+              "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
               "null_class": meta.get("null_class") if conditional else None,
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),

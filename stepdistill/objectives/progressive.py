@@ -2,13 +2,13 @@
 where its teacher takes two; after each round the student becomes the next round's teacher and the
 step count halves, e.g. a 64-step teacher -> 32 -> 16 -> 8 -> 4-step student.
 
-Grids. A round whose student takes N steps trains at the times of ``schedule.timesteps(N)`` (the
-diffusers grid); the teacher's intermediate time t' is the matching point of
-``schedule.timesteps(2N)`` when that grid contains the N grid (VP with trailing spacing: every
-power-of-two halving is nested), so each round's teacher is only asked at the times it was trained
+Grids. A round whose student takes N steps trains at the times of ``student_grid(schedule, N)`` (the
+exported scheduler's grid); the teacher's intermediate time t' is the matching point of
+``student_grid(schedule, 2N)`` when that grid contains the N grid (VP: the LCMScheduler grid nests at every
+halving), so each round's teacher is only asked at the times it was trained
 on. For grids that are not nested (EDM's Karras grid, flow's linspace) t' is the midpoint
 (t + t'') / 2 in the schedule's own time, the paper's t' = t - 0.5/N. The last round trains on
-``schedule.timesteps(K)``, whose first K times are the student's (and the exported scheduler's).
+``student_grid(schedule, K)``, whose first K times are the student's (and the exported scheduler's).
 
 Target and weighting. Written with alpha(t), sigma(t) only, so it holds for VP, EDM and flow:
 the x0 target x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha) makes one student
@@ -49,9 +49,17 @@ def pd_target(denoise, schedule: Schedule, z: torch.Tensor, t, t_mid, t_next, co
     return (z_next - bcast(ratio, z) * z) / bcast(an - ratio * a, z)
 
 
+def student_grid(schedule: Schedule, n: int) -> torch.Tensor:
+    """The times an n-step student samples at (those its exported scheduler runs) plus clean data."""
+    from ..export.scheduler import student_timesteps
+
+    clean = torch.tensor([schedule.t_clean], dtype=torch.float64)
+    return torch.cat([student_timesteps(schedule, n), clean])
+
+
 def grid_with_midpoints(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n-step grid (n + 1 times) and the teacher's intermediate time in each of its n steps."""
-    g, g2 = schedule.timesteps(n), schedule.timesteps(2 * n)
+    g, g2 = student_grid(schedule, n), student_grid(schedule, 2 * n)
     if len(g2) == 2 * n + 1 and torch.equal(g2[::2], g):
         return g, g2[1::2]
     return g, 0.5 * (g[:-1] + g[1:])
@@ -116,7 +124,7 @@ class Progressive(Objective):
         return int(self.cfg.final_steps)
 
     def build(self, teacher, student) -> dict:
-        final = student.schedule.timesteps(self.cfg.final_steps)[:-1]
+        final = student_grid(student.schedule, self.cfg.final_steps)[:-1]
         if not torch.equal(student.timesteps.cpu(), final):
             raise UserError(f"progressive: the student samples at {student.timesteps.tolist()} but the last round "
                             f"trains at {final.tolist()}; build the student with steps={self.cfg.final_steps}")

@@ -1,0 +1,284 @@
+"""``stepdistill export``: the student's scheduler against diffusers' own schedulers, and round trips
+of trained students through folders that a Python process without stepdistill loads and runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer_toy  # noqa: F401  (registers the toy objectives)
+from conftest import tiny_teacher, tiny_unet2d
+from stepdistill.errors import UserError
+from stepdistill.export import export_run, export_student, student_scheduler_config, student_timesteps
+from stepdistill.export.scheduler import make_scheduler
+from stepdistill.generator import StudentConfig, build_student
+from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+
+LABELS = [0, 1, 1]
+SEED = 5
+
+
+# -- the scheduler --------------------------------------------------------------------------------
+def _vp():
+    return tiny_teacher().schedule
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_lcm_grid_is_the_ddim_trailing_grid(k):
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    vp = _vp()
+    ddim = DDIMScheduler.from_config({**vp.config, "timestep_spacing": "trailing"})
+    ddim.set_timesteps(k)
+    lcm = LCMScheduler.from_config({**vp.config, "original_inference_steps": 1000})
+    lcm.set_timesteps(k)
+    ts = student_timesteps(vp, k)
+    assert ts.tolist() == ddim.timesteps.double().tolist() == lcm.timesteps.double().tolist()
+    assert build_student(tiny_teacher(), StudentConfig(steps=k)).timesteps.tolist() == ts.tolist()
+
+
+def test_default_lcm_grid_is_not_the_trailing_grid():
+    """LCMScheduler's default 50-step skeleton is the mismatch peers ask users to fix by hand."""
+    from diffusers import LCMScheduler
+
+    vp = _vp()
+    default = LCMScheduler.from_config(vp.config)
+    default.set_timesteps(4)
+    assert default.timesteps.tolist() == [999, 759, 499, 259]
+    assert student_timesteps(vp, 4).tolist() == [999, 749, 499, 249]
+
+
+@pytest.mark.parametrize("boundary", [None, "lcm"])
+def test_scheduler_boundary_matches_the_student(boundary):
+    """diffusers' own c_skip/c_out at every timestep of 1..8-step grids: LCM's for boundary='lcm',
+    (0, 1) to 1e-7 for a student without a boundary condition."""
+    vp = _vp()
+    sched = make_scheduler(student_scheduler_config(vp, boundary))
+    student = build_student(tiny_teacher(), StudentConfig(steps=1, boundary=boundary))
+    for k in range(1, 9):
+        sched.set_timesteps(k)
+        for t in sched.timesteps:
+            c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+            if boundary == "lcm":
+                s_skip, s_out = student.boundary_scalings(t)
+                assert abs(float(c_skip) - float(s_skip)) < 1e-7 and abs(float(c_out) - float(s_out)) < 1e-7
+            else:
+                assert float(c_skip) <= 1e-7 and abs(1 - float(c_out)) <= 1e-7
+
+
+def test_flow_student_runs_as_the_stochastic_flow_scheduler(tmp_path):
+    """A flow student exported and run by the shipped pipeline (in process) with the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.export.pipeline import StepDistillPipeline
+
+    flow = FlowSchedule({"shift": 3.0})
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(3)
+    assert student_timesteps(flow, 3).tolist() == ref.timesteps.double().tolist()
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), flow, null_class=2)
+    student = build_student(teacher, StudentConfig(steps=3)).eval()
+    out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "flow")
+    from diffusers import UNet2DModel
+
+    pipe = StepDistillPipeline(unet=UNet2DModel.from_pretrained(out / "unet"),
+                               scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
+                               trained_steps=json.loads((out / "model_index.json").read_text())["trained_steps"])
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is True
+    got = pipe(class_labels=LABELS, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    torch.testing.assert_close(got, _student_sample(student, LABELS), rtol=0, atol=1e-4)
+
+
+def test_edm_teachers_are_refused():
+    with pytest.raises(UserError, match="EDM"):
+        student_scheduler_config(EDMSchedule())
+
+
+# -- round trips ------------------------------------------------------------------------------------
+def _student_sample(student, labels, n=None):
+    """The student's own K-step sample, drawing its initial and step noise as the pipelines do:
+    one generator, initial noise first, then one draw per re-noising."""
+    g = torch.Generator().manual_seed(SEED)
+    b = len(labels) if labels is not None else n
+    noise = torch.randn((b, *student_shape(student)), generator=g)
+    cond = None if labels is None else {"class_labels": torch.tensor(labels)}
+    with torch.no_grad():
+        return student(noise, cond, generator=g)
+
+
+def student_shape(student):
+    cfg = student.denoiser.backbone.config
+    return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+def _train(teacher_dir, data, out, **kw):
+    from accelerate.state import AcceleratorState
+
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    base = dict(teacher=str(teacher_dir), data=str(data), output_dir=str(out), cpu="true", batch_size=4,
+                max_steps=2, checkpoint_every=2, log_every=1, preview_every="null", progress="false",
+                **{"objective.name": "toy-regress", "optim.student.lr": 1e-2})
+    base.update(kw)
+    cfg, obj = resolve(None, [f"{k}={v}" for k, v in base.items()])
+    Trainer(cfg, obj).train()
+    AcceleratorState._reset_state(True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_teacher_dir, tiny_data_npz, tmp_path_factory):
+    """Two trained runs of the tiny class-conditional teacher: a full-weight 2-step student without a
+    boundary condition, and a LoRA 4-step student with LCM's boundary condition."""
+    root = tmp_path_factory.mktemp("runs")
+    full = _train(tiny_teacher_dir, tiny_data_npz, root / "full", **{"student.steps": 2})
+    lora = _train(tiny_teacher_dir, tiny_data_npz, root / "lora", **{"student.steps": 4, "student.boundary": "lcm",
+                                                                      "student.lora_rank": 2})
+    return {"full": full, "lora": lora}
+
+
+SNIPPET = textwrap.dedent("""
+    import json, sys
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    jobs, out = json.loads(sys.argv[1]), {}
+    for name, job in jobs.items():
+        pipe = DiffusionPipeline.from_pretrained(job["dir"], **job["load"])
+        if job.get("lora"):
+            pipe.load_lora_weights(job["dir"])
+        pipe.set_progress_bar_config(disable=True)
+        res = pipe(generator=torch.Generator().manual_seed(job["seed"]), **job["call"])
+        out[name] = torch.as_tensor(res.images)
+        out[name + "/class"] = torch.tensor([len(type(pipe).__name__)])
+        print(name, type(pipe).__name__)
+    assert "stepdistill" not in sys.modules, "the pipeline imported stepdistill"
+    save_file(out, sys.argv[2])
+""")
+
+
+def _run_without_stepdistill(jobs: dict, tmp_path) -> dict:
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-I", "-c", SNIPPET, json.dumps(jobs), str(tmp_path / "out.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return load_file(tmp_path / "out.safetensors"), res.stdout
+
+
+def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tiny_teacher_dir):
+    """Class-conditional full, LoRA fused and unconditional students in diffusers' own
+    ConsistencyModelPipeline (no custom code), and LoRA adapters through the shipped pipeline's
+    load_lora_weights: each reproduces the student's own sample for the same noise."""
+    from stepdistill.train.run import load_run
+
+    full_dir = export_run(runs["full"], tmp_path / "full")
+    lora_dir = export_run(runs["lora"], tmp_path / "lora", lora=True)
+    fused_dir = export_run(runs["lora"], tmp_path / "fused", fuse=True)
+    uncond_teacher = tiny_teacher()
+    uncond_teacher.backbone = tiny_unet2d(num_class_embeds=None)
+    uncond_teacher.null_class = None
+    uncond = build_student(uncond_teacher, StudentConfig(steps=2)).eval()
+    uncond_dir = export_student(uncond, {"teacher": "tiny-unconditional"}, tmp_path / "uncond")
+
+    trust = {"trust_remote_code": True}
+    k2 = {"class_labels": LABELS, "batch_size": 3, "num_inference_steps": 2, "output_type": "pt"}
+    jobs = {"full": {"dir": str(full_dir), "load": {}, "call": k2},
+            "lora": {"dir": str(lora_dir), "load": trust, "lora": True,
+                     "call": {"class_labels": LABELS, "output_type": "latent"}},
+            "fused": {"dir": str(fused_dir), "load": {}, "call": {**k2, "num_inference_steps": 4}},
+            "uncond": {"dir": str(uncond_dir), "load": {},
+                       "call": {"batch_size": 3, "num_inference_steps": 2, "output_type": "np"}}}
+    for job in jobs.values():
+        job["seed"] = SEED
+    got, stdout = _run_without_stepdistill(jobs, tmp_path)
+    assert "full ConsistencyModelPipeline" in stdout and "uncond ConsistencyModelPipeline" in stdout
+    assert "lora StepDistillPipeline" in stdout
+
+    full, meta = load_run(runs["full"])
+    lora, _ = load_run(runs["lora"])
+    assert full.steps == 2 and lora.steps == 4 and meta["ema"]
+    def image(x):  # diffusers' "pt" output: [-1, 1] data to [0, 1], clamped
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    torch.testing.assert_close(got["full"], image(_student_sample(full, LABELS)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["lora"], _student_sample(lora, LABELS), rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["fused"], image(_student_sample(lora, LABELS)), rtol=0, atol=1e-4)
+    want = image(_student_sample(uncond, None, n=3)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got["uncond"], want, rtol=0, atol=1e-4)
+    # the LoRA export carries the teacher's weights; only the adapters make it the student
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    teacher_w, base_w = load_file(tiny_teacher_dir / weights), load_file(lora_dir / weights)
+    assert teacher_w.keys() == base_w.keys() and all(torch.equal(teacher_w[k], base_w[k]) for k in teacher_w)
+    assert not (fused_dir / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_stepdistill_loads_exports_for_sample_and_eval(runs, tmp_path):
+    """``load_for_sampling`` (used by ``stepdistill eval`` and ``sample``) rebuilds the student from an
+    exported folder, LoRA included, without importing its pipeline.py."""
+    from stepdistill.models import load_for_sampling
+    from stepdistill.train.run import load_run
+
+    for name, kw in (("full", {}), ("lora", {"lora": True})):
+        out = export_run(runs[name], tmp_path / name, **kw)
+        model = load_for_sampling(out)
+        student, _ = load_run(runs[name])
+        assert model.num_classes == 2 and model.shape == (1, 8, 8)
+        torch.testing.assert_close(_student_sample(model.student, LABELS), _student_sample(student, LABELS),
+                                   rtol=0, atol=1e-6)
+    assert not any(m.startswith("diffusers_modules") for m in sys.modules)
+
+
+def test_eval_cli_scores_an_exported_folder(runs, tmp_path, tiny_data_npz):
+    from stepdistill.cli import main
+
+    out = export_run(runs["full"], tmp_path / "full")
+    rc = main(["eval", str(out), "--steps", "2", "--num", "20", "--detector", "digits", "--ref", str(tiny_data_npz),
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["results"][0]["steps"] == 2 and report["protocol"]["model_type"] == "StudentModel"
+
+
+def test_model_card_states_training_and_eval_with_protocol(runs, tmp_path, tiny_teacher_dir):
+    run = runs["full"]
+    report = {"results": [{"steps": 2, "nfe": 2, "fid": 12.5}], "protocol": {"detector": "digits", "num_samples": 20}}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    out = export_run(run, tmp_path / "card", eval_json=str(tmp_path / "eval.json"))
+    card = (out / "README.md").read_text()
+    for text in ("toy-regress", "2 (timesteps [999, 499])", "| training steps | 2 |", "12.500", '"num_samples": 20',
+                 "pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2).images", str(tiny_teacher_dir)):
+        assert text in card, text
+    assert "trust_remote_code" not in card
+    plain = (export_run(run, tmp_path / "nocard") / "README.md").read_text()
+    assert "This run has no evaluation results" in plain
+    lora_card = (export_run(runs["lora"], tmp_path / "loracard", lora=True) / "README.md").read_text()
+    assert "trust_remote_code=True" in lora_card and 'pipe.load_lora_weights("path/to/export")' in lora_card
+
+
+def test_bad_input_stops_with_a_clear_message(runs, tmp_path):
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        export_run(tmp_path / "empty", tmp_path / "x")
+    with pytest.raises(UserError, match="not a run folder"):
+        export_run(tmp_path, tmp_path / "x")
+    with pytest.raises(UserError, match="full weights, so it has no LoRA"):
+        export_run(runs["full"], tmp_path / "x", lora=True)
+    with pytest.raises(UserError, match="drop --fuse"):
+        export_run(runs["full"], tmp_path / "x", fuse=True)
+    with pytest.raises(UserError, match="pass one of them"):
+        export_run(runs["lora"], tmp_path / "x", lora=True, fuse=True)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export_run(runs["full"], tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine" and not (tmp_path / "x").exists()
