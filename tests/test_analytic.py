@@ -6,7 +6,8 @@ exact, so the only errors are the student's and the fake score's.
   KL between the noised distributions (magnitude too);
 * a one-step MLP generator trained with DMD, DMD2 and SiD (manual loop, own optimizers, MLP fake
   score fitted to the initial generator and then trained online) reaches a sliced-Wasserstein
-  distance to exact mixture samples within 2x of that of exact samples at the same sample count.
+  distance to exact mixture samples within 2x of that of exact samples at the same sample count
+  (slow; the CI version asks for 3x after a third of the steps).
 """
 from __future__ import annotations
 
@@ -123,10 +124,15 @@ def sliced_w1(a, b, n_proj=256, seed=0):
 MIX = dict(mu=[[-1.2, -0.4], [1.0, 0.8], [0.6, -1.2]], s=[0.6, 0.5, 0.55], pi=[0.35, 0.35, 0.3])
 
 
-def make_nets(schedule, fit_steps=300, seed=0):
+def make_nets(schedule, seed=0, fake_hidden=128):
+    """Teacher, one-step student and an MLP fake score. The fake score is the accuracy bottleneck
+    here: near t_min its x0 error, relative to mean|x - real x0|, is the DMD/SiD gradient that is
+    left when the student already matches the teacher. Fitted to exact mixture samples for 1,500
+    steps, that residual (rms over t in [0.02, 0.2] of the range) is 0.69 with 64 hidden units
+    and 0.56 with 128, so the fake score gets 128 and, below, several updates per student update."""
     teacher = GMMTeacher(schedule, **MIX).requires_grad_(False)
     student = Student(Generator(schedule, seed=seed + 1), schedule.timesteps(1)[:-1])
-    fake = FakeScore(MLPDenoiser(schedule, seed=seed + 2))
+    fake = FakeScore(MLPDenoiser(schedule, hidden=fake_hidden, seed=seed + 2))
     return teacher, student, fake
 
 
@@ -159,13 +165,19 @@ def train(obj, teacher, student, fake, *, steps, lr_g, lr_f=2e-3, batch=1024, fi
     return nets
 
 
-def eval_sw(teacher, student, n=2000, seed=123):
+def eval_sw(teacher, student, n=2000, seed=123, draws=5):
+    """(student, exact sampler) sliced-W1 to fresh exact samples, n points each, each averaged over
+    `draws` independent reference sets: one draw of the exact sampler's distance varies by about
+    +-10 %, which would make a 2x bound a coin flip on the baseline rather than a test of the student."""
     g = torch.Generator().manual_seed(seed)
-    ref = teacher.sample(n, g)
-    exact = teacher.sample(n, g)
-    with torch.no_grad():
-        gen = student(torch.randn(n, *SHAPE, generator=g))
-    return sliced_w1(gen, ref), sliced_w1(exact, ref)
+    sw_gen, sw_exact = 0.0, 0.0
+    for _ in range(draws):
+        ref = teacher.sample(n, g)
+        exact = teacher.sample(n, g)
+        with torch.no_grad():
+            gen = student(torch.randn(n, *SHAPE, generator=g))
+        sw_gen, sw_exact = sw_gen + sliced_w1(gen, ref) / draws, sw_exact + sliced_w1(exact, ref) / draws
+    return sw_gen, sw_exact
 
 
 # -- the DMD gradient against closed-form KL gradients ---------------------------------------------
@@ -267,11 +279,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-CASES = {  # objective, learning rates (generator, fake score)
-    "dmd": (lambda: DMD(DMD.Config(regression_weight=0.0)), 2e-3, 1e-3),
-    "dmd2": (lambda: DMD2(DMD2.Config(gan_weight=0.0)), 2e-3, 1e-3),
-    "sid": (lambda: SiD(SiD.Config()), 1e-3, 1e-3),
+# objective, learning rates (generator, fake score). DMD and SiD alternate 1:1 in their papers, with
+# a fake score initialised from a large teacher; a small MLP fitted from scratch by noisy denoising
+# score matching lags the student and leaves its own error in the gradient, so here it gets three
+# updates per student update (DMD2's two time-scale rule, which DMD2 itself runs at five).
+CASES = {
+    "dmd": (lambda: DMD(DMD.Config(regression_weight=0.0, critic_repeats=3)), 2e-3, 2e-3),
+    "dmd2": (lambda: DMD2(DMD2.Config(gan_weight=0.0)), 2e-3, 2e-3),
+    "sid": (lambda: SiD(SiD.Config(critic_repeats=3)), 1e-3, 2e-3),
 }
+FAST_STEPS = {"dmd": 800, "dmd2": 500, "sid": 800}
+FULL_STEPS = {"dmd": 1500, "dmd2": 600, "sid": 1500}
 
 
 def run_case(name, steps):
@@ -282,20 +300,23 @@ def run_case(name, steps):
     t0 = time.time()
     train(make_obj(), teacher, student, fake, steps=steps, lr_g=lr_g, lr_f=lr_f)
     sw, sw_exact = eval_sw(teacher, student)
-    print(f"{name} ({steps} steps): SW {sw0:.4f} -> {sw:.4f} (exact sampler {sw_exact:.4f}), {time.time() - t0:.1f} s")
+    print(f"{name} ({steps} steps): SW {sw0:.4f} -> {sw:.4f} (exact sampler {sw_exact:.4f}, ratio "
+          f"{sw / sw_exact:.2f}), {time.time() - t0:.1f} s")
     return sw0, sw, sw_exact
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_one_step_generator_improves_fast(name):
-    """CI version: a short run must cut the distance to the mixture at least 3-fold."""
-    sw0, sw, _ = run_case(name, {"dmd": 150, "dmd2": 40, "sid": 150}[name])
-    assert sw < sw0 / 3, (sw0, sw)
+def test_one_step_generator_nears_exact_fast(name):
+    """CI version: a third of the full run must come within 3x of an exact sampler's distance (from
+    about 10x at initialisation)."""
+    sw0, sw, sw_exact = run_case(name, FAST_STEPS[name])
+    assert sw0 > 5 * sw_exact, (sw0, sw_exact)  # the starting point is far from the mixture
+    assert sw < 3 * sw_exact, (sw0, sw, sw_exact)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_step_generator_converges(name):
     """Full version: within 2x of an exact sampler's sliced-Wasserstein distance at 2,000 samples."""
-    _, sw, sw_exact = run_case(name, {"dmd": 1500, "dmd2": 600, "sid": 1500}[name])
+    _, sw, sw_exact = run_case(name, FULL_STEPS[name])
     assert sw < 2 * sw_exact, (sw, sw_exact)

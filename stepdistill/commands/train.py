@@ -15,8 +15,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
     from ..train.setup import resolve
 
     config, overrides = args.config, list(args.overrides)

@@ -41,6 +41,8 @@ class TrainConfig:
     optim: Dict[str, OptimConfig] = field(default_factory=lambda: {"student": OptimConfig()})  # per network
     seed: int = 0
     max_steps: int = 1000            # outer iterations (every phase of the objective once)
+    max_minutes: Optional[float] = None  # wall-clock budget summed over resumes; stops (with a checkpoint)
+                                     # at whichever of max_steps and max_minutes comes first; None = off
     batch_size: int = 64             # global batch per micro-step, split over processes
     grad_accum: int = 1              # micro-steps per update
     mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses loss scaling)

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -140,6 +141,7 @@ class Trainer:
         self.ema = StudentEMA(self.student, cfg.ema) if cfg.ema.decay is not None else None
         self.stream = BatchStream(data, cfg.batch_size, cfg.seed, self.rank, self.world, self.acc.device)
         self.step = self.draws = self.skipped_total = self.nonfinite_in_row = 0
+        self.seconds_before = self.seconds = 0.0  # training wall time, summed over resumes (max_minutes)
         self.updates = {n: 0 for n in self.trained}
         last = ckpt.latest(self.out)
         if last is not None:
@@ -223,8 +225,9 @@ class Trainer:
         window = Window()
         bar = Progress(cfg.max_steps, self.step, cfg.progress and self.main)
         last_saved = self.step if self.resumed_from is not None else None
+        start = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not self._out_of_time(start):
                 stepped_student = False
                 for ph in self.phases:
                     for r in range(ph.repeats):
@@ -251,12 +254,21 @@ class Trainer:
                     last_saved = self.step
         finally:
             bar.close()
-        if last_saved != self.step:  # max_steps reached by an earlier run, or max_steps=0
+        if last_saved != self.step:  # out of time, max_steps reached by an earlier run, or max_steps=0
             self.save()
         self.acc.wait_for_everyone()
         if cfg.log_with:
             self.acc.end_training()
         return {"step": self.step, "skipped": self.skipped_total, "checkpoint": str(ckpt.latest(self.out))}
+
+    def _out_of_time(self, start: float) -> bool:
+        """Whether the wall-clock budget (summed over resumes) is spent; every process agrees,
+        so none stops alone while the others wait in a collective."""
+        self.seconds = self.seconds_before + time.perf_counter() - start
+        if self.cfg.max_minutes is None:
+            return False
+        spent = torch.tensor([float(self.seconds >= 60.0 * self.cfg.max_minutes)], device=self.acc.device)
+        return bool(self.acc.reduce(spent, reduction="max").item() > 0) if self.world > 1 else bool(spent.item())
 
     def _log(self, window: Window) -> dict:
         means = window.means()
@@ -265,7 +277,8 @@ class Trainer:
             vals = self.acc.reduce(torch.tensor([means[k] for k in keys], device=self.acc.device), "mean")
             means = dict(zip(keys, vals.tolist()))
         rec = {"step": self.step, "losses": means, "lr": {n: s.get_last_lr()[0] for n, s in self.scheds.items()},
-               "it_s": window.rate(), "skipped": window.skipped, "skipped_total": self.skipped_total}
+               "it_s": window.rate(), "skipped": window.skipped, "skipped_total": self.skipped_total,
+               "train_seconds": round(self.seconds, 3)}
         self.log.write(rec)
         if self.cfg.log_with:
             flat = {f"loss/{k}": v for k, v in means.items()}
@@ -380,6 +393,7 @@ class Trainer:
                              "objective": self.objective.state_dict()}, tmp / "optim.pt")
             ckpt.write_json({"step": self.step, "draws": self.draws, "updates": self.updates,
                              "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
+                             "train_seconds": self.seconds,
                              "ema": self.ema.scalars() if self.ema is not None else None,
                              "teacher": os.path.abspath(self.cfg.teacher), "objective": self.objective.name,
                              "student_steps": self.student.steps, "world_size": self.world},
@@ -411,6 +425,7 @@ class Trainer:
         self.step, self.draws = int(state["step"]), int(state["draws"])
         self.updates = {n: int(state["updates"].get(n, 0)) for n in self.trained}
         self.skipped_total, self.nonfinite_in_row = int(state["skipped_total"]), int(state["nonfinite_in_row"])
+        self.seconds_before = self.seconds = float(state.get("train_seconds", 0.0))
         ckpt.load_rng(folder, self.rank)
 
 
