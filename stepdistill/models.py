@@ -15,13 +15,11 @@ from .denoisers import Denoiser
 from .errors import UserError
 
 
-@dataclass
-class TeacherModel:
-    """A teacher, sampled with a teacher sampler on its schedule's diffusers grid."""
+class SampleableModel:
+    """What every loaded model shares: ``denoiser``, ``meta`` and the calls around ``generate``."""
 
     denoiser: Denoiser
     meta: dict
-    samplers: tuple[str, ...] = ("ddim", "euler", "heun", "dpmpp2m")
 
     @property
     def num_classes(self) -> int:
@@ -35,6 +33,20 @@ class TeacherModel:
 
     def make_cond(self, labels: torch.Tensor | None):
         return None if labels is None else {"class_labels": labels}
+
+    @property
+    def default_steps(self) -> int:
+        """The step count to sample with when none is asked for: a student's trained K."""
+        return int(self.meta.get("steps") or 50)
+
+
+@dataclass
+class TeacherModel(SampleableModel):
+    """A teacher, sampled with a teacher sampler on its schedule's diffusers grid."""
+
+    denoiser: Denoiser
+    meta: dict
+    samplers: tuple[str, ...] = ("ddim", "euler", "heun", "dpmpp2m")
 
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, cond, steps: int, sampler: str = "ddim", guidance: float = 1.0,

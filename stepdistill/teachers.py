@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +24,7 @@ import torch
 
 from .denoisers import BACKBONE_CALLS, DiffusersDenoiser
 from .errors import UserError
+from .fsutil import atomic_folder
 from .schedules import schedule_from_config
 
 META_FILE = "stepdistill.json"
@@ -204,28 +203,13 @@ def save_teacher(denoiser: DiffusersDenoiser, path: str | os.PathLike, meta: dic
     record = teacher_meta(denoiser, meta)
     sched_cfg = denoiser.schedule.to_diffusers_config()
     sched_cls = getattr(diffusers, sched_cfg["_class_name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the teacher folder is a normal folder
-    try:
+    with atomic_folder(path) as tmp:
         denoiser.backbone.save_pretrained(tmp / record["backbone_folder"], safe_serialization=True)
         sched_cls.from_config({k: v for k, v in sched_cfg.items() if k != "_class_name"}).save_pretrained(
             tmp / "scheduler")
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if extras is not None:
             extras(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -237,6 +237,23 @@ def test_stepdistill_loads_exports_for_sample_and_eval(runs, tmp_path):
     assert not any(m.startswith("diffusers_modules") for m in sys.modules)
 
 
+def test_sample_defaults_to_the_trained_step_count(runs, tmp_path):
+    """`stepdistill sample RUN_DIR` with no --steps samples the student with its trained K steps."""
+    from stepdistill.cli import main
+    from stepdistill.models import load_for_sampling
+
+    model = load_for_sampling(runs["full"])
+    assert model.default_steps == model.student.steps
+    assert main(["sample", str(runs["full"]), "--num", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert yaml_steps(tmp_path / "g.yaml") == model.student.steps
+
+
+def yaml_steps(path) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(path)["steps"])
+
+
 def test_eval_cli_scores_an_exported_folder(runs, tmp_path, tiny_data_npz):
     from stepdistill.cli import main
 

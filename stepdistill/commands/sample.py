@@ -9,9 +9,10 @@ def register(subparsers) -> None:
         "sample", help="generate images from a teacher folder",
         description="Generate images with a teacher sampler and save a PNG grid (nearest-neighbour upscaled "
                     "when small), optionally an .npz (images uint8 NHWC, labels), and the resolved settings "
-                    "as <out>.yaml.")
+                    "as <out> with the suffix .yaml.")
     p.add_argument("model", help="teacher folder, e.g. assets/teachers/digits16")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: 50 for a teacher, the trained step count for a student)")
     p.add_argument("--sampler", default="ddim", help="ddim | euler | heun | dpmpp2m (default ddim)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
@@ -59,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling import get_sampler
 
     for name, v in (("--steps", args.steps), ("--num", args.num), ("--batch", args.batch)):
-        if v < 1:
+        if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     get_sampler(args.sampler)
     model = load_for_sampling(args.model, trust_pickle=args.trust_pickle)
+    args.steps = args.steps or model.default_steps
     classes = parse_classes(args.classes, model.num_classes)
     if args.guidance != 1.0 and classes is None:
         raise UserError("--guidance needs a class-conditional model; this one is unconditional (use --guidance 1)")

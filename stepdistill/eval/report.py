@@ -48,12 +48,12 @@ def print_results(report: dict, console) -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for r in report["results"]:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
+        table.add_row(*[fmt_value(r.get(c)) for c in cols])
     console.print(table)
     console.print(protocol_line(report["protocol"]), highlight=False, soft_wrap=True)
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..eval.report import fmt_value
+
 
 def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> list[str]:
     """The lines a user needs to load and run the exported student."""
@@ -86,13 +88,5 @@ def _results_table(rows: list[dict]) -> list[str]:
             if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        out.append("| " + " | ".join(fmt_value(r.get(c)) for c in cols) + " |")
     return out
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.5f}" if abs(v) < 0.1 else f"{v:.3f}"
-    return str(v)

@@ -16,14 +16,13 @@ Layout (each part plain diffusers)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..fsutil import atomic_folder
 from .card import model_card
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
@@ -117,24 +116,12 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
               "checkpoint": meta.get("checkpoint")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _write_pipeline(tmp, unet, cfg, student.steps, custom)
         if mode == "lora":
             save_lora(backbone, tmp)
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(record, meta, cfg, eval_report, custom=custom))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

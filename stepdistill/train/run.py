@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..errors import UserError
+from ..models import SampleableModel
 from . import checkpoint as ckpt
 
 
@@ -58,7 +59,7 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
     return student, meta
 
 
-class StudentModel:
+class StudentModel(SampleableModel):
     """A trained student behind the same calls as ``models.TeacherModel`` (``stepdistill sample``).
     It samples with its own K-step rule (re-noising between steps), so ``sampler`` is ignored;
     ``steps`` other than the trained K use the schedule's K-step grid."""
@@ -67,19 +68,6 @@ class StudentModel:
 
     def __init__(self, student, meta: dict):
         self.student, self.meta, self.denoiser = student, meta, student.denoiser
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta.get("num_classes") or 0)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        cfg = self.denoiser.backbone.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return int(cfg.in_channels), int(size), int(size)
-
-    def make_cond(self, labels):
-        return None if labels is None else {"class_labels": labels}
 
     @torch.no_grad()
     def generate(self, noise, cond, steps: int | None = None, sampler: str = "student", guidance: float = 1.0,
