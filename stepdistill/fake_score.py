@@ -67,6 +67,9 @@ def adapters_disabled(module: nn.Module):
     """Run the base weights of a module that carries peft adapters (peft's ``disable_adapter``
     idea, for any module the adapters were injected into)."""
     layers = _tuner_layers(module)
+    # peft's enable_adapters(True) also sets requires_grad on the adapters; keep what the caller
+    # had (inside `frozen(...)` the generator phase must not train the fake score's adapters)
+    trainable = {id(p): p.requires_grad for m in layers for p in m.parameters()}
     for m in layers:
         m.enable_adapters(False)
     try:
@@ -74,6 +77,8 @@ def adapters_disabled(module: nn.Module):
     finally:
         for m in layers:
             m.enable_adapters(True)
+            for p in m.parameters():
+                p.requires_grad_(trainable[id(p)])
 
 
 class AdaptersOff(Denoiser):

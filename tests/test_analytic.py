@@ -7,7 +7,7 @@ exact, so the only errors are the student's and the fake score's.
 * a one-step MLP generator trained with DMD, DMD2 and SiD (manual loop, own optimizers, MLP fake
   score fitted to the initial generator and then trained online) reaches a sliced-Wasserstein
   distance to exact mixture samples within 2x of that of exact samples at the same sample count
-  (slow; the CI version asks for 3x after a third of the steps).
+  (and, marked slow, the same bound after longer runs).
 """
 from __future__ import annotations
 
@@ -283,6 +283,7 @@ def one_thread():
 # a fake score initialised from a large teacher; a small MLP fitted from scratch by noisy denoising
 # score matching lags the student and leaves its own error in the gradient, so here it gets three
 # updates per student update (DMD2's two time-scale rule, which DMD2 itself runs at five).
+# Adam betas (0, 0.99) as in DMD2's configs; momentum (0.9, 0.999) measured worse here.
 CASES = {
     "dmd": (lambda: DMD(DMD.Config(regression_weight=0.0, critic_repeats=3)), 2e-3, 2e-3),
     "dmd2": (lambda: DMD2(DMD2.Config(gan_weight=0.0)), 3e-3, 2e-3),
@@ -306,17 +307,17 @@ def run_case(name, steps):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_one_step_generator_nears_exact_fast(name):
-    """CI version: a third of the full run must come within 3x of an exact sampler's distance (from
-    about 10x at initialisation)."""
+def test_one_step_generator_converges(name):
+    """Within 2x of an exact sampler's sliced-Wasserstein distance at 2,000 samples, starting from
+    more than 5x (about 14x)."""
     sw0, sw, sw_exact = run_case(name, FAST_STEPS[name])
     assert sw0 > 5 * sw_exact, (sw0, sw_exact)  # the starting point is far from the mixture
-    assert sw < 3 * sw_exact, (sw0, sw, sw_exact)
+    assert sw < 2 * sw_exact, (sw0, sw, sw_exact)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_one_step_generator_converges(name):
-    """Full version: within 2x of an exact sampler's sliced-Wasserstein distance at 2,000 samples."""
+def test_one_step_generator_converges_long(name):
+    """Longer runs: the same 2x bound, reached with a wider margin."""
     _, sw, sw_exact = run_case(name, FULL_STEPS[name])
     assert sw < 2 * sw_exact, (sw, sw_exact)

@@ -1,7 +1,8 @@
 """The objective contract, checked on every registered objective with tiny CPU networks: per phase,
 losses are finite float tensors of shape [B]; backpropagating a phase's loss gives gradients to
-the networks that phase trains and to no other (never the teacher); objective state survives a
-checkpoint round trip (saved and loaded the way the trainer does)."""
+the networks that phase trains and to no other (never the teacher's own weights: a LoRA fake score
+on the teacher's backbone trains only its adapters); objective state survives a checkpoint round
+trip (saved and loaded the way the trainer does)."""
 from __future__ import annotations
 
 import pytest
@@ -18,14 +19,19 @@ B = 4
 #: objectives whose defaults need resources beyond the networks (a teacher-pair cache on disk):
 #: the contract runs them without those terms
 WITHOUT_RESOURCES = {"dmd": {"regression_weight": 0.0}}
+#: every objective with its defaults, and those with a fake score also with LoRA adapters on the
+#: teacher's own backbone (one copy of the weights)
+CASES = [(n, {}) for n in NAMES] + [
+    (n, {"fake_lora_rank": 2}) for n in NAMES
+    if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__]
 
 
-def _setup(name):
+def _setup(name, extra=None):
     from stepdistill.objectives import get_objective
 
     torch.manual_seed(0)
     cls = get_objective(name)
-    obj = cls(cls.Config(**WITHOUT_RESOURCES.get(name, {})))
+    obj = cls(cls.Config(**{**WITHOUT_RESOURCES.get(name, {}), **(extra or {})}))
     teacher = tiny_teacher().requires_grad_(False)
     student = build_student(teacher, StudentConfig(steps=obj.student_steps() or 1))
     nets = Nets(teacher=teacher, student=student, **(obj.build(teacher, student) or {}))
@@ -38,9 +44,10 @@ def _batch(seed=0):
             "rng": BatchRandom(seed, B, slice(0, B))}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_losses_and_gradients_per_phase(name):
-    obj, nets = _setup(name)
+@pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}{'-lora' if e else ''}" for n, e in CASES])
+def test_losses_and_gradients_per_phase(name, extra):
+    obj, nets = _setup(name, extra)
+    assert not any(p.requires_grad for k, p in nets.teacher.named_parameters() if "lora_" not in k)
     phases = obj.phases()
     assert phases
     for ph in phases:
@@ -53,8 +60,9 @@ def test_losses_and_gradients_per_phase(name):
             assert torch.isfinite(v).all(), (ph.name, k)
         total = sum(v.mean() for k, v in losses.items() if not k.startswith("_"))
         total.backward()
-        assert all(p.grad is None for p in nets.teacher.parameters()), f"{ph.name}: the teacher got gradients"
-        trained_params = {id(p) for n in ph.trains for p in nets.get(n).parameters()}
+        trained_params = {id(p) for n in ph.trains for p in nets.get(n).parameters() if p.requires_grad}
+        assert all(p.grad is None for p in nets.teacher.parameters() if id(p) not in trained_params), \
+            f"{ph.name}: the teacher got gradients"
         for n in ph.trains:
             grads = [p.grad for p in nets.get(n).parameters() if p.requires_grad]
             # reached by backprop (zero is allowed: DMD-type gradients vanish while critic == teacher)

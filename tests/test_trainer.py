@@ -260,3 +260,22 @@ def test_max_minutes_stops_with_a_checkpoint_and_counts_time_over_resumes(tiny_t
     # a larger budget on resume continues where the run stopped
     _, res3 = run(tiny_teacher_dir, tiny_data_npz, out, max_steps=res["step"] + 2, max_minutes=10, checkpoint_every=500)
     assert res3["step"] == res["step"] + 2
+
+
+def test_lora_fake_score_trains_its_adapters_only_and_resumes(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """DMD2 with the fake score as LoRA adapters on the teacher's own backbone: the adapters train and
+    are checkpointed with the fake score; the teacher's weights neither change nor get saved."""
+    out = tmp_path / "run"
+    kw = {"objective.name": "dmd2", "objective.fake_lora_rank": 2, "objective.gan_weight": 0.0, "max_steps": 2,
+          "student.steps": 1}
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **kw)
+    base = {k: v for k, v in trainer.teacher.backbone.state_dict().items() if "lora_" not in k}
+    fresh = tiny_teacher().backbone.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in base.items() if k in fresh)
+    saved = load_file(out / "checkpoints" / "step-00000002" / "nets.safetensors")
+    fake = [k for k in saved if k.startswith("fake_score.")]
+    assert fake and all("lora_" in k for k in fake)  # only the adapters, not a second teacher
+    lora_b = {k: v for k, v in saved.items() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it moved, so it trained
+    _, res2 = run(tiny_teacher_dir, tiny_data_npz, out, **{**kw, "max_steps": 3})
+    assert res2["step"] == 3

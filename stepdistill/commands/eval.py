@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="FID/KID/precision/recall/accuracy of a model, with its protocol",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help="teacher folder, run folder, exported pipeline, or images")
-    p.add_argument("--steps", default="1,2,4,50", help="comma-separated step counts (default 1,2,4,50)")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated step counts (default: a student's trained count; 1,2,4,50 for a teacher)")
     p.add_argument("--num", type=int, default=1000, help="samples per step count (default 1000)")
     p.add_argument("--detector", default="inception", help="inception | digits | clip[:PATH] (default inception)")
     p.add_argument("--detector-weights", default=None, help="weights file overriding the detector's default")
@@ -54,7 +55,8 @@ def _validate(args) -> None:
         raise UserError("no MODEL given; pass a teacher folder or a folder of images (or use --make-stats)")
     if not args.ref:
         raise UserError("no --ref given; pass a dataset (e.g. --ref digits-test) or a stats .npz")
-    _parse_steps(args.steps)
+    if args.steps is not None:
+        _parse_steps(args.steps)
     if args.num < 2:
         raise UserError(f"--num {args.num} is too small; FID needs at least 2 samples")
     if args.plot and not args.plot.endswith(".png"):
@@ -83,7 +85,7 @@ def run(args) -> int:
 
     from ..eval.report import evaluate_model, print_results
 
-    steps = _parse_steps(args.steps)
+    steps = _parse_steps(args.steps) if args.steps is not None else None
     report = evaluate_model(args.model, steps=steps, num=args.num, detector=detector, ref=args.ref,
                             seed=args.seed, batch=args.batch, sampler=args.sampler,
                             guidance=args.guidance, device=args.device, console=console)

@@ -5,11 +5,12 @@ from .harness import generate_images, protocol_block, protocol_line, resolve_ref
 from .sources import load_source
 
 
-def evaluate_model(model: str, *, steps: list[int], num: int, detector, ref: str, seed: int = 0,
+def evaluate_model(model: str, *, steps: list[int] | None, num: int, detector, ref: str, seed: int = 0,
                    batch: int = 100, sampler: str = "ddim", guidance: float = 1.0, device="cpu",
                    console=None) -> dict:
     """{"model", "protocol", "results": [one dict of metrics per step count]}. A set of images is
-    scored once (``steps`` is then ignored); ``num`` then caps how many are used."""
+    scored once (``steps`` is then ignored); ``num`` then caps how many are used. ``steps=None``:
+    a student's trained step count, or 1, 2, 4 and 50 for a teacher."""
     import time
 
     source = load_source(model, sampler=sampler, guidance=guidance)
@@ -21,7 +22,7 @@ def evaluate_model(model: str, *, steps: list[int], num: int, detector, ref: str
         rows.append(row)
         num = len(images)
     else:
-        for s in steps:
+        for s in steps or source.default_steps:
             gen = source.sampler_for(s)
             t0 = time.perf_counter()
             images, labels = generate_images(gen, num, source.sample_shape, seed=seed, batch=batch,

@@ -1,13 +1,12 @@
 """What ``stepdistill eval MODEL`` can score, behind one function: ``load_source(path)``.
 
 A source is either a fixed set of images (a folder, an ``.npz``, a dataset spec: no generation) or
-something that generates from noise in a given number of steps (a teacher folder; run folders and
-exported pipelines through ``stepdistill.models.load_for_sampling`` where that module exists).
-Supporting a new kind of model is one more loader in ``LOADERS``.
+something that generates from noise in a given number of steps: whatever
+``stepdistill.models.load_for_sampling`` loads (a teacher folder, a run folder, an exported
+pipeline). Supporting a new kind of model is one more branch there.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +27,7 @@ class Source:
     sample_shape: tuple[int, int, int] | None = None
     num_classes: int = 0
     info: dict = field(default_factory=dict)
+    default_steps: tuple[int, ...] = (1, 2, 4, 50)  # a student: its trained step count
 
 
 def _is_image_set(path: Path) -> bool:
@@ -43,10 +43,8 @@ def _is_image_set(path: Path) -> bool:
 
 
 def _is_run_dir(path: Path) -> bool:
-    try:
-        from ..train.run import is_run_dir
-    except ImportError:
-        return False
+    from ..train.run import is_run_dir
+
     return bool(is_run_dir(path))
 
 
@@ -61,27 +59,6 @@ def _load_images(path: Path) -> Source | None:
                   num_classes=ds.num_classes, info={"dataset_sha256": ds.sha256})
 
 
-def _denoiser_source(den, path: Path, sampler: str, guidance: float) -> Source:
-    from ..sampling import nfe, sample
-
-    meta = dict(getattr(den, "meta", {}) or {})
-    num_classes = int(meta.get("num_classes") or 0) if meta.get("null_class") is not None or \
-        meta.get("kind") == "class-conditional" else 0
-
-    def sampler_for(steps: int):
-        def generate(noise, labels):
-            cond = None if labels is None else {"class_labels": labels.to(noise.device)}
-            return sample(den, noise, steps, sampler=sampler, cond=cond, guidance=guidance)
-        generate.nfe = nfe(sampler, steps)
-        return generate
-
-    size = meta.get("sample_size")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return Source(str(path), "generator", sampler_for=sampler_for,
-                  sample_shape=(int(meta.get("in_channels", 3)), *size), num_classes=num_classes,
-                  info={"sampler": sampler, "guidance": guidance})
-
-
 def _model_source(model, path: Path, sampler: str, guidance: float) -> Source:
     from ..sampling import nfe
 
@@ -91,41 +68,17 @@ def _model_source(model, path: Path, sampler: str, guidance: float) -> Source:
         generate.nfe = nfe(sampler, steps) if sampler in getattr(model, "samplers", ()) else steps
         return generate
 
+    trained = model.meta.get("steps")
     return Source(str(path), "generator", sampler_for=sampler_for, sample_shape=tuple(model.shape),
                   num_classes=int(model.num_classes), info={"sampler": sampler, "guidance": guidance,
-                                                            "model_type": type(model).__name__})
+                                                            "model_type": type(model).__name__},
+                  default_steps=(int(trained),) if trained else Source.default_steps)
 
 
-def _load_via_models(path: Path, sampler: str, guidance: float) -> Source | None:
-    try:
-        models = importlib.import_module("stepdistill.models")
-    except ModuleNotFoundError:
-        return None
-    fn = getattr(models, "load_for_sampling", None)
-    if fn is None:
-        return None
-    obj = fn(str(path))
-    if hasattr(obj, "generate"):   # .generate(noise, cond, steps, sampler=, guidance=)
-        return _model_source(obj, path, sampler, guidance)
-    if hasattr(obj, "schedule"):   # a bare denoiser: sample it like a teacher
-        return _denoiser_source(obj, path, sampler, guidance)
-    raise UserError(f"{str(path)!r} loaded as {type(obj).__name__}, which eval cannot sample yet; "
-                    "evaluate its teacher folder or a folder of its images instead")
+def _load_model(path: Path, sampler: str, guidance: float) -> Source:
+    from ..models import load_for_sampling
 
-
-def _load_teacher(path: Path, sampler: str, guidance: float) -> Source | None:
-    if not (path / "stepdistill.json").is_file() and not (path / "model_index.json").is_file():
-        return None
-    from ..teachers import load_teacher
-
-    return _denoiser_source(load_teacher(str(path)), path, sampler, guidance)
-
-
-LOADERS = [
-    lambda p, s, g: _load_images(p),
-    _load_via_models,
-    _load_teacher,
-]
+    return _model_source(load_for_sampling(str(path)), path, sampler, guidance)
 
 
 def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0) -> Source:
@@ -133,9 +86,4 @@ def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0) -> S
     if not p.exists() and not str(path).startswith("digits"):
         raise UserError(f"model {path!r} does not exist; pass a teacher folder, a run folder, an "
                         "exported pipeline or a folder/.npz of images")
-    for loader in LOADERS:
-        src = loader(p, sampler, guidance)
-        if src is not None:
-            return src
-    raise UserError(f"{path!r} is neither a teacher folder (stepdistill.json), a diffusers pipeline "
-                    "(model_index.json) nor a folder/.npz of images; pass one of those")
+    return _load_images(p) or _load_model(p, sampler, guidance)

@@ -130,6 +130,9 @@ def build_nets(cfg: DictConfig, objective: Objective, teacher) -> Built:
     """Student and the objective's extra networks; seeded by ``cfg.seed`` alone, so every process
     (and a resumed run) builds identical initial weights."""
     torch.manual_seed(int(cfg.seed))
+    # frozen before the objective builds: a LoRA fake score adds trainable adapters to this very
+    # module (one copy of the teacher's weights), which must stay trainable
+    teacher.requires_grad_(False)
     scfg = OmegaConf.to_object(cfg.student)
     assert isinstance(scfg, StudentConfig)
     student = build_student(teacher, scfg)
@@ -143,7 +146,10 @@ def build_nets(cfg: DictConfig, objective: Objective, teacher) -> Built:
             if nets.get(n) is None:
                 raise UserError(f"objective {objective.name!r}: phase {ph.name!r} trains {n!r}, which neither "
                                 "build() nor the trainer provides")
-    teacher.requires_grad_(False)
+    unfrozen = [k for k, p in teacher.named_parameters() if p.requires_grad and "lora_" not in k]
+    if unfrozen:
+        raise UserError(f"objective {objective.name!r} made the teacher's own weight {unfrozen[0]!r} trainable; "
+                        "the teacher stays frozen (train adapters or a copy instead)")
     return Built(nets, student, teacher)
 
 

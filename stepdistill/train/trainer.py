@@ -359,7 +359,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _teacher_tensors(self) -> set[int]:
-        return {t.data_ptr() for t in list(self.teacher.parameters()) + list(self.teacher.buffers())}
+        """The teacher's own (frozen) tensors, never checkpointed; adapters a LoRA fake score adds
+        to the teacher's backbone are trainable and are saved with the fake score."""
+        frozen = [p for p in self.teacher.parameters() if not p.requires_grad]
+        return {t.data_ptr() for t in frozen + list(self.teacher.buffers())}
 
     def net_state(self) -> dict[str, torch.Tensor]:
         skip = self._teacher_tensors()
