@@ -270,15 +270,6 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
 
 
 # -- convergence ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny MLPs run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # objective, learning rates (generator, fake score). DMD and SiD alternate 1:1 in their papers, with
 # a fake score initialised from a large teacher; a small MLP fitted from scratch by noisy denoising
 # score matching lags the student and leaves its own error in the gradient, so here it gets three

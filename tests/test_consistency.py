@@ -18,14 +18,6 @@ from stepdistill.schedules import VPSchedule
 CD = get_objective("consistency")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ExactConsistency(Denoiser):
     """The Gaussian teacher's consistency function: the PF-ODE keeps (x - a mu)/sqrt(a^2 s^2 + sigma^2)
     constant, so f(x, t) = mu + s (x - a mu) / sqrt(a^2 s^2 + sigma^2); `shift` makes it wrong on purpose."""

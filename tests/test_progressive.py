@@ -73,15 +73,6 @@ class ExactTwoStep(Denoiser):
         return slope * x + shift
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save, badly so on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def gauss(gaussian_data):
     mu, sd = gaussian_data
