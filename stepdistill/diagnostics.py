@@ -25,7 +25,7 @@ def score_preview(nets, noise: torch.Tensor, cond=None, path=None, *, t: float |
     returns the stacked batch [3B, C, H, W]."""
     from .fake_score import noise_grid, real_score
 
-    x = nets.student(noise, cond)
+    x = nets.student(noise, cond, generator=generator)
     sched = nets.teacher.schedule
     tt = noise_grid(sched)[len(noise_grid(sched)) // 2] if t is None else torch.tensor(float(t), dtype=torch.float64)
     tt = tt.expand(x.shape[0])

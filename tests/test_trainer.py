@@ -267,8 +267,12 @@ def test_lora_fake_score_trains_its_adapters_only_and_resumes(tiny_teacher_dir, 
     are checkpointed with the fake score; the teacher's weights neither change nor get saved."""
     out = tmp_path / "run"
     kw = {"objective.name": "dmd2", "objective.fake_lora_rank": 2, "objective.gan_weight": 0.0, "max_steps": 2,
-          "student.steps": 1}
+          "student.steps": 1, "preview_every": 2}
     trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **kw)
+    from PIL import Image
+
+    rows = Image.open(out / "previews" / "step-00000002-scores.png")  # student | teacher x0 | fake x0
+    assert rows.height > rows.width / trainer.cfg.preview_n * 2
     base = {k: v for k, v in trainer.teacher.backbone.state_dict().items() if "lora_" not in k}
     fresh = tiny_teacher().backbone.state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in base.items() if k in fresh)

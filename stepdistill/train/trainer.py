@@ -318,6 +318,14 @@ class Trainer:
         x = self.sample_student(noise, cond)
         save_grid(x, self.out / "previews" / f"{ckpt.folder_name(self.step)}.png",
                   nrow=int(math.ceil(math.sqrt(len(x)))))
+        if self.nets.get("fake_score") is not None:  # rows: student | teacher x0 | fake-score x0
+            from ..diagnostics import score_preview
+
+            dev = self.acc.device
+            cond = None if cond is None else {k: v.to(dev) for k, v in cond.items()}
+            score_preview(self.nets, noise.to(dev), cond,
+                          self.out / "previews" / f"{ckpt.folder_name(self.step)}-scores.png",
+                          generator=torch.Generator(device=dev).manual_seed(int(self.cfg.seed)))
 
     def evaluate(self) -> None:
         if not self.main:
