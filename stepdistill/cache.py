@@ -49,6 +49,22 @@ def _labels(teacher: Denoiser, num: int):
     return torch.arange(num) % int(classes)  # balanced classes, deterministic
 
 
+def _attr(teacher, name: str):
+    """An attribute of the teacher, looking through wrappers (a LoRA fake score's adapters-off view)."""
+    return getattr(teacher, name, None) if hasattr(teacher, name) else getattr(getattr(teacher, "_inner", None), name, None)
+
+
+def _conds(teacher: Denoiser, labels, i: int, n: int, device):
+    """The conditions of pairs i..i+n: balanced class labels, or for text-to-image teachers the
+    training prompts' cached embeddings in order, cycled (``teacher.prompt_rows``, set by the
+    trainer from its text cache)."""
+    rows = _attr(teacher, "prompt_rows")
+    if rows is not None:
+        count = int(_attr(teacher, "prompt_count"))
+        return {k: v.to(device) for k, v in rows(torch.arange(i, i + n) % count).items()}
+    return None if labels is None else {"class_labels": labels[i:i + n].to(device)}
+
+
 def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                 seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None) -> Path:
     """Sample `num` teacher pairs in `steps` steps of `sampler` (CFG `guidance`) from noise seeded by
@@ -75,7 +91,7 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
         for s, i in enumerate(range(0, num, batch)):
             n = min(batch, num - i)
             noise = torch.randn((n, *shape), generator=gen)
-            cond = None if labels is None else {"class_labels": labels[i:i + n].to(device)}
+            cond = _conds(teacher, labels, i, n, device)
             res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
                          generator=gen, return_trajectory=trajectory)
             x0, traj = (res if trajectory else (res, None))
@@ -91,7 +107,8 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
         manifest = {"format": FORMAT, "teacher_hash": teacher_hash(teacher), "sampler": sampler, "steps": int(steps),
                     "guidance": float(guidance), "seed": int(seed), "num": int(num), "shape": list(shape),
                     "trajectory": bool(trajectory), "grid": grid, "shards": shards,
-                    "cond_keys": [] if labels is None else ["class_labels"]}
+                    "cond_keys": sorted(cond) if cond is not None else [],
+                    "prompts": _attr(teacher, "prompt_id")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
     except BaseException:
@@ -149,7 +166,7 @@ def load_cache(path, teacher: Denoiser | None = None) -> TeacherPairs:
 
 
 def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                         seed: int = 0) -> dict | None:
+                         seed: int = 0, prompts: str | None = None) -> dict | None:
     """The manifest at `path` if it matches these settings, None if there is no cache yet; a
     UserError naming each difference otherwise."""
     p = Path(path)
@@ -159,6 +176,8 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
             raise UserError(f"{str(p)!r} exists but is not a teacher-output cache; choose another objective.cache")
         return None
     want = {"sampler": sampler, "steps": int(steps), "guidance": float(guidance), "seed": int(seed)}
+    if prompts is not None:  # text-to-image: pairs made for other prompts are refused too
+        want["prompts"] = prompts
     diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
     if m.get("num", 0) < num:
         diff["num"] = (m.get("num"), num)
@@ -172,7 +191,9 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                  seed: int = 0, batch: int = 256) -> TeacherPairs:
     """Load the cache at `path` if it matches these settings and this teacher; build it if absent."""
-    if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed) is None:
+    prompts = _attr(teacher, "prompt_id")
+    if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                            prompts=prompts) is None:
         if Path(path).exists():
             Path(path).rmdir()  # an empty folder
         build_cache(teacher, path, num, steps, sampler, guidance, seed, batch)

@@ -55,6 +55,14 @@ class ImageSet:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def rows(self, idx) -> tuple[torch.Tensor, dict | None]:
+        """(images, condition) of those rows: class labels where the set has them."""
+        return self.images[idx], None if self.labels is None else {"class_labels": self.labels[idx]}
+
+    @property
     def num_classes(self) -> int:
         """Number of classes (0 when unlabelled)."""
         if self.labels is None:

@@ -9,7 +9,8 @@ wrapper that is itself a denoiser.
   class_labels                       -- class-conditional UNet2DModel / DiT (long, [B])
   encoder_hidden_states              -- text tokens (UNet2DConditionModel, SD3)
   text_embeds, time_ids              -- SDXL's added conditions
-  pooled_projections                 -- SD3's pooled text embedding
+  pooled_projections                 -- SD3's and FLUX's pooled text embedding
+  guidance                           -- FLUX-dev's embedded guidance scale ([B], float)
   timestep_cond                      -- LCM's guidance-scale embedding (optional)
 """
 from __future__ import annotations
@@ -63,11 +64,49 @@ def _call_sd3(net, x, t, cond):
                pooled_projections=cond.get("pooled_projections")).sample
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 patch packing [B, C, H, W] -> [B, HW/4, 4C] (FluxPipeline._pack_latents)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack_latents`` (FluxPipeline._unpack_latents, in latent units)."""
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def _call_flux(net, x, t, cond):
+    # FLUX (Black Forest Labs, 2024) sees packed latents with positional ids and takes t / 1000;
+    # the student and every objective see plain [B, C, H, W] latents.
+    from diffusers import FluxPipeline
+
+    cond = dict(cond or {})
+    b, _, h, w = x.shape
+    txt = cond.get("encoder_hidden_states")
+    if txt is None:
+        raise UserError("a FLUX teacher needs text conditioning (encoder_hidden_states); build a text cache")
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    txt_ids = torch.zeros(txt.shape[1], 3, device=x.device, dtype=x.dtype)
+    guidance = None
+    if net.config.guidance_embeds:
+        guidance = cond.get("guidance")
+        if guidance is None:
+            raise UserError("this FLUX transformer embeds a guidance scale; the text cache must provide 'guidance' "
+                            "(text.embedded_guidance)")
+        guidance = guidance.float()
+    out = net(hidden_states=pack_latents(x), timestep=t / 1000, guidance=guidance,
+              pooled_projections=cond.get("pooled_projections"), encoder_hidden_states=txt,
+              txt_ids=txt_ids, img_ids=img_ids).sample
+    return unpack_latents(out, h, w)
+
+
 BACKBONE_CALLS: dict[str, Callable] = {
     "UNet2DModel": _call_unet2d,
     "UNet2DConditionModel": _call_unet2d_condition,
     "DiTTransformer2DModel": _call_dit,
     "SD3Transformer2DModel": _call_sd3,
+    "FluxTransformer2DModel": _call_flux,
 }
 
 

@@ -19,10 +19,10 @@ from .images import save_grid
 
 @torch.no_grad()
 def score_preview(nets, noise: torch.Tensor, cond=None, path=None, *, t: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, decode=None) -> torch.Tensor:
     """Rows: student samples x; teacher x0(x_t); fake-score x0(x_t) at one shared x_t (t defaults
     to the middle of the schedule's 1000-step grid). Saved with ``save_grid`` when `path` is given;
-    returns the stacked batch [3B, C, H, W]."""
+    returns the stacked batch [3B, C, H, W]. ``decode`` maps latents to images (latent teachers)."""
     from .fake_score import noise_grid, real_score
 
     x = nets.student(noise, cond, generator=generator)
@@ -34,6 +34,8 @@ def score_preview(nets, noise: torch.Tensor, cond=None, path=None, *, t: float |
     rows = [x, real_score(nets)(x_t, tt, cond)]
     if nets.get("fake_score") is not None:
         rows.append(nets.fake_score(x_t, tt, cond))
+    if decode is not None:
+        rows = [decode(r) for r in rows]
     grid = torch.cat([r.float().clamp(-1, 1) for r in rows])
     if path is not None:
         save_grid(grid, Path(path), nrow=x.shape[0])

@@ -132,7 +132,7 @@ class FakeScore(Denoiser):
             _add_adapter(backbone, lora_rank, lora_alpha, target_modules)
             self.denoiser = teacher  # one copy of the base weights; only the adapters train
         else:
-            self.denoiser = copy.deepcopy(teacher)
+            self.denoiser = copy.deepcopy(teacher).float()  # trained in float32 (a bf16 teacher stays bf16)
             self.denoiser.requires_grad_(True)
             self.denoiser.train()
 
@@ -204,8 +204,8 @@ def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Con
     (DMD2 puts its classifier on the UNet's mid-block output, sec. 4.3)."""
     caught = []
 
-    def hook(_m, _inp, out):
-        caught.append(out[0] if isinstance(out, (tuple, list)) else out)
+    def hook(m, _inp, out):
+        caught.append(image_features(m, out))
 
     h = module.register_forward_hook(hook)
     try:
@@ -218,11 +218,38 @@ def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Con
     return x0, caught[-1].float()
 
 
+#: MMDiT blocks (SD3, FLUX) return (text tokens, image tokens)
+JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def image_features(module: nn.Module, out) -> torch.Tensor:
+    """A module's output as image features: the image half of a joint block's output; tokens
+    [B, N, D] of a square image (row-major patches, as SD3 and FLUX order them) as a [B, D, h, w] map."""
+    if isinstance(out, (tuple, list)):
+        out = out[1] if type(module).__name__ in JOINT_BLOCKS else out[0]
+    if out.ndim == 3:
+        b, n, d = out.shape
+        s = int(round(n ** 0.5))
+        if s * s == n:
+            out = out.transpose(1, 2).reshape(b, d, s, s)
+    return out
+
+
 def find_module(denoiser: Denoiser, name: str) -> nn.Module:
-    """`name` inside the denoiser's backbone (or the denoiser itself), with a clear error."""
+    """`name` inside the denoiser's backbone (or the denoiser itself), with a clear error. ``"auto"``:
+    a UNet's mid block (DMD2, sec. 4.3), or a transformer's middle block."""
     root = getattr(denoiser, "backbone", denoiser)
     if isinstance(denoiser, FakeScore):
         root = getattr(denoiser.denoiser, "backbone", denoiser.denoiser)
+    if name == "auto":
+        base = getattr(getattr(root, "base_model", None), "model", root)  # under peft wrappers
+        if getattr(base, "mid_block", None) is not None:
+            name = "mid_block"
+        elif getattr(base, "transformer_blocks", None) is not None:
+            name = f"transformer_blocks.{len(base.transformer_blocks) // 2}"
+        else:
+            raise UserError(f"feature_module 'auto' finds no mid_block or transformer_blocks in {type(base).__name__}; "
+                            "name a module")
     try:
         return root.get_submodule(name)
     except AttributeError:
@@ -252,8 +279,11 @@ def feature_shape(denoiser: Denoiser, module: nn.Module, shape: Sequence[int]) -
     x = torch.zeros(1, *shape, device=next(denoiser.parameters()).device)
     cond = None
     null = getattr(denoiser, "null_class", None) or getattr(getattr(denoiser, "denoiser", None), "null_class", None)
+    text = getattr(denoiser, "null_text", None) or getattr(getattr(denoiser, "denoiser", None), "null_text", None)
     if null is not None:
         cond = {"class_labels": torch.full((1,), int(null), dtype=torch.long, device=x.device)}
+    elif text:  # text-to-image: the empty prompt's condition
+        cond = {k: v.to(x.device) for k, v in text.items()}
     t = torch.full((1,), denoiser.schedule.t_max, dtype=torch.float64)
     return tuple(forward_with_features(denoiser, module, x, t, cond)[1].shape[1:])
 

@@ -132,9 +132,12 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     backbone = copy.deepcopy(backbone)
     backbone.train()
     if cfg.lora_rank and cfg.lora_rank > 0:
-        _add_lora(backbone, cfg)
+        _add_lora(backbone, cfg)  # the frozen base keeps the teacher's dtype
+        for name, p in backbone.named_parameters():
+            if p.requires_grad:  # adapters train in float32 (mixed precision autocasts their matmuls)
+                p.data = p.data.float()
     else:
-        backbone.requires_grad_(True)
+        backbone.float().requires_grad_(True)  # full weights train in float32 even from a bf16 teacher
     from .denoisers import DiffusersDenoiser
 
     den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),

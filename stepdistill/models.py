@@ -26,13 +26,45 @@ class SampleableModel:
         return int(self.meta.get("num_classes") or 0)
 
     @property
+    def is_text_to_image(self) -> bool:
+        return self.meta.get("kind") == "text-to-image"
+
+    @property
     def shape(self) -> tuple[int, int, int]:
+        if self.is_text_to_image:  # latents
+            s = int(self.meta["sample_size"])
+            return int(self.meta["in_channels"]), s, s
         cfg = self.denoiser.backbone.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return int(cfg.in_channels), int(size), int(size)
 
     def make_cond(self, labels: torch.Tensor | None):
         return None if labels is None else {"class_labels": labels}
+
+    def text_cond(self, prompts: list[str], *, negative_prompt: str = "", max_sequence_length: int | None = None,
+                  embedded_guidance: float = 3.5) -> dict:
+        """Text-to-image models: the prompts' condition, by the pipeline's own text encoders (loaded
+        for this call, then freed); also sets the null condition that CFG needs."""
+        from .t2i.pipeline import TextEncoders, attach_null_text
+
+        text = dict(self.meta.get("text") or {})
+        enc = TextEncoders(self.meta["t2i"], negative_prompt=text.get("negative_prompt", negative_prompt),
+                           max_sequence_length=text.get("max_sequence_length", max_sequence_length),
+                           embedded_guidance=text.get("embedded_guidance", embedded_guidance))
+        cond = enc.encode(prompts)
+        attach_null_text(self.denoiser, enc.null())
+        enc.offload()
+        return cond
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1]: latents go through the teacher pipeline's VAE decoder."""
+        if not self.is_text_to_image:
+            return x
+        from .t2i.pipeline import decode_latents, load_vae
+
+        if getattr(self, "_vae", None) is None:
+            self._vae = load_vae(self.meta["t2i"])
+        return decode_latents(self._vae, x)
 
     @property
     def default_steps(self) -> int:
@@ -57,8 +89,10 @@ class TeacherModel(SampleableModel):
                       generator=generator)
 
 
-def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) -> TeacherModel:
-    """The sampleable model stored at ``path`` (a teacher, run or exported folder)."""
+def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
+                      resolution: int | None = None) -> TeacherModel:
+    """The sampleable model stored at ``path`` (a teacher, run or exported folder). ``resolution``
+    (pixels) picks a text-to-image teacher's sampling size (default: its pipeline's)."""
     from .teachers import META_FILE, load_teacher
 
     p = Path(path)
@@ -70,11 +104,16 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False) ->
 
     if is_export_dir(p):  # a `stepdistill export` folder: the student rebuilt from weights + JSON
         return load_exported_model(p, trust_pickle=trust_pickle)
+    if resolution is not None and not (p / "model_index.json").is_file():
+        raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size")
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
         raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
                         f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")
-    den = load_teacher(p, trust_pickle=trust_pickle)
-    return TeacherModel(den, den.meta)
+    den = load_teacher(p, trust_pickle=trust_pickle, resolution=resolution)
+    meta = dict(den.meta)
+    if getattr(den, "info", None) is not None:
+        meta["t2i"] = den.info
+    return TeacherModel(den, meta)
 
 
 __all__ = ["TeacherModel", "load_for_sampling"]

@@ -295,6 +295,19 @@ class FlowSchedule(Schedule):
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.shift = float(self.config["shift"])
         self.prediction_type = "flow"
+        # FluxPipeline passes sigmas = linspace(1, 1/n, n) to set_timesteps (SD3's pipeline does not);
+        # set by the FLUX teacher loader so that teacher and student grids are the pipeline's own
+        self.linspace_sigmas = False
+
+    def set_timesteps(self, sched, n: int, mu: float | None = None) -> None:
+        """``sched.set_timesteps(n)`` as this teacher's diffusers pipeline calls it."""
+        kw = {} if mu is None else {"mu": mu}
+        if self.linspace_sigmas:
+            import numpy as np
+
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), **kw)
+        else:
+            sched.set_timesteps(n, **kw)
 
     @property
     def t_max(self) -> float:
@@ -310,7 +323,7 @@ class FlowSchedule(Schedule):
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.config)
         if self.config.get("use_dynamic_shifting") and mu is None:
             raise UserError("this flow schedule shifts by resolution (use_dynamic_shifting); pass mu")
-        sched.set_timesteps(n, mu=mu) if mu is not None else sched.set_timesteps(n)
+        self.set_timesteps(sched, n, mu)
         return sched.sigmas.to(torch.float64) * self.num_train_timesteps
 
     def sample_t(self, n, generator=None):

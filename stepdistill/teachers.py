@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 BACKBONE_FOLDERS = ("unet", "transformer")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 KINDS = ("class-conditional", "unconditional")
-_TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer")
 
 
 def _read_json(path: Path) -> dict:
@@ -140,9 +139,6 @@ def _load_stepdistill(path: Path, dtype, trust_pickle: bool) -> DiffusersDenoise
 
 def _load_pipeline(path: Path, dtype, trust_pickle: bool) -> DiffusersDenoiser:
     index = _read_json(path / "model_index.json")
-    if any(k in index for k in _TEXT_PARTS):
-        raise UserError(f"{str(path)!r} is a text-to-image pipeline ({index.get('_class_name')}); text-conditioned "
-                        "teachers are not supported yet; use an unconditional or class-conditional model")
     part = next((k for k in BACKBONE_FOLDERS if k in index and (path / k).is_dir()), None)
     if part is None or "scheduler" not in index or not (path / "scheduler").is_dir():
         raise UserError(f"pipeline {str(path)!r} ({index.get('_class_name')}) needs a unet/ or transformer/ and a "
@@ -160,11 +156,19 @@ def _load_pipeline(path: Path, dtype, trust_pickle: bool) -> DiffusersDenoiser:
 
 
 def load_teacher(path: str | os.PathLike, dtype: torch.dtype | None = None, *,
-                 trust_pickle: bool = False) -> DiffusersDenoiser:
-    """Load a teacher folder (or an unconditional/class-conditional diffusers pipeline folder) as a
-    frozen denoiser in eval mode, with ``.meta`` (kind, num_classes, null_class, sample_size,
-    in_channels, class_names, ...)."""
+                 trust_pickle: bool = False, resolution: int | None = None) -> DiffusersDenoiser:
+    """Load a teacher folder, an unconditional/class-conditional diffusers pipeline folder, or a
+    text-to-image pipeline (a folder or a hub name; ``t2i.pipeline``) as a frozen denoiser in eval
+    mode, with ``.meta`` (kind, num_classes, null_class, sample_size, in_channels, class_names, ...).
+    ``resolution`` (pixels) applies to text-to-image teachers only."""
+    from .t2i.pipeline import is_text_to_image, load_t2i_teacher
+
+    raw = str(path)
     path = Path(path).expanduser()
+    if not path.exists() and raw.count("/") == 1 and not raw.startswith((".", "/", "~")):  # a hub name such as stable-diffusion-v1-5/stable-diffusion-v1-5
+        return load_t2i_teacher(raw, dtype, resolution=resolution, trust_pickle=trust_pickle)
+    if is_text_to_image(path):
+        return load_t2i_teacher(path, dtype, resolution=resolution, trust_pickle=trust_pickle)
     if not path.exists():
         raise UserError(f"teacher {str(path)!r} does not exist; pass a teacher folder such as "
                         "assets/teachers/digits16 (or train one: stepdistill pretrain configs/digits/teacher.yaml)")

@@ -22,6 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("--classes", default=None,
                    help="comma-separated class ids, cycled over the images so that every grid row shows them in "
                         "order, one column per class (default: every class)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image models: a prompt (repeat the flag for more; cycled over the images)")
+    p.add_argument("--prompts", default=None, help="text-to-image models: a prompt list (.txt, .csv or .jsonl)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="text-to-image teachers: image size in pixels (default: the pipeline's)")
+    p.add_argument("--negative-prompt", default="", help="text-to-image teachers under CFG: the negative prompt")
     p.add_argument("--batch", type=int, default=256, help="images per forward batch (default 256)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -63,26 +69,41 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     get_sampler(args.sampler)
-    model = load_for_sampling(args.model, trust_pickle=args.trust_pickle)
+    model = load_for_sampling(args.model, trust_pickle=args.trust_pickle, resolution=args.resolution)
     args.steps = args.steps or model.default_steps
+    prompts = None
+    if model.is_text_to_image:
+        if args.prompts:
+            from ..t2i.prompts import read_prompts
+
+            prompts = read_prompts(args.prompts).prompts
+        prompts = (prompts or []) + list(args.prompt or [])
+        if not prompts:
+            raise UserError("this is a text-to-image model; give --prompt \"...\" (repeatable) or --prompts FILE")
+        prompts = [prompts[i % len(prompts)] for i in range(args.num)]
+    elif args.prompt or args.prompts:
+        raise UserError("--prompt/--prompts need a text-to-image model; this one is class-conditional or "
+                        "unconditional (use --classes)")
     classes = parse_classes(args.classes, model.num_classes)
-    if args.guidance != 1.0 and classes is None:
+    if args.guidance != 1.0 and classes is None and prompts is None:
         raise UserError("--guidance needs a class-conditional model; this one is unconditional (use --guidance 1)")
 
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *model.shape), generator=g)  # all noise first: batch size changes nothing
     labels = None if classes is None else class_cycle(args.num, classes)
     out = []
+    text = model.text_cond(prompts, negative_prompt=args.negative_prompt) if prompts is not None else None
     for i in range(0, args.num, args.batch):
         sl = slice(i, i + args.batch)
-        cond = model.make_cond(None if labels is None else labels[sl])
+        cond = {k: v[sl] for k, v in text.items()} if text is not None else model.make_cond(
+            None if labels is None else labels[sl])
         out.append(model.generate(noise[sl], cond, args.steps, args.sampler, args.guidance, generator=g))
-    x = torch.cat(out)
+    x = model.to_pixels(torch.cat(out))
 
     nrow = args.nrow or (len(classes) if classes and len(classes) <= 16 else 8)
     grid = save_grid(x, args.out, nrow)
     settings = {"model": str(args.model), "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
-                "num": args.num, "seed": args.seed, "classes": classes, "batch": args.batch, "nrow": nrow,
+                "num": args.num, "seed": args.seed, "classes": classes, "prompts": prompts, "batch": args.batch, "nrow": nrow,
                 "out": str(grid), "npz": args.save_npz}
     if args.save_npz:
         save_npz(args.save_npz, x, labels)

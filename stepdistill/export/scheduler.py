@@ -87,7 +87,10 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
         return schedule.timesteps(steps)[:-1]
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
     sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None))
-    sched.set_timesteps(steps)
+    if isinstance(schedule, FlowSchedule):
+        schedule.set_timesteps(sched, steps)  # FLUX: the pipeline's linspace sigmas
+    else:
+        sched.set_timesteps(steps)
     return sched.timesteps.to(torch.float64)
 
 

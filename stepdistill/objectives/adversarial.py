@@ -40,7 +40,7 @@ class Adversarial(Objective):
     @dataclass
     class Config:
         disc: str = "teacher"               # "teacher" (LADD: frozen teacher features + head) | "pixels"
-        feature_module: str = "mid_block"   # teacher module whose output the head reads (disc="teacher")
+        feature_module: str = "auto"   # teacher module whose output the head reads (disc="teacher")
         disc_hidden: int = 64               # head width
         gan_loss: str = "hinge"             # "hinge" (ADD/LADD) | "ns"
         gan_weight: float = 1.0             # generator adversarial term

@@ -124,7 +124,7 @@ class DMD(Objective):
         gan_loss: str = "ns"                           # "ns" (DMD2) | "hinge"
         r1_weight: float = 0.0                         # approximate R1 on real logits; 0 = off
         r1_noise: float = 0.01
-        feature_module: str = "mid_block"              # bottleneck the discriminator head reads
+        feature_module: str = "auto"              # bottleneck the discriminator head reads
         disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
 
     def __init__(self, cfg=None):

@@ -64,7 +64,7 @@ class SiD(DMD):
         gan_loss: str = "ns"
         r1_weight: float = 0.0
         r1_noise: float = 0.01
-        feature_module: str = "mid_block"
+        feature_module: str = "auto"
         disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
 
     def __init__(self, cfg=None):

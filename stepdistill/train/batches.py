@@ -2,19 +2,20 @@
 
 Draw number d covers positions d*G .. d*G+G-1 of the endless concatenation of per-epoch
 permutations (``SeededSampler.order``, a function of seed and epoch only), G the global batch.
-Process r keeps rows [r*b, (r+1)*b) with b = G / world size. The whole state is the draw
+Process r keeps rows [r*b, (r+1)*b) with b = G / world size. ``data`` is anything with ``len`` and
+``rows(idx) -> (x0, cond)``: a ``data.ImageSet`` or a ``t2i.data.TextToImageData``. The whole state is the draw
 counter, so resume is exact and independent of the number of processes.
 """
 from __future__ import annotations
 
 import torch
 
-from ..data import ImageSet, SeededSampler
+from ..data import SeededSampler
 from .randomness import BatchRandom, derive_seed
 
 
 class BatchStream:
-    def __init__(self, data: ImageSet, global_batch: int, seed: int, rank: int, world: int,
+    def __init__(self, data, global_batch: int, seed: int, rank: int, world: int,
                  device: torch.device | str = "cpu"):
         self.data, self.G, self.seed = data, int(global_batch), int(seed)
         self.b = self.G // world
@@ -41,9 +42,8 @@ class BatchStream:
         return out
 
     def batch(self, draw: int, *, step: int, phase: str, repeat: int, micro: int) -> dict:
-        idx = self.indices(draw)
-        labels = self.data.labels
+        x0, cond = self.data.rows(self.indices(draw))
         rng = BatchRandom(derive_seed(self.seed, step, phase, repeat, micro), self.G, self.rows, self.device)
-        return {"x0": self.data.images[idx].to(self.device),
-                "cond": None if labels is None else {"class_labels": labels[idx].to(self.device)},
+        return {"x0": x0.to(self.device),
+                "cond": None if cond is None else {k: v.to(self.device) for k, v in cond.items()},
                 "rng": rng}

@@ -32,9 +32,26 @@ class EMAConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text-to-image teachers only: how prompts become the cached conditions."""
+    cache: Optional[str] = None          # text-embedding cache folder; None = <output_dir>/text_cache
+    negative_prompt: str = ""            # the unconditional branch of CFG ("" = the pipelines' default)
+    max_sequence_length: Optional[int] = None   # T5 tokens for SD3 / FLUX; None = the pipeline's default
+    embedded_guidance: float = 3.5       # FLUX-dev's guidance embedding (its pipeline's default)
+    dtype: str = "fp16"                  # storage of the cached embeddings: fp16 | bf16 | fp32
+    encode_batch: int = 16               # prompts per text-encoder call while filling the cache
+
+
+@dataclass
 class TrainConfig:
     teacher: str = "assets/teachers/digits16"   # teacher folder (not copied into checkpoints)
-    data: str = "digits-train"       # any stepdistill.data.load_images spec
+    data: str = "digits-train"       # any stepdistill.data.load_images spec; for text-to-image teachers a prompt
+                                     # list (.txt/.csv/.jsonl) or image-text pairs (stepdistill.t2i.prompts)
+    resolution: Optional[int] = None # text-to-image: training resolution in pixels; None = the teacher's default
+    teacher_dtype: Optional[str] = None  # frozen teacher weights: fp32 | bf16 | fp16; None = bf16 under
+                                     # mixed_precision=bf16 (fp16 under fp16), else fp32
+    text: TextConfig = field(default_factory=TextConfig)
+    latent_cache: Optional[str] = None   # text-to-image pairs: VAE latents cache; None = <output_dir>/latent_cache
     output_dir: str = "runs/train"   # run folder: config.yaml, checkpoints/, metrics.jsonl, previews/
     objective: Dict[str, Any] = field(default_factory=lambda: {"name": ""})  # name + its Config fields
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -64,5 +81,5 @@ class TrainConfig:
 
 
 #: keys whose change makes a checkpoint meaningless for the new config: refused on resume
-RESUME_FIXED = ("teacher", "objective.name", "student.steps", "student.boundary", "student.lora_rank",
+RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "student.boundary", "student.lora_rank",
                 "student.lora_target_modules")

@@ -34,7 +34,7 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
         raise UserError(f"run {str(run)!r} has no complete checkpoint yet; train longer or lower checkpoint_every")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / "config.yaml"))
     state = ckpt.read_json(folder / "trainer.json")
-    teacher = load_teacher(state.get("teacher") or cfg.teacher)
+    teacher = load_teacher(state.get("teacher") or cfg.teacher, resolution=cfg.resolution)
     torch.manual_seed(int(cfg.seed))
     student = build_student(teacher, OmegaConf.to_object(cfg.student), steps=int(state["student_steps"]))
     tensors = ckpt.load_tensors(folder / "nets.safetensors")
@@ -56,6 +56,9 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
             "teacher": str(teacher.meta.get("path", cfg.teacher)), "objective": state.get("objective"),
             "config": OmegaConf.to_container(cfg, resolve=True), "ema": bool(ema and (folder / "ema.safetensors").is_file()),
             **{k: tmeta.get(k) for k in ("num_classes", "null_class", "sample_size", "in_channels", "class_names")}}
+    if tmeta.get("kind") == "text-to-image":  # what sampling needs to encode prompts and decode latents
+        meta.update(kind="text-to-image", t2i=teacher.info, resolution=tmeta.get("resolution"),
+                    pipeline=tmeta.get("pipeline"), text=OmegaConf.to_container(cfg.text, resolve=True))
     return student, meta
 
 

@@ -99,16 +99,38 @@ def optim_for(cfg: DictConfig, net: str):
     return OmegaConf.to_object(cfg.optim[net]) if net in cfg.optim else OptimConfig()
 
 
-def load_teacher_and_data(cfg: DictConfig):
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(cfg: DictConfig):
+    """The frozen teacher's weight dtype (``teacher_dtype``, else following ``mixed_precision``)."""
+    name = cfg.teacher_dtype
+    if name is None:
+        name = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.mixed_precision, "fp32")
+    if name not in TEACHER_DTYPES:
+        raise UserError(f"teacher_dtype {name!r} is not one of {', '.join(TEACHER_DTYPES)} (or null)")
+    return TEACHER_DTYPES[name]
+
+
+def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *, device=None, main_first=None,
+                          log=print):
+    """The frozen teacher and the training set. For text-to-image teachers the set is prompts (and
+    image latents for objectives that use real data) read through their caches, which are built
+    here on first use by the main process (``main_first``: accelerate's main_process_first)."""
     from ..data import load_images
     from ..teachers import load_teacher
 
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, teacher_dtype(cfg), resolution=cfg.resolution)
     teacher.requires_grad_(False).eval()
+    meta = getattr(teacher, "meta", {}) or {}
+    if meta.get("kind") == "text-to-image":
+        return teacher, _text_to_image_data(cfg, teacher, objective, device, main_first, log)
+    if cfg.resolution is not None:
+        raise UserError(f"resolution={cfg.resolution} applies to text-to-image teachers only; teacher {cfg.teacher!r} "
+                        "has a fixed sample size; drop resolution")
     data = load_images(cfg.data)
     if len(data) == 0:
         raise UserError(f"dataset {cfg.data!r} holds no images; point data at a folder or .npz with images")
-    meta = getattr(teacher, "meta", {}) or {}
     size, ch = meta.get("sample_size"), meta.get("in_channels")
     shape = tuple(data.images.shape[1:])
     if ch is not None and size is not None:
@@ -117,6 +139,36 @@ def load_teacher_and_data(cfg: DictConfig):
             raise UserError(f"dataset {cfg.data!r} has images of shape {shape} but teacher {cfg.teacher!r} takes "
                             f"{(ch, *sz)}; resize the data or pick the matching teacher")
     return teacher, data
+
+
+def _text_to_image_data(cfg, teacher, objective, device, main_first, log):
+    import contextlib
+    from pathlib import Path
+
+    from ..t2i.caches import ensure_latent_cache, ensure_text_cache
+    from ..t2i.data import TextToImageData
+    from ..t2i.pipeline import attach_null_text
+    from ..t2i.prompts import read_prompts
+
+    prompts = read_prompts(cfg.data)  # every input check before any encoder runs
+    real = bool(objective is not None and objective.uses_real_data)
+    if real and prompts.images is None:
+        raise UserError(f"objective {objective.name!r} uses real images, but data {cfg.data!r} is a prompt list; give "
+                        "image-text pairs (a folder of images with .txt captions, or .jsonl with image and text)")
+    out = Path(cfg.output_dir)
+    t = cfg.text
+    ctx = main_first() if main_first is not None else contextlib.nullcontext()
+    with ctx:
+        text = ensure_text_cache(teacher.info, prompts, t.cache or out / "text_cache",
+                                 negative_prompt=t.negative_prompt, max_sequence_length=t.max_sequence_length,
+                                 embedded_guidance=t.embedded_guidance, dtype=t.dtype, batch=t.encode_batch,
+                                 device=device, log=log)
+        latents = ensure_latent_cache(teacher.info, prompts, cfg.latent_cache or out / "latent_cache",
+                                      device=device, log=log) if real else None
+    attach_null_text(teacher, text.null)
+    # a teacher-output cache (DMD's regression pairs) pairs noise with these prompts' embeddings
+    teacher.prompt_rows, teacher.prompt_count, teacher.prompt_id = text.rows, len(text), prompts.sha256
+    return TextToImageData(prompts, text, latents, teacher.info.latent_shape)
 
 
 @dataclass

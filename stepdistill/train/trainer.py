@@ -103,9 +103,15 @@ class Trainer:
             ckpt.clean_partial(self.out)
             check_resume(self.out, cfg)
         self.acc.wait_for_everyone()
-        teacher, data = load_teacher_and_data(cfg)
+        teacher, data = load_teacher_and_data(cfg, objective, device=self.acc.device,
+                                              main_first=self.acc.main_process_first,
+                                              log=print if self.main else (lambda *a, **k: None))
         self.meta = dict(getattr(teacher, "meta", {}) or {})
-        if getattr(teacher, "null_class", None) is None:
+        self.text_to_image = self.meta.get("kind") == "text-to-image"
+        self._vae = None
+        if self.text_to_image:
+            pass  # conditions come from the text cache
+        elif getattr(teacher, "null_class", None) is None:
             data.labels = None  # an unconditional teacher takes no labels
         elif data.labels is None:  # a class-conditional teacher on unlabelled data: its null class
             data.labels = torch.full((len(data),), int(teacher.null_class), dtype=torch.long)
@@ -289,9 +295,11 @@ class Trainer:
     # -- previews and eval -------------------------------------------------------------------------
     def _fixed_inputs(self, n: int):
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "preview"))
-        noise = torch.randn((n, *self.data.images.shape[1:]), generator=g)
+        noise = torch.randn((n, *self.data.sample_shape), generator=g)
         cond = None
-        if getattr(self.teacher, "null_class", None) is not None:
+        if self.text_to_image:  # the first prompts of the data, the same at every preview
+            cond = self.data.rows(torch.arange(n) % len(self.data))[1]
+        elif getattr(self.teacher, "null_class", None) is not None:
             k = int(self.meta.get("num_classes") or self.teacher.null_class)
             cond = {"class_labels": torch.arange(n) % max(k, 1)}
         return noise, cond
@@ -315,7 +323,7 @@ class Trainer:
         from ..images import save_grid
 
         noise, cond = self._fixed_inputs(self.cfg.preview_n)
-        x = self.sample_student(noise, cond)
+        x = self.to_pixels(self.sample_student(noise, cond))
         save_grid(x, self.out / "previews" / f"{ckpt.folder_name(self.step)}.png",
                   nrow=int(math.ceil(math.sqrt(len(x)))))
         if self.nets.get("fake_score") is not None:  # rows: student | teacher x0 | fake-score x0
@@ -325,10 +333,29 @@ class Trainer:
             cond = None if cond is None else {k: v.to(dev) for k, v in cond.items()}
             score_preview(self.nets, noise.to(dev), cond,
                           self.out / "previews" / f"{ckpt.folder_name(self.step)}-scores.png",
-                          generator=torch.Generator(device=dev).manual_seed(int(self.cfg.seed)))
+                          decode=self.to_pixels if self.text_to_image else None, generator=torch.Generator(device=dev).manual_seed(int(self.cfg.seed)))
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images: latents of text-to-image teachers go through the VAE decoder (loaded
+        on first use, on the accelerator, in the teacher's dtype)."""
+        if not self.text_to_image:
+            return x
+        if self._vae is None:
+            from ..t2i.pipeline import load_vae
+
+            self._vae = load_vae(self.teacher.info, device=self.acc.device, dtype=self.teacher.dtype)
+        from ..t2i.pipeline import decode_latents
+
+        return decode_latents(self._vae, x)
 
     def evaluate(self) -> None:
         if not self.main:
+            return
+        if self.text_to_image:
+            if not self._eval_warned:
+                warnings.warn("eval_every: in-training FID is for pixel-space teachers; score a text-to-image student "
+                              "with `stepdistill eval` (CLIP score, FID against your reference images)")
+                self._eval_warned = True
             return
         try:
             from ..eval.harness import evaluate_generator
@@ -353,7 +380,7 @@ class Trainer:
             self.student.eval()
             try:
                 result = evaluate_generator(generate, self.cfg.eval_samples, self.cfg.eval_detector, self.cfg.eval_ref,
-                                            seed=self.cfg.seed, sample_shape=tuple(self.data.images.shape[1:]),
+                                            seed=self.cfg.seed, sample_shape=tuple(self.data.sample_shape),
                                             num_classes=nc, device=dev)
             finally:
                 self.student.train()
