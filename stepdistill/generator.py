@@ -84,6 +84,8 @@ from dataclasses import dataclass, field  # noqa: E402
 class StudentConfig:
     steps: Optional[int] = None          # K sampling steps; None = what the objective fixes, else 1
     boundary: Optional[str] = None       # None or "lcm" (consistency boundary condition, LCM eq. 8)
+    time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
+                                         # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
     lora_alpha: Optional[float] = None   # LoRA scale numerator (None = rank, i.e. scale 1)
     lora_dropout: float = 0.0
@@ -115,6 +117,29 @@ def _add_lora(backbone: nn.Module, cfg: StudentConfig) -> nn.Module:
     return backbone
 
 
+def _with_w_input(backbone: nn.Module, dim: int) -> nn.Module:
+    """A copy of a UNet2DConditionModel with a ``timestep_cond`` input of width `dim` (LCM's
+    guidance-scale embedding, Luo et al., 2023, sec. 4.2; diffusers' time_cond_proj_dim). The
+    teacher's weights load unchanged; the new projection starts at zero, so the student starts as
+    the teacher for every w."""
+    if type(backbone).__name__ != "UNet2DConditionModel":
+        raise UserError(f"student.time_cond_proj_dim needs a UNet2DConditionModel teacher; this one is "
+                        f"{type(backbone).__name__}; drop student.time_cond_proj_dim")
+    have = backbone.config.get("time_cond_proj_dim")
+    if have and int(have) != int(dim):
+        raise UserError(f"the teacher already has time_cond_proj_dim={have}; set student.time_cond_proj_dim={have} "
+                        "or null")
+    cfg = {k: v for k, v in backbone.config.items() if not k.startswith("_")}
+    cfg["time_cond_proj_dim"] = int(dim)
+    new = type(backbone).from_config(cfg).to(next(backbone.parameters()).dtype)
+    missing, unexpected = new.load_state_dict(backbone.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise UserError(f"could not add a w input to the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        new.time_embedding.cond_proj.weight.zero_()
+    return new
+
+
 def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps: int | None = None) -> Student:
     """A student initialised from the teacher: a deep copy of its backbone (trainable), or the copy
     frozen with LoRA adapters, sampling on the timesteps that the exported diffusers scheduler's
@@ -129,7 +154,7 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     backbone = getattr(teacher, "backbone", None)
     if backbone is None:
         raise UserError(f"teacher {type(teacher).__name__} has no diffusers backbone to initialise a student from")
-    backbone = copy.deepcopy(backbone)
+    backbone = _with_w_input(backbone, cfg.time_cond_proj_dim) if cfg.time_cond_proj_dim else copy.deepcopy(backbone)
     backbone.train()
     if cfg.lora_rank and cfg.lora_rank > 0:
         _add_lora(backbone, cfg)  # the frozen base keeps the teacher's dtype

@@ -163,3 +163,24 @@ def test_teacher_denoiser_matches_the_pipeline(kind, pipelines, tmp_path):
         ours = model.generate(noise, cond, steps, sampler="ddim" if kind == "sd" else "euler")
     scale = float(theirs.abs().max())
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * max(scale, 1.0))
+
+
+def test_lcm_student_with_w_embedding_starts_as_the_teacher(pipelines, pairs, tmp_path):
+    """student.time_cond_proj_dim adds LCM's w input (zero-initialised) to an SD student: at
+    initialisation it predicts exactly what the teacher does, for any w; consistency trains it."""
+    from stepdistill.objectives.consistency import guidance_embedding
+
+    obj = {"name": "consistency", "teacher_steps": 8, "w_embedding": True, "w_min": 2.0, "w_max": 6.0}
+    ov = _overrides(tmp_path, pipelines["sd"], pairs, obj)  # consistency noises real latents (LCM)
+    cfg, objective = resolve(None, ov + ["student.time_cond_proj_dim=16"])
+    tr = Trainer(cfg, objective)
+    x0, cond = tr.data.rows(torch.arange(2))
+    x = torch.randn(2, *tr.data.sample_shape)
+    t = torch.tensor([500.0, 800.0])
+    with torch.no_grad():
+        want = tr.teacher(x, t, cond)
+        got = tr.student.denoise(x, t, {**cond, "timestep_cond": guidance_embedding(torch.tensor([3.0, 5.0]), 16)})
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    tr.train()
+    student, _ = load_run(tmp_path / "run")
+    assert student.denoiser.backbone.config.time_cond_proj_dim == 16

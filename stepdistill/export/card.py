@@ -9,6 +9,8 @@ from ..eval.report import fmt_value
 
 def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> list[str]:
     """The lines a user needs to load and run the exported student."""
+    if record.get("kind") == "text-to-image":
+        return _t2i_usage(record, folder)
     k = record["steps"]
     labels = list(range(min(4, int(record["num_classes"] or 0))))
     if not custom:
@@ -24,6 +26,42 @@ def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> l
     return lines + [f"images = {call}"]
 
 
+def _t2i_usage(record: dict, folder: str) -> list[str]:
+    r, text = record["resolution"], record.get("text") or {}
+    call = ['"a photo of a cat"', f"num_inference_steps={record['steps']}", f"guidance_scale={record['guidance_scale']}",
+            f"height={r}", f"width={r}"]
+    if record["pipeline_kind"] in ("sd3", "flux") and text.get("max_sequence_length"):
+        call.append(f"max_sequence_length={text['max_sequence_length']}")  # the T5 length it was trained with
+    lines = ["from diffusers import DiffusionPipeline", f'pipe = DiffusionPipeline.from_pretrained("{folder}")']
+    if record["mode"] == "lora":
+        lines.append(f'pipe.load_lora_weights("{folder}")')
+    return lines + [f"image = pipe({', '.join(call)}).images[0]"]
+
+
+def _t2i_notes(record: dict, scheduler_cfg: dict) -> list[str]:
+    k, sched = record["steps"], scheduler_cfg["_class_name"]
+    lines = [f"This is diffusers' own `{record['pipeline']}` (no custom code) with the student's "
+             f"{'adapters on the teacher' if record['mode'] == 'lora' else 'weights'} and the student's scheduler. "
+             f"**The scheduler is already set**: `scheduler/` holds the `{sched}` whose `set_timesteps({k})`, as the "
+             f"pipeline calls it, gives exactly the timesteps the student was trained at; do not replace it. Pass "
+             f"`num_inference_steps={k}` (the pipeline's default is a many-step count) and "
+             f"`guidance_scale={record['guidance_scale']}`: {record['guidance_note']}.", ""]
+    if record["pipeline_kind"] in ("sd3", "flux"):
+        lines += [f"`{record['pipeline']}` passes no `generator` to the scheduler's step, so with more than one step "
+                  "the re-noising between steps draws from torch's global generator: call `torch.manual_seed(...)` "
+                  "as well as passing `generator` for reproducible samples.", ""]
+    if record["pipeline_kind"] == "flux":
+        lines += [f"The scheduler's shift is fixed at {record['flux_shift']:.6g} (FLUX's resolution-dependent "
+                  f"exp(mu) at the training resolution {record['resolution']} px); other resolutions keep it.", ""]
+    if record["mode"] == "lora":
+        lines += ["The weights under the adapters are the teacher's, unchanged, so the adapters also load onto the "
+                  f"teacher's own pipeline folder (`{record.get('teacher_name')}`): `pipe.load_lora_weights(folder)`, "
+                  f"then `pipe.scheduler = {sched}.from_pretrained(folder, subfolder=\"scheduler\")`.", ""]
+    if record.get("left_out"):
+        lines += [f"Left out because the teacher folder has no files for them: {', '.join(record['left_out'])}.", ""]
+    return lines
+
+
 def _objective_summary(meta: dict) -> tuple[str, dict]:
     cfg = (meta.get("config") or {}).get("objective") or {}
     name = cfg.get("name") or meta.get("objective") or "unknown"
@@ -34,16 +72,25 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
     name, hyper = _objective_summary(meta)
     k = record["steps"]
     guidance = hyper.get("guidance", hyper.get("guidance_scale"))
+    t2i = record.get("kind") == "text-to-image"
     kind = f"class-conditional ({record['num_classes']} classes)" if record["num_classes"] else "unconditional"
+    kind = "text-to-image" if t2i else f"{kind} image"
     weights = {"full": "full weights", "fused": "LoRA adapters merged into the weights",
                "lora": "LoRA adapters (pytorch_lora_weights.safetensors) on the teacher's weights"}[record["mode"]]
+    if t2i and record["mode"] != "lora":
+        weights += f", float32, in `{record['backbone_folder']}/`"
+    teacher = f"`{record.get('teacher')}`"
+    if t2i and record.get("teacher_name") != record.get("teacher"):
+        teacher = f"`{record.get('teacher_name')}` (`{record.get('teacher')}`)"
     lines = [
         "---", "library_name: diffusers", "tags: [stepdistill, distillation, few-step]", "---", "",
         f"# {k}-step student distilled with stepdistill", "",
-        f"A {kind} image generator distilled from a many-step teacher into **{k} sampling step"
+        f"A {kind} generator distilled from a many-step teacher into **{k} sampling step"
         f"{'s' if k != 1 else ''}**.", "",
         "| | |", "| --- | --- |",
-        f"| teacher | `{record.get('teacher')}` |",
+        f"| teacher | {teacher} |",
+        *([f"| pipeline | `{record['pipeline']}` |", f"| resolution | {record['resolution']} px |",
+           f"| guidance_scale | {record['guidance_scale']} |"] if t2i else []),
         f"| objective | `{name}` |",
         f"| sampling steps | {k} (timesteps {[int(t) if float(t).is_integer() else t for t in record['timesteps']]}) |",
         f"| guidance | {guidance if guidance is not None else 'none (1.0)'}"
@@ -54,7 +101,9 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
         f"| scheduler | `{scheduler_cfg['_class_name']}` |", "",
         "## Use", "", "```python", *usage_lines(record, custom), "```", "",
     ]
-    if custom:
+    if t2i:
+        lines += _t2i_notes(record, scheduler_cfg)
+    elif custom:
         lines += [
             "`trust_remote_code=True` is required: the sampling loop ships as `pipeline.py` in this folder "
             "(diffusers' custom-pipeline mechanism), because diffusers has no pipeline for this model; "
@@ -67,13 +116,16 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
                      "their number; without labels it draws random ones, including the no-class label "
                      + str(record["num_classes"]) if record["num_classes"] else "") + ". No guidance is applied: "
                   "any guidance was distilled in.", ""]
-    lines += [
+    lines += [] if t2i else [
         f"The scheduler's `set_timesteps({k})` gives exactly the timesteps the student was trained at (the student's "
         "timesteps are computed from this scheduler config). Each step predicts x0 and re-noises it with fresh noise "
         "from `generator` to the next timestep (multi-step consistency sampling).", ""]
     if eval_report:
         lines += ["## Evaluation", "", *_results_table(eval_report["results"]), "", "Protocol:", "", "```json",
                   json.dumps(eval_report["protocol"], indent=2, sort_keys=True, default=str), "```", ""]
+    elif t2i:
+        lines += ["## Evaluation", "", "This run has no evaluation results. Sample the folder with "
+                  "`stepdistill sample <folder> --prompt \"...\"`.", ""]
     else:
         lines += ["## Evaluation", "", "This run has no evaluation results. Score the folder with "
                   "`stepdistill eval <folder> --steps " + str(k) + " --ref <dataset> --detector <detector>`.", ""]

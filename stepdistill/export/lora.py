@@ -70,8 +70,9 @@ def _drop_peft_attrs(model: torch.nn.Module) -> None:
             delattr(model, attr)
 
 
-def load_lora(backbone: torch.nn.Module, file: Path, adapter: str = "default") -> torch.nn.Module:
-    """Inject and load the adapters of ``file`` into ``backbone`` (safetensors only: no code runs)."""
+def load_lora(backbone: torch.nn.Module, file: Path, adapter: str = "default", prefix: str = "unet") -> torch.nn.Module:
+    """Inject and load the adapters of ``file`` into ``backbone`` (safetensors only: no code runs);
+    ``prefix``: the pipeline component the keys name (unet, or transformer for SD3/FLUX)."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -80,10 +81,10 @@ def load_lora(backbone: torch.nn.Module, file: Path, adapter: str = "default") -
 
     with safe_open(str(file), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(LORA_METADATA_KEY, "{}"))
-    cfg = {k[len("unet."):]: v for k, v in meta.items() if k.startswith("unet.")}
+    cfg = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(f"{prefix}.")}
     if not cfg:
         raise UserError(f"{str(file)!r} carries no LoRA config in its header; re-export it with stepdistill export --lora")
-    state = {k[len("unet."):]: v for k, v in load_file(str(file)).items() if k.startswith("unet.")}
+    state = {k[len(prefix) + 1:]: v for k, v in load_file(str(file)).items() if k.startswith(f"{prefix}.")}
     inject_adapter_in_model(LoraConfig(**cfg), backbone, adapter_name=adapter)
     set_peft_model_state_dict(backbone, state, adapter_name=adapter)
     return backbone

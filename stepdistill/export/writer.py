@@ -5,11 +5,14 @@ Layout (each part plain diffusers)::
 
     out/
       model_index.json        ConsistencyModelPipeline (full or fused weights), or
-                              ["pipeline", "StepDistillPipeline"] (LoRA adapters; flow schedulers)
+                              ["pipeline", "StepDistillPipeline"] (LoRA adapters; flow schedulers);
+                              text-to-image students: the teacher's pipeline class (``export.t2i``)
       pipeline.py             the custom pipeline (those exports only)
-      unet/                   the student's weights (fused LoRA included), or the teacher's for --lora
+      unet/ (transformer/)    the student's weights (fused LoRA included), or the teacher's for --lora
       scheduler/              the student's scheduler (``export.scheduler.student_scheduler_config``)
-      pytorch_lora_weights.safetensors   (--lora) the adapters, peft format
+      text_encoder*/ ...      text-to-image: the teacher's other components, copied unchanged
+      pytorch_lora_weights.safetensors   (--lora) the adapters: peft keys prefixed unet./transformer.,
+                                         the LoraConfig in the header (diffusers' LoRA format)
       stepdistill_student.json           what stepdistill needs to rebuild the student (no code)
       README.md               the model card
 """
@@ -26,6 +29,7 @@ from ..fsutil import atomic_folder
 from .card import model_card
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
+from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
 
 EXPORT_META = "stepdistill_student.json"
 FORMAT_VERSION = 1
@@ -50,17 +54,25 @@ def _mode(student, lora: bool, fuse: bool) -> str:
     return "fused" if is_lora else "full"
 
 
-def check_exportable(student) -> dict:
+def check_exportable(student, meta: dict | None = None) -> dict:
     """The scheduler config for ``student``, after checking that the exported scheduler runs exactly
-    the student's sampling rule: same timesteps, same boundary condition."""
+    the student's sampling rule: same timesteps (as the exported pipeline sets them), same boundary
+    condition. ``meta`` (from ``train.run.load_run``) marks text-to-image students."""
+    info = (meta or {}).get("t2i") if (meta or {}).get("kind") == "text-to-image" else None
     backbone = student.denoiser.backbone
-    if type(backbone).__name__ != "UNet2DModel":
-        raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional); this one is "
-                        f"{type(backbone).__name__}; sample it with `stepdistill sample RUN_DIR` instead")
+    if info is not None:
+        check_backbone(student, info)
+    elif type(backbone).__name__ != "UNet2DModel":
+        raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional) and students of "
+                        f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
+                        "`stepdistill sample RUN_DIR` instead")
     cfg = student_scheduler_config(student.schedule, student.boundary)
-    sched = make_scheduler(cfg)
-    sched.set_timesteps(student.steps)
-    ts = sched.timesteps.to(torch.float64)
+    if info is not None:
+        ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
+    else:
+        sched = make_scheduler(cfg)
+        sched.set_timesteps(student.steps)  # as ConsistencyModelPipeline and pipeline.py call it
+        ts = sched.timesteps.to(torch.float64)
     if not torch.equal(ts, student.timesteps.cpu()):
         raise UserError(f"the student was trained at timesteps {student.timesteps.tolist()} but its exported scheduler "
                         f"runs {ts.tolist()} for {student.steps} steps; retrain with this version of stepdistill")
@@ -99,16 +111,16 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
                    eval_report: dict | None = None) -> Path:
     """Write ``student`` (with ``meta`` from ``train.run.load_run``) to the folder ``out``, atomically."""
     mode = _mode(student, lora, fuse)
-    cfg = check_exportable(student)
+    cfg = check_exportable(student, meta)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
         raise UserError(f"--out {str(out)!r} exists and is not an earlier export; pass a new or empty folder")
+    t2i = meta.get("kind") == "text-to-image"
     backbone = student.denoiser.backbone
-    unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
-    conditional = student.denoiser.null_class is not None or bool(unet.config.get("num_class_embeds"))
+    conditional = not t2i and (student.denoiser.null_class is not None or bool(backbone.config.get("num_class_embeds")))
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
-    custom = mode == "lora" or cfg["_class_name"] != "LCMScheduler"
+    custom = not t2i and (mode == "lora" or cfg["_class_name"] != "LCMScheduler")
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
               "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
@@ -116,10 +128,16 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
               "checkpoint": meta.get("checkpoint")}
+    if t2i:
+        record.update(t2i_record(student, meta))
     with atomic_folder(out) as tmp:
-        _write_pipeline(tmp, unet, cfg, student.steps, custom)
-        if mode == "lora":
-            save_lora(backbone, tmp)
+        if t2i:
+            record["left_out"] = write_t2i(tmp, student, meta, cfg, mode)
+        else:
+            unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
+            _write_pipeline(tmp, unet, cfg, student.steps, custom)
+            if mode == "lora":
+                save_lora(backbone, tmp)
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(record, meta, cfg, eval_report, custom=custom))
     return out

@@ -112,8 +112,9 @@ class Consistency(Objective):
         if c.w_embedding:
             self._w_dim = cond_proj_dim(student)
             if self._w_dim is None:
-                raise UserError("consistency: w_embedding needs a student backbone with a timestep_cond input "
-                                "(a UNet2DConditionModel with time_cond_proj_dim set); set w_embedding=false")
+                raise UserError("consistency: w_embedding needs a student backbone with a timestep_cond input; set "
+                                "student.time_cond_proj_dim=256 (LCM) on a UNet2DConditionModel teacher, or "
+                                "w_embedding=false")
         if c.target_ema == 0.0:
             return {}
         return {"target": copy.deepcopy(student).requires_grad_(False).eval()}

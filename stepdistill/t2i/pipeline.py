@@ -127,6 +127,11 @@ class TextToImageInfo:
         return self.resolution // self.scale
 
     @property
+    def patch(self) -> int:
+        """Latent pixels per image token side: FLUX packs 2x2, SD3 patchifies by patch_size."""
+        return {"flux": 2, "sd3": int(self.backbone_config.get("patch_size", 2) or 1)}.get(self.kind, 1)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         return self.latent_channels, self.latent_size, self.latent_size
 
@@ -151,10 +156,9 @@ def inspect_pipeline(name: str | os.PathLike, resolution: int | None = None) -> 
     scfg = _json(path / "scheduler" / "scheduler_config.json")
     sample = bcfg.get("sample_size") or 64
     sample = sample if isinstance(sample, int) else sample[0]
-    default_res = int(sample) * vae_scale_factor(vcfg)
-    if kind == "flux":  # FLUX's transformer config carries no sample size; its pipeline defaults to 1024
-        default_res = 128 * vae_scale_factor(vcfg) if "sample_size" not in bcfg else default_res
-    res = int(resolution or default_res)
+    if kind == "flux":  # FLUX's transformer config has no sample size: FluxPipeline's default is 128 latents
+        sample = 128
+    res = int(resolution or int(sample) * vae_scale_factor(vcfg))
     # latents must split into the backbone's patches: FLUX packs 2x2, SD3 patchifies by patch_size
     patch = {"flux": 2, "sd3": int(bcfg.get("patch_size", 2) or 1)}.get(kind, 1)
     step = vae_scale_factor(vcfg) * patch
@@ -165,13 +169,14 @@ def inspect_pipeline(name: str | os.PathLike, resolution: int | None = None) -> 
 
 
 def teacher_schedule(info: TextToImageInfo):
-    """The teacher's schedule; FLUX's resolution-dependent shift is fixed at the training resolution
-    (exp(mu) as a constant shift is the same time shift, Esser et al., 2024, eq. 23)."""
+    """The teacher's schedule; a resolution-dependent shift (FLUX, SD3.5-style use_dynamic_shifting)
+    is fixed at the training resolution: exp(mu) as a constant shift is the same time shift
+    (Esser et al., 2024, eq. 23)."""
     from ..schedules import schedule_from_config
 
     cfg = dict(info.scheduler_config)
     if info.kind == "flux" or cfg.get("use_dynamic_shifting"):
-        seq = (info.latent_size // 2) ** 2
+        seq = (info.latent_size // info.patch) ** 2  # image tokens, as the pipelines compute image_seq_len
         cfg.update(use_dynamic_shifting=False, shift=math.exp(flux_mu(cfg, seq)))
     schedule = schedule_from_config(cfg)
     if info.kind == "flux":

@@ -82,4 +82,4 @@ class TrainConfig:
 
 #: keys whose change makes a checkpoint meaningless for the new config: refused on resume
 RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "student.boundary", "student.lora_rank",
-                "student.lora_target_modules")
+                "student.time_cond_proj_dim", "student.lora_target_modules")
