@@ -75,6 +75,9 @@ class TrainConfig:
     eval_samples: int = 500
     eval_detector: str = "digits"   # stepdistill.eval detector name
     eval_ref: str = "digits"        # reference images (a data spec) or a stats .npz
+    collapse_every: Optional[int] = None  # steps per mode-collapse check (diagnostics.collapse_check); None = off
+    collapse_samples: int = 256      # student samples and real images compared (same conditions)
+    collapse_min_ratio: float = 0.5  # warn when the samples' feature diversity falls below this fraction of real data's
     log_with: Optional[str] = None   # accelerate tracker: "tensorboard" | "wandb"; None = only metrics.jsonl
     max_nonfinite_in_a_row: int = 20 # stop after this many consecutive skipped (NaN/Inf) updates
     progress: bool = True            # rich progress bar (only on a TTY and the main process)

@@ -72,6 +72,10 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
     need(cfg.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row must be >= 1")
+    need(cfg.collapse_every is None or cfg.collapse_every >= 1, f"collapse_every must be >= 1 or null, got "
+         f"{cfg.collapse_every}")
+    need(cfg.collapse_samples >= 2, f"collapse_samples must be >= 2, got {cfg.collapse_samples}")
+    need(0.0 < cfg.collapse_min_ratio < 1.0, f"collapse_min_ratio must be in (0, 1), got {cfg.collapse_min_ratio}")
     need(cfg.mixed_precision in MIXED_PRECISION,
          f"mixed_precision {cfg.mixed_precision!r} is not one of {MIXED_PRECISION}")
     need(cfg.log_with is None or cfg.log_with in TRACKERS,

@@ -162,7 +162,8 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.jsonl", self.step, self.main)
         if cfg.log_with:
             self.acc.init_trackers("stepdistill", config=_flat(to_dict(cfg)))
-        self._eval_warned = False
+        self._eval_warned = self._collapse_warned = False
+        self._detector = None
 
     # -- one update ------------------------------------------------------------------------------
     def _update(self, phase, repeat: int, window: Window) -> bool:
@@ -255,6 +256,8 @@ class Trainer:
                     self.preview()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
+                if cfg.collapse_every and self.step % cfg.collapse_every == 0:
+                    self.watch_collapse()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save()
                     last_saved = self.step
@@ -391,6 +394,41 @@ class Trainer:
         self.log.write(rec)
         if self.cfg.log_with:
             self.acc.log({f"eval/{k}": v for k, v in rec["eval"].items()}, step=self.step)
+
+    def watch_collapse(self) -> dict | None:
+        """Mode-collapse watchdog (issue of DMD without its regression term, Yin et al., 2024, sec. 3.3):
+        the student's samples and as many real images with the same conditions, compared by mean
+        pairwise distance in the eval detector's features (latents for text-to-image teachers);
+        logged as ``collapse`` in metrics.jsonl, with a warning below ``collapse_min_ratio``."""
+        if not self.main:
+            return None
+        from ..diagnostics import collapse_check
+
+        n = min(int(self.cfg.collapse_samples), len(self.data))
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "collapse"))
+        real, cond = self.data.rows(torch.randperm(len(self.data), generator=g)[:n])
+        if self.text_to_image and not self.data.has_images:
+            if not self._collapse_warned:
+                warnings.warn("collapse_every: a prompt list has no real latents to compare with; give image-text pairs")
+                self._collapse_warned = True
+            return None
+        noise = torch.randn((n, *self.data.sample_shape), generator=g)
+        with torch.random.fork_rng(devices=[]):
+            fake = self.sample_student(noise, cond)
+        if self.text_to_image:
+            f_fake, f_real = fake.flatten(1), real.flatten(1)
+        else:
+            from ..eval.detectors import get_detector
+            from ..images import to_uint8
+
+            if self._detector is None:
+                self._detector = get_detector(self.cfg.eval_detector, device=str(self.acc.device))
+            f_fake = self._detector.features(to_uint8(fake))
+            f_real = self._detector.features(to_uint8(real))
+        res = collapse_check(f_fake, f_real, self.cfg.collapse_min_ratio)
+        self.log.write({"step": self.step, "collapse": {"diversity_ratio": float(res["diversity_ratio"]),
+                                                       "collapsed": bool(res["collapsed"]), "samples": n}})
+        return res
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _teacher_tensors(self) -> set[int]:
