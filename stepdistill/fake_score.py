@@ -160,12 +160,17 @@ def real_score(nets) -> Denoiser:
     return fake.real_score(nets.teacher) if isinstance(fake, FakeScore) else nets.teacher
 
 
+def matching_targets(backbone: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The LoRA target names that name some module, by peft's rule (the full name, or a suffix
+    after a dot: "ff.net.0.proj" matches "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj")."""
+    names = [n for n, _ in backbone.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+
+
 def _add_adapter(backbone: nn.Module, rank: int, alpha: float | None, targets: Sequence[str]) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    present = {n.split(".")[-1] for n, _ in backbone.named_modules()} | {
-        ".".join(n.split(".")[-2:]) for n, _ in backbone.named_modules()}
-    use = [m for m in targets if m in present]
+    use = matching_targets(backbone, targets)
     if not use:
         raise UserError(f"fake_target_modules {list(targets)} match no module of {type(backbone).__name__}; "
                         "name some of its layers (e.g. to_q, conv1)")

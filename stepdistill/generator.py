@@ -99,9 +99,9 @@ def _add_lora(backbone: nn.Module, cfg: StudentConfig) -> nn.Module:
     with diffusers' ``PeftAdapterMixin`` take ``add_adapter``; others get peft's in-place injection."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    present = {name.split(".")[-1] for name, _ in backbone.named_modules()} | {
-        ".".join(name.split(".")[-2:]) for name, _ in backbone.named_modules()}
-    targets = [m for m in cfg.lora_target_modules if m in present]
+    from .fake_score import matching_targets
+
+    targets = matching_targets(backbone, cfg.lora_target_modules)
     if not targets:
         raise UserError(f"student.lora_target_modules {list(cfg.lora_target_modules)} match no module of "
                         f"{type(backbone).__name__}; name some of its layers (e.g. to_q, conv1)")

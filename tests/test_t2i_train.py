@@ -184,3 +184,14 @@ def test_lcm_student_with_w_embedding_starts_as_the_teacher(pipelines, pairs, tm
     tr.train()
     student, _ = load_run(tmp_path / "run")
     assert student.denoiser.backbone.config.time_cond_proj_dim == 16
+
+
+def test_lora_targets_with_dotted_names_get_adapters(pipelines):
+    """Targets such as ff.net.0.proj (three dots) match by suffix, as peft matches them."""
+    from stepdistill.generator import StudentConfig, build_student
+    from stepdistill.teachers import load_teacher
+
+    teacher = load_teacher(pipelines["sd"], resolution=16)
+    student = build_student(teacher, StudentConfig(steps=1, lora_rank=2, lora_target_modules=["to_q", "ff.net.0.proj"]))
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert any("ff.net.0.proj.lora_A" in n for n in names) and any("to_q.lora_A" in n for n in names)

@@ -123,10 +123,10 @@ class Trainer:
         self.trained = trained_nets(objective)
         for name in self.trained:
             self.nets.get(name).train()
-            if cfg.gradient_checkpointing:
-                for m in self.nets.get(name).modules():
-                    if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
-                        m.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing:  # every backbone: frozen ones too are backpropagated through (SiD's
+            for m in self.nets.modules():  # teacher and fake score in the generator phase, LADD's teacher)
+                if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
+                    m.enable_gradient_checkpointing()
         self.params = {n: [p for p in self.nets.get(n).parameters() if p.requires_grad] for n in self.trained}
         for n, ps in self.params.items():
             if not ps:
