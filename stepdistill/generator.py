@@ -63,9 +63,22 @@ class Student(nn.Module):
             x0 = self.denoise(x, t, cond)
             if i + 1 == len(ts):
                 return x0
-            z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+            z = self.fresh_noise(noise, generator)
             x = self.schedule.add_noise(x0, z, ts[i + 1])
         raise AssertionError("unreachable")
+
+    def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The re-noising draw between steps, in the layout the exported pipeline's scheduler draws
+        it: FLUX's scheduler sees packed latents [B, HW/4, 4C], so the same numbers are drawn in
+        that shape and unpacked (FluxPipeline reproduces the student's samples for a seed)."""
+        if type(getattr(self.denoiser, "backbone", None)).__name__ == "FluxTransformer2DModel" or \
+                getattr(self.denoiser, "_call", None).__name__ == "_call_flux":
+            from .denoisers import unpack_latents
+
+            b, c, h, w = like.shape
+            z = torch.randn((b, (h // 2) * (w // 2), c * 4), generator=generator, device=like.device, dtype=like.dtype)
+            return unpack_latents(z, h, w)
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
     def timesteps_for(self, steps: int) -> torch.Tensor:
         if steps == self.steps:

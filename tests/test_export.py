@@ -80,9 +80,10 @@ def test_flow_student_runs_as_the_stochastic_flow_scheduler(tmp_path):
     from stepdistill.export.pipeline import StepDistillPipeline
 
     flow = FlowSchedule({"shift": 3.0})
-    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=3.0 / (3 + 3.0 - 1))  # ends at shifted 1/3
     ref.set_timesteps(3)
     assert student_timesteps(flow, 3).tolist() == ref.timesteps.double().tolist()
+    assert abs(ref.timesteps[-1].item() - 600.0) < 1e-3  # shift 3 of sigma 1/3 = 0.6
     teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), flow, null_class=2)
     student = build_student(teacher, StudentConfig(steps=3)).eval()
     out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "flow")

@@ -9,12 +9,15 @@ def register(subparsers) -> None:
         "export", help="write a trained student as a diffusers pipeline folder",
         description="Write the newest checkpoint's (EMA) student of a `stepdistill train` run as a diffusers "
                     "folder whose scheduler runs the student's own timesteps, with a model card (README.md). "
-                    "Unconditional full-weight students load as diffusers' DDPMPipeline; class-conditional and "
-                    "LoRA students ship their sampling loop as pipeline.py (load with trust_remote_code=True).")
+                    "Text-to-image students load as their teacher's own pipeline class (StableDiffusionPipeline, "
+                    "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) with the teacher's text "
+                    "encoders and VAE copied; UNet2DModel students as diffusers' ConsistencyModelPipeline, or, for "
+                    "LoRA and flow students, with their sampling loop as pipeline.py (trust_remote_code=True).")
     p.add_argument("run_dir", help="output_dir of a `stepdistill train` run")
     p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier export)")
     p.add_argument("--lora", action="store_true",
-                   help="LoRA students: write the adapters (pytorch_lora_weights.safetensors) on the teacher's weights")
+                   help="LoRA students: write the adapters (pytorch_lora_weights.safetensors, diffusers' LoRA format) "
+                        "on the teacher's weights; load with pipe.load_lora_weights(DIR)")
     p.add_argument("--fuse", action="store_true",
                    help="LoRA students: merge the adapters into the weights (the default for a LoRA student)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: the newest), e.g. step-00000500")

@@ -28,8 +28,8 @@ def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> l
 
 def _t2i_usage(record: dict, folder: str) -> list[str]:
     r, text = record["resolution"], record.get("text") or {}
-    call = ['"a photo of a cat"', f"num_inference_steps={record['steps']}", f"guidance_scale={record['guidance_scale']}",
-            f"height={r}", f"width={r}"]
+    call = ['"a photo of a cat"', f"num_inference_steps={record['steps']}",
+            f"guidance_scale={record['guidance_scale']}", f"height={r}", f"width={r}"]
     if record["pipeline_kind"] in ("sd3", "flux") and text.get("max_sequence_length"):
         call.append(f"max_sequence_length={text['max_sequence_length']}")  # the T5 length it was trained with
     lines = ["from diffusers import DiffusionPipeline", f'pipe = DiffusionPipeline.from_pretrained("{folder}")']
@@ -93,7 +93,8 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
            f"| guidance_scale | {record['guidance_scale']} |"] if t2i else []),
         f"| objective | `{name}` |",
         f"| sampling steps | {k} (timesteps {[int(t) if float(t).is_integer() else t for t in record['timesteps']]}) |",
-        f"| guidance | {guidance if guidance is not None else 'none (1.0)'}"
+        f"| {'teacher guidance in training' if t2i else 'guidance'} | "
+        f"{guidance if guidance is not None else 'none (1.0)'}"
         f"{' (distilled in; sample without CFG)' if guidance not in (None, 1, 1.0) else ''} |",
         f"| training steps | {record.get('training_step')} |",
         f"| weights | {weights}{' (EMA)' if record.get('ema') else ''} |",

@@ -38,7 +38,7 @@ def load_exported(path, *, trust_pickle: bool = False):
     else:
         schedule = schedule_from_config(sched_cfg)
     boundary = record.get("boundary")
-    expected = student_scheduler_config(schedule, boundary)
+    expected = student_scheduler_config(schedule, boundary, int(record["steps"]))
     for key in ("_class_name", "timestep_scaling", "original_inference_steps", "stochastic_sampling"):
         if key in expected and sched_cfg.get(key) != expected[key]:
             raise UserError(f"{str(p)!r}: scheduler/scheduler_config.json has {key}={sched_cfg.get(key)!r} but the "
@@ -69,8 +69,8 @@ def _t2i_schedule(p: Path, record: dict, sched_cfg: dict):
 
     info = inspect_pipeline(p, int(record["resolution"]))
     if info.kind != record.get("pipeline_kind"):
-        raise UserError(f"{str(p)!r} holds a {info.kind} pipeline but was exported from a {record.get('pipeline_kind')} "
-                        "student; re-export the run")
+        raise UserError(f"{str(p)!r} holds a {info.kind} pipeline but was exported from a "
+                        f"{record.get('pipeline_kind')} student; re-export the run")
     plain = {k: v for k, v in sched_cfg.items() if k != "stochastic_sampling"}  # a step option, not the path
     return teacher_schedule(dataclasses.replace(info, scheduler_config=plain)), info
 

@@ -12,7 +12,8 @@ its timesteps and re-noises that x0 with *fresh* noise to the next one. In diffu
   ``boundary="lcm"``; a student without it gets a ``timestep_scaling`` so large that c_skip and
   1 - c_out vanish to float precision at every timestep >= 1.
 * Flow teachers: ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, whose step is
-  x_next = (1 - s_next) x0_hat + s_next z: the same re-noising on the rectified-flow path.
+  x_next = (1 - s_next) x0_hat + s_next z: the same re-noising on the rectified-flow path; its
+  ``shift_terminal`` ends a K-step grid at the shifted 1/K rather than next to clean data.
 * EDM teachers: diffusers has no scheduler whose step is "x0, then fresh noise at the next sigma"
   for EDM's preconditioned backbones (``CMStochasticIterativeScheduler`` feeds the network
   1000 * c_noise and applies its own boundary), so export refuses them.
@@ -47,9 +48,11 @@ def _boundary(boundary: str | None) -> str | None:
     return boundary
 
 
-def student_scheduler_config(schedule: Schedule, boundary: str | None = None) -> dict[str, Any]:
+def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
+                             steps: int | None = None) -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
-    K-step student's timesteps and whose ``step`` is the student's sampling step."""
+    K-step student's timesteps and whose ``step`` is the student's sampling step (K = ``steps``;
+    only flow grids depend on it)."""
     boundary = _boundary(boundary)
     if isinstance(schedule, VPSchedule):
         cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
@@ -62,7 +65,14 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None) ->
         if boundary is not None:
             raise UserError("boundary='lcm' has no flow-matching scheduler in diffusers; train the flow student "
                             "with student.boundary=null")
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config, "stochastic_sampling": True}
+        cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config, "stochastic_sampling": True}
+        if steps and steps > 1 and not getattr(schedule, "linspace_sigmas", False):
+            # set_timesteps(K) alone spaces K sigmas from 1 down to the training grid's last (~0.003 at
+            # shift 3), so a K-step student's last step would sit at clean data. shift_terminal stretches
+            # the grid to end at the shifted 1/K instead (the sigma of an evenly spaced K-step grid):
+            # shift s / (K + s - 1) = s (1/K) / (1 + (s - 1) / K). FluxPipeline passes its own sigmas.
+            cfg["shift_terminal"] = schedule.shift / (steps + schedule.shift - 1.0)
+        return cfg
     if isinstance(schedule, EDMSchedule):
         raise UserError("EDM teachers have no diffusers scheduler that samples like the student (x0, then fresh "
                         "noise at the next sigma); export supports VP (DDPM/DDIM-family) and flow-matching "
@@ -86,7 +96,8 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
     if isinstance(schedule, EDMSchedule):
         return schedule.timesteps(steps)[:-1]
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
-    sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None))
+    sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None,
+                                                    steps))
     if isinstance(schedule, FlowSchedule):
         schedule.set_timesteps(sched, steps)  # FLUX: the pipeline's linspace sigmas
     else:

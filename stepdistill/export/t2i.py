@@ -6,9 +6,9 @@ student's unet/transformer and the student's scheduler, so that
     image = pipe(prompt, num_inference_steps=K, guidance_scale=G).images[0]
 
 runs the student. Text encoders, tokenizers, VAE (and SD's safety checker) are the teacher's files,
-copied unchanged. The student's backbone is written in the dtype it holds (float32: full-weight
-students train in float32 and ``load_run`` loads the teacher in float32); ``--lora`` copies the
-teacher's backbone files unchanged and adds the adapters in diffusers' LoRA format.
+copied unchanged. The student's backbone is written in float32 (full-weight students train in
+float32; a LoRA student's merged weights are cast to it); ``--lora`` copies the teacher's backbone
+files unchanged and adds the adapters (float32) in diffusers' LoRA format.
 
 Sampling equals ``Student.forward`` for the same noise because every pipeline here calls
 ``scheduler.step(model_output, t, latents)`` once per timestep of ``scheduler.set_timesteps`` and,
@@ -16,9 +16,7 @@ at guidance_scale 1, runs the backbone once on the conditional batch (SD/SDXL/SD
 when guidance_scale > 1; FLUX embeds guidance_scale as a network input). The re-noising draws:
 SD and SDXL pass ``generator`` to ``LCMScheduler.step``; SD3 and FLUX pass none, so
 ``FlowMatchEulerDiscreteScheduler.step`` draws from torch's global generator, and FLUX draws it in
-its packed [B, HW/4, 4C] layout: the same distribution as the student's [B, C, H, W] draws, but a
-different arrangement of the same numbers, so a multi-step FLUX sample matches the student's only
-given the same noise rearranged.
+its packed [B, HW/4, 4C] layout, which ``Student.fresh_noise`` draws too (then unpacks).
 """
 from __future__ import annotations
 
@@ -68,18 +66,26 @@ def check_backbone(student, info) -> None:
                         f"has {name}; export supports students of {', '.join(PIPELINE_CLASS.values())} teachers")
 
 
-def recommended_guidance(meta: dict) -> tuple[float, str]:
+def recommended_guidance(student, meta: dict) -> tuple[float, str]:
     """(guidance_scale for the pipeline call, why)."""
     obj = (meta.get("config") or {}).get("objective") or {}
     info = meta["t2i"]
-    if obj.get("w_embedding"):
-        lo, hi = float(obj.get("w_min", 1.0)), float(obj.get("w_max", 1.0))
-        return (lo + hi) / 2, (f"the student embeds the CFG scale (LCM's w-embedding, trained on [{lo}, {hi}]); the "
-                               "pipeline feeds guidance_scale - 1 to it and runs no CFG")
+    if obj.get("w_embedding") and student.denoiser.backbone.config.get("time_cond_proj_dim"):
+        lo, hi = float(obj["w_min"]), float(obj["w_max"])
+        return (lo + hi) / 2, (f"the student embeds the CFG scale (LCM's w-embedding, trained on [{lo}, {hi}]): with "
+                               "a time_cond_proj_dim the pipeline feeds it guidance_scale - 1 and runs no CFG")
     if info.kind == "flux" and info.backbone_config.get("guidance_embeds"):
         g = float((meta.get("text") or {}).get("embedded_guidance", 3.5))
         return g, "FLUX's embedded guidance, as the student was trained with (FluxPipeline runs no CFG)"
     return 1.0, "guidance was distilled in; at 1.0 the pipeline runs no classifier-free guidance"
+
+
+def check_lora_base(student, info) -> None:
+    """--lora puts the adapters on the teacher's backbone files: the student's base must be that network."""
+    have = student.denoiser.backbone.config.get("time_cond_proj_dim")
+    if have != info.backbone_config.get("time_cond_proj_dim"):
+        raise UserError(f"--lora: the student's {info.backbone_folder} has a w input (time_cond_proj_dim={have}) that "
+                        "the teacher's lacks, so the adapters cannot go on the teacher's weights; export with --fuse")
 
 
 def _components(info, index: dict) -> tuple[dict, list[str], list[str]]:
@@ -116,12 +122,14 @@ def write_t2i(tmp: Path, student, meta: dict, cfg: dict, mode: str) -> list[str]
     from .lora import lora_config, merged_copy
 
     info, backbone = meta["t2i"], student.denoiser.backbone
+    if mode == "lora":
+        check_lora_base(student, info)
     index, folders, dropped = _components(info, read_index(info.path))
     for name in folders:
         if name != info.backbone_folder or mode == "lora":  # --lora: the teacher's backbone files
             shutil.copytree(info.path / name, tmp / name, ignore=SKIP_FILES)
-    if mode != "lora":
-        net = merged_copy(backbone) if mode == "fused" else backbone
+    if mode != "lora":  # float32: build_student trains full weights in it; merged adapters are cast to it
+        net = merged_copy(backbone).float() if mode == "fused" else backbone
         net.save_pretrained(tmp / info.backbone_folder, safe_serialization=True)
     else:
         from peft import get_peft_model_state_dict
@@ -142,7 +150,7 @@ def write_t2i(tmp: Path, student, meta: dict, cfg: dict, mode: str) -> list[str]
 def t2i_record(student, meta: dict) -> dict:
     """The text-to-image fields of stepdistill_student.json."""
     info = meta["t2i"]
-    guidance, why = recommended_guidance(meta)
+    guidance, why = recommended_guidance(student, meta)
     text = dict(meta.get("text") or {})
     record = {"kind": "text-to-image", "pipeline": PIPELINE_CLASS[info.kind], "pipeline_kind": info.kind,
               "teacher_name": info.name, "resolution": int(info.resolution), "guidance_scale": guidance,

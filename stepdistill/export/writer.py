@@ -66,7 +66,7 @@ def check_exportable(student, meta: dict | None = None) -> dict:
         raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional) and students of "
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
-    cfg = student_scheduler_config(student.schedule, student.boundary)
+    cfg = student_scheduler_config(student.schedule, student.boundary, student.steps)
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
     else:
