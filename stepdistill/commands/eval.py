@@ -1,7 +1,7 @@
 """``stepdistill eval``: score a model (or a folder of images) with its protocol stated.
 
     stepdistill eval MODEL --steps 1,2,4,50 --num N --detector D --ref DATASET_OR_STATS --seed S \
-        --json results.json [--plot fid_vs_nfe.png]
+        --json results.json [--plot fid_vs_nfe.png] [--prompts FILE --clip CLIP_MODEL]   (text-to-image)
     stepdistill eval --make-stats DATASET --detector D --out stats.npz
 """
 from __future__ import annotations
@@ -28,6 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=100, help="generation and feature batch size")
     p.add_argument("--sampler", default="ddim", help="teacher sampler: ddim | euler | heun | dpmpp2m")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--prompts", default=None,
+                   help="text-to-image models: prompt list (.txt, .csv, .jsonl), cycled over the samples")
+    p.add_argument("--clip", default=None, metavar="PATH",
+                   help="text-to-image models: also report the CLIP score with this CLIP model (folder or hub name)")
+    p.add_argument("--resolution", type=int, default=None, help="text-to-image teachers: image size in pixels")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_out", help="write results here")
     p.add_argument("--plot", help="write FID against NFE here (.png)")
@@ -86,9 +91,20 @@ def run(args) -> int:
     from ..eval.report import evaluate_model, print_results
 
     steps = _parse_steps(args.steps) if args.steps is not None else None
+    prompts = None
+    if args.prompts:
+        from ..t2i.prompts import read_prompts
+
+        prompts = read_prompts(args.prompts).prompts
+    clip = None
+    if args.clip:
+        from ..eval.clip import CLIPDetector
+
+        clip = CLIPDetector(args.clip)
     report = evaluate_model(args.model, steps=steps, num=args.num, detector=detector, ref=args.ref,
                             seed=args.seed, batch=args.batch, sampler=args.sampler,
-                            guidance=args.guidance, device=args.device, console=console)
+                            guidance=args.guidance, device=args.device, console=console, prompts=prompts,
+                            clip=clip, resolution=args.resolution)
     report["command"] = command
     print_results(report, console)
     if args.json_out:

@@ -1,19 +1,22 @@
 """Evaluate a model at several step counts and print the table with its protocol."""
 from __future__ import annotations
 
+from ..errors import UserError
 from .harness import generate_images, protocol_block, protocol_line, resolve_ref, score_images
 from .sources import load_source
 
 
 def evaluate_model(model: str, *, steps: list[int] | None, num: int, detector, ref: str, seed: int = 0,
                    batch: int = 100, sampler: str = "ddim", guidance: float = 1.0, device="cpu",
-                   console=None) -> dict:
+                   console=None, prompts: list[str] | None = None, clip=None, resolution: int | None = None) -> dict:
     """{"model", "protocol", "results": [one dict of metrics per step count]}. A set of images is
     scored once (``steps`` is then ignored); ``num`` then caps how many are used. ``steps=None``:
-    a student's trained step count, or 1, 2, 4 and 50 for a teacher."""
+    a student's trained step count, or 1, 2, 4 and 50 for a teacher. Text-to-image models sample
+    ``prompts`` (cycled over ``num``); ``clip`` (a CLIP detector) adds the CLIP score of each image
+    against its prompt."""
     import time
 
-    source = load_source(model, sampler=sampler, guidance=guidance)
+    source = load_source(model, sampler=sampler, guidance=guidance, prompts=prompts, resolution=resolution)
     ref_stats = resolve_ref(ref, detector, batch)
     rows = []
     if source.kind == "images":
@@ -29,13 +32,22 @@ def evaluate_model(model: str, *, steps: list[int] | None, num: int, detector, r
                                              num_classes=source.num_classes, device=device,
                                              progress=console is not None, description=f"{s} steps")
             gen_s = time.perf_counter() - t0
+            texts = None if source.prompts is None else [source.prompts[int(i)] for i in labels]
+            if texts is not None:
+                labels = None  # prompt indices, not classes: no class accuracy
             row = {"steps": s, "nfe": getattr(gen, "nfe", s),
                    **score_images(images, labels, detector, ref_stats, seed=seed, batch=batch),
                    "seconds_generate": round(gen_s, 3)}
+            if clip is not None:
+                if texts is None:
+                    raise UserError("--clip scores images against their prompts; this model takes no prompts")
+                row["clip_score"] = clip.clip_score(images, texts)
             rows.append(row)
             if console is not None:
                 console.print(f"  {s:>4} steps: FID {row['fid']:.3f}", highlight=False)
     extra = {"model": model, "model_kind": source.kind, **source.info}
+    if clip is not None:
+        extra["clip"] = {"model": clip.name, "weights_sha256": clip.weights_sha256}
     return {"model": model, "protocol": protocol_block(detector, ref_stats, num=num, seed=seed, extra=extra),
             "results": rows}
 
@@ -43,7 +55,7 @@ def evaluate_model(model: str, *, steps: list[int] | None, num: int, detector, r
 def print_results(report: dict, console) -> None:
     from rich.table import Table
 
-    cols = ["steps", "nfe", "fid", "kid", "kid_std", "precision", "recall", "class_accuracy"]
+    cols = ["steps", "nfe", "fid", "kid", "kid_std", "precision", "recall", "class_accuracy", "clip_score"]
     cols = [c for c in cols if any(r.get(c) is not None for r in report["results"])]
     table = Table(title=f"{report['model']}")
     for c in cols:

@@ -28,6 +28,7 @@ class Source:
     num_classes: int = 0
     info: dict = field(default_factory=dict)
     default_steps: tuple[int, ...] = (1, 2, 4, 50)  # a student: its trained step count
+    prompts: list[str] | None = None            # text-to-image: sample i uses prompts[label i]
 
 
 def _is_image_set(path: Path) -> bool:
@@ -59,31 +60,50 @@ def _load_images(path: Path) -> Source | None:
                   num_classes=ds.num_classes, info={"dataset_sha256": ds.sha256})
 
 
-def _model_source(model, path: Path, sampler: str, guidance: float) -> Source:
+def _model_source(model, path: Path, sampler: str, guidance: float, prompts: list[str] | None = None) -> Source:
     from ..sampling import nfe
+
+    text = None
+    if model.is_text_to_image:
+        if not prompts:
+            raise UserError(f"{str(path)!r} is a text-to-image model; give the prompts to sample with: --prompts FILE "
+                            "(.txt, .csv or .jsonl)")
+        text = model.text_cond(prompts)  # once, by the pipeline's own encoders, which are then freed
+    elif prompts:
+        raise UserError("--prompts applies to text-to-image models; this one is class-conditional or unconditional")
 
     def sampler_for(steps: int):
         def generate(noise, labels):
-            return model.generate(noise, model.make_cond(labels), steps, sampler=sampler, guidance=guidance)
+            # text-to-image: the "labels" are prompt indices (balanced over the prompts, cycled)
+            cond = {k: v[labels.cpu()].to(noise.device) for k, v in text.items()} if text is not None \
+                else model.make_cond(labels)
+            return model.to_pixels(model.generate(noise, cond, steps, sampler=sampler, guidance=guidance))
         generate.nfe = nfe(sampler, steps) if sampler in getattr(model, "samplers", ()) else steps
         return generate
 
     trained = model.meta.get("steps")
-    return Source(str(path), "generator", sampler_for=sampler_for, sample_shape=tuple(model.shape),
-                  num_classes=int(model.num_classes), info={"sampler": sampler, "guidance": guidance,
-                                                            "model_type": type(model).__name__},
-                  default_steps=(int(trained),) if trained else Source.default_steps)
+    info = {"sampler": sampler, "guidance": guidance, "model_type": type(model).__name__}
+    if text is not None:
+        import hashlib
+
+        info["prompts_sha256"] = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16]
+        info["resolution"] = model.meta.get("resolution")
+    shape = tuple(model.shape)
+    return Source(str(path), "generator", sampler_for=sampler_for, sample_shape=shape,
+                  num_classes=len(prompts) if text is not None else int(model.num_classes), info=info,
+                  default_steps=(int(trained),) if trained else Source.default_steps, prompts=prompts if text else None)
 
 
-def _load_model(path: Path, sampler: str, guidance: float) -> Source:
+def _load_model(path: Path, sampler: str, guidance: float, prompts=None, resolution=None) -> Source:
     from ..models import load_for_sampling
 
-    return _model_source(load_for_sampling(str(path)), path, sampler, guidance)
+    return _model_source(load_for_sampling(str(path), resolution=resolution), path, sampler, guidance, prompts)
 
 
-def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0) -> Source:
+def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0, prompts: list[str] | None = None,
+                resolution: int | None = None) -> Source:
     p = Path(path)
     if not p.exists() and not str(path).startswith("digits"):
         raise UserError(f"model {path!r} does not exist; pass a teacher folder, a run folder, an "
                         "exported pipeline or a folder/.npz of images")
-    return _load_images(p) or _load_model(p, sampler, guidance)
+    return _load_images(p) or _load_model(p, sampler, guidance, prompts, resolution)
