@@ -204,17 +204,28 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: Cond = None, *, s
 
 
 # -- features and a discriminator head -----------------------------------------------------------
-def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Cond = None):
+class _FeaturesCaught(Exception):
+    """Raised by the feature hook to stop a forward pass whose output is not needed."""
+
+
+def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Cond = None, *, need_x0: bool = True):
     """(x0, features): one denoiser evaluation, with `module`'s output caught by a forward hook
-    (DMD2 puts its classifier on the UNet's mid-block output, sec. 4.3)."""
+    (DMD2 puts its classifier on the UNet's mid-block output, sec. 4.3). With ``need_x0=False``
+    the pass stops at `module` (x0 is None): a classifier on the bottleneck never runs the decoder,
+    as DMD2's classify mode returns after the mid block."""
     caught = []
 
     def hook(m, _inp, out):
         caught.append(image_features(m, out))
+        if not need_x0:
+            raise _FeaturesCaught
 
     h = module.register_forward_hook(hook)
+    x0 = None
     try:
         x0 = denoiser(x, t, cond)
+    except _FeaturesCaught:
+        pass
     finally:
         h.remove()
     if not caught:
@@ -290,7 +301,7 @@ def feature_shape(denoiser: Denoiser, module: nn.Module, shape: Sequence[int]) -
     elif text:  # text-to-image: the empty prompt's condition
         cond = {k: v.to(x.device) for k, v in text.items()}
     t = torch.full((1,), denoiser.schedule.t_max, dtype=torch.float64)
-    return tuple(forward_with_features(denoiser, module, x, t, cond)[1].shape[1:])
+    return tuple(forward_with_features(denoiser, module, x, t, cond, need_x0=False)[1].shape[1:])
 
 
 class DiscHead(nn.Module):
@@ -337,7 +348,7 @@ def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: t
     """Discriminator logits of clean images seen through `denoiser`'s features at x_t (diffusion
     GAN: both real and fake are noised to the same kind of t, DMD2 sec. 4.3; LADD sec. 3)."""
     x_t = denoiser.schedule.add_noise(x_clean, torch.randn_like(x_clean), t)
-    _, feats = forward_with_features(denoiser, find_module(denoiser, module_name), x_t, t, cond)
+    _, feats = forward_with_features(denoiser, find_module(denoiser, module_name), x_t, t, cond, need_x0=False)
     return head(feats, cond)
 
 

@@ -100,3 +100,28 @@ def test_preview_and_collapse_watchdog(tmp_path):
     with pytest.warns(RuntimeWarning, match="collapse"):
         out = collapse_check(real[:100] * 0.1, real[100:])
     assert out["collapsed"] and 0.05 < out["diversity_ratio"] < 0.15
+
+
+def test_features_without_x0_stop_at_the_module():
+    """need_x0=False returns the same bottleneck features (and gradients to the input) without running
+    the decoder: the up blocks' hooks never fire."""
+    from stepdistill.fake_score import find_module, forward_with_features
+
+    teacher = tiny_teacher()
+    mod = find_module(teacher, "mid_block")
+    size = teacher.backbone.config.sample_size
+    x = torch.randn(3, teacher.backbone.config.in_channels, size, size, requires_grad=True)
+    t = torch.tensor([100.0, 500.0, 900.0])
+    cond = {"class_labels": torch.tensor([0, 1, 0])} if teacher.null_class is not None else None
+    ran = []
+    h = teacher.backbone.up_blocks[0].register_forward_hook(lambda *a: ran.append(1))
+    x0, full = forward_with_features(teacher, mod, x, t, cond)
+    assert ran and x0 is not None
+    ran.clear()
+    none, early = forward_with_features(teacher, mod, x, t, cond, need_x0=False)
+    h.remove()
+    assert none is None and not ran
+    torch.testing.assert_close(early, full)
+    (g_early,) = torch.autograd.grad(early.sum(), x)
+    (g_full,) = torch.autograd.grad(full.sum(), x)
+    torch.testing.assert_close(g_early, g_full)

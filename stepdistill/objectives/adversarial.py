@@ -87,7 +87,7 @@ class Adversarial(Objective):
         x_t = nets.teacher.schedule.add_noise(real_x, torch.randn_like(real_x), t)
 
         def d_of(xt):
-            return nets.disc(forward_with_features(nets.teacher, mod, xt, t, cond)[1], cond)
+            return nets.disc(forward_with_features(nets.teacher, mod, xt, t, cond, need_x0=False)[1], cond)
 
         return gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
 

@@ -241,7 +241,7 @@ class DMD(Objective):
             mod = find_module(fs, c.feature_module)
 
             def d_of(xt):
-                return nets.disc(forward_with_features(fs, mod, xt, t_r, fc)[1], fc)
+                return nets.disc(forward_with_features(fs, mod, xt, t_r, fc, need_x0=False)[1], fc)
 
             out["r1"] = c.r1_weight * gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
         return out
