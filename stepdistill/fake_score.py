@@ -97,14 +97,32 @@ class AdaptersOff(Denoiser):
         return self._inner.null_cond(cond)
 
     def forward(self, x, t, cond=None):
-        with adapters_disabled(self._inner):
+        # gradient checkpointing would recompute these blocks during backward, when the adapters
+        # are back on: with a graph to keep, this evaluation stores its activations instead
+        with adapters_disabled(self._inner), _no_checkpointing(self._inner, torch.is_grad_enabled()):
             return self._inner(x, t, cond)
+
+
+@contextlib.contextmanager
+def _no_checkpointing(module: nn.Module, active: bool = True):
+    """Switch diffusers' per-block gradient checkpointing off inside the block (then back)."""
+    flagged = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)] if active else []
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module | None):
     """Build a graph that reaches these modules' inputs but not their weights (the generator
-    phase differentiates through the fake score and the discriminator without training them)."""
+    phase differentiates through the fake score and the discriminator without training them).
+    The trainer already freezes every network a phase does not train, for the forward *and* the
+    backward (gradient checkpointing replays forwards during backward); this keeps objectives
+    correct when called outside the trainer."""
     params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)

@@ -45,6 +45,23 @@ class TrainingDiverged(UserError):
     """Too many non-finite updates in a row."""
 
 
+@contextlib.contextmanager
+def only_training(params: dict[str, list], trains):
+    """Networks a phase does not train are frozen for its forward *and* backward passes: the
+    generator phase backpropagates through the fake score without computing its weight gradients,
+    and gradient checkpointing replays each block's forward during backward under the same
+    requires_grad flags (toggling them between the two is an error). ``params``: trainable
+    parameters by network name."""
+    others = [p for n, ps in params.items() if n not in trains for p in ps]
+    for p in others:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in others:
+            p.requires_grad_(True)
+
+
 class PhaseStep(nn.Module):
     """The forward DDP wraps: one phase's losses."""
 
@@ -166,9 +183,11 @@ class Trainer:
         self._detector = None
 
     # -- one update ------------------------------------------------------------------------------
-    def _update(self, phase, repeat: int, window: Window) -> bool:
+    def _only_training(self, phase):
+        return only_training(self.params, phase.trains)
+
+    def _forward_backward(self, phase, repeat: int, window: Window, bad_loss: torch.Tensor) -> torch.Tensor:
         A = self.cfg.grad_accum
-        bad_loss = torch.zeros((), device=self.acc.device)
         for micro in range(A):
             batch = self.stream.batch(self.draws, step=self.step, phase=phase.name, repeat=repeat, micro=micro)
             self.draws += 1
@@ -186,6 +205,12 @@ class Trainer:
                                     "(every key starts with '_')")
                 bad_loss = torch.maximum(bad_loss, (~torch.isfinite(total.detach())).float())
                 self.acc.backward(total / A)
+        return bad_loss
+
+    def _update(self, phase, repeat: int, window: Window) -> bool:
+        bad_loss = torch.zeros((), device=self.acc.device)
+        with self._only_training(phase):
+            bad_loss = self._forward_backward(phase, repeat, window, bad_loss)
         if self.scaler is not None:
             for n in phase.trains:
                 self.scaler.unscale_(self.opts[n])
