@@ -365,16 +365,19 @@ class Trainer:
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images: latents of text-to-image teachers go through the VAE decoder (loaded
-        on first use, on the accelerator, in the teacher's dtype)."""
+        on first use in the teacher's dtype, on the accelerator only while it decodes)."""
         if not self.text_to_image:
             return x
-        if self._vae is None:
+        if self._vae is None:  # kept in host memory between previews: the accelerator holds only training state
             from ..t2i.pipeline import load_vae
 
-            self._vae = load_vae(self.teacher.info, device=self.acc.device, dtype=self.teacher.dtype)
+            self._vae = load_vae(self.teacher.info, device="cpu", dtype=self.teacher.dtype)
         from ..t2i.pipeline import decode_latents
 
-        return decode_latents(self._vae, x)
+        try:
+            return decode_latents(self._vae.to(self.acc.device), x)
+        finally:
+            self._vae.to("cpu")
 
     def evaluate(self) -> None:
         if not self.main:
