@@ -12,6 +12,22 @@ from stepdistill.denoisers import Denoiser
 torch.set_num_threads(1)
 
 
+def load_tool(name: str):
+    """A script in tools/ imported as a module (``tools`` is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def fill_zero_params(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give zero-initialised layers (output projections, adaLN-zero) random values, so a random
     backbone's output depends on every input and comparisons are not trivially zero == zero."""

@@ -2,25 +2,19 @@
 broken script is found here and not on a lent GPU."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+
 OBJECTIVES = ("dmd2", "sid", "consistency")
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "tools" / "gpu_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("gpu_bench")
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,17 @@
 parameter counting on the meta device against a real instantiation (tiny models, CPU, a few seconds)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+
 
 
 @pytest.fixture(scope="module")
 def mt():
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "tools" / "memory_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["memory_table"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("memory_table")
 
 
 # The formula leaves out per-token terms (norm statistics, attention log-sum-exp, modulation vectors),

@@ -3,12 +3,12 @@ that exist in their teacher's architecture (built on the meta device from the pu
 download, no weights)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # recipe -> (objective, student steps, backbone in tools/memory_table.py)
@@ -22,10 +22,7 @@ RECIPES = {  # recipe -> (objective, student steps, backbone in tools/memory_tab
 
 @pytest.fixture(scope="module")
 def backbones():
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "tools" / "memory_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["memory_table"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_tool("memory_table")
     cache = {}
 
     def get(key):
