@@ -161,11 +161,11 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype | None = None, *,
     text-to-image pipeline (a folder or a hub name; ``t2i.pipeline``) as a frozen denoiser in eval
     mode, with ``.meta`` (kind, num_classes, null_class, sample_size, in_channels, class_names, ...).
     ``resolution`` (pixels) applies to text-to-image teachers only."""
-    from .t2i.pipeline import is_text_to_image, load_t2i_teacher
+    from .t2i.pipeline import is_hub_name, is_text_to_image, load_t2i_teacher
 
     raw = str(path)
     path = Path(path).expanduser()
-    if not path.exists() and raw.count("/") == 1 and not raw.startswith((".", "/", "~")):  # a hub name such as stable-diffusion-v1-5/stable-diffusion-v1-5
+    if not path.exists() and is_hub_name(raw):  # e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
         return load_t2i_teacher(raw, dtype, resolution=resolution, trust_pickle=trust_pickle)
     if is_text_to_image(path):
         return load_t2i_teacher(path, dtype, resolution=resolution, trust_pickle=trust_pickle)

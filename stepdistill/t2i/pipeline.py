@@ -39,13 +39,19 @@ HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.saf
                 "scheduler/*.json", "tokenizer*/*"]
 
 
+def is_hub_name(name: str | os.PathLike) -> bool:
+    """Whether ``name`` reads as a hub repo id ("owner/name") rather than a local path."""
+    text = str(name)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
 def resolve_path(name: str | os.PathLike) -> Path:
     """A local pipeline folder, or a hub repo id fetched (safetensors only) into the hub cache."""
     p = Path(name).expanduser()
     if p.exists():
         return p
     text = str(name)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_hub_name(text):
         raise UserError(f"teacher {text!r} does not exist; pass a pipeline folder or a hub name like "
                         "stable-diffusion-v1-5/stable-diffusion-v1-5")
     from huggingface_hub import snapshot_download
