@@ -98,18 +98,23 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
     p = Path(path)
     from .train.run import is_run_dir, load_run_model
 
-    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA student
-        return load_run_model(p)
     from .export import is_export_dir, load_exported_model
 
+    student = is_run_dir(p) or is_export_dir(p)
+    if resolution is not None and student:
+        raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size, "
+                        "drop --resolution")
+    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA student
+        return load_run_model(p)
     if is_export_dir(p):  # a `stepdistill export` folder: the student rebuilt from weights + JSON
         return load_exported_model(p, trust_pickle=trust_pickle)
-    if resolution is not None and not (p / "model_index.json").is_file():
-        raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size")
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
         raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
                         f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")
     den = load_teacher(p, trust_pickle=trust_pickle, resolution=resolution)
+    if resolution is not None and den.meta.get("kind") != "text-to-image":
+        raise UserError(f"--resolution applies to text-to-image teachers; {str(p)!r} has a fixed sample size, "
+                        "drop --resolution")
     meta = dict(den.meta)
     if getattr(den, "info", None) is not None:
         meta["t2i"] = den.info

@@ -50,3 +50,19 @@ def test_eval_text_to_image_reports_fid_and_clip_score(tmp_path, clip_dir):  # n
         texts += [PROMPTS[int(k)] for k in labels]
     want = CLIPDetector(str(clip_dir)).clip_score(torch.cat(imgs), texts)
     assert abs(row["clip_score"] - want) < 1e-4
+
+
+def test_resolution_is_refused_where_it_cannot_apply(tmp_path):
+    """--resolution picks a text-to-image teacher's size; a pixel teacher (and a student) has a fixed one."""
+    import pytest
+
+    from stepdistill.errors import UserError
+    from stepdistill.models import load_for_sampling
+
+    with pytest.raises(UserError, match="drop --resolution"):
+        load_for_sampling("assets/teachers/digits16", resolution=32)
+    run = tmp_path / "run"  # a run folder's shape is enough: the refusal comes before loading
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="a student samples at its trained size"):
+        load_for_sampling(run, resolution=16)

@@ -42,15 +42,15 @@ SKIP_FILES = shutil.ignore_patterns("*.msgpack", "*.h5", "*.onnx", "*.onnx_data"
 def pipeline_timesteps(cfg: dict, kind: str, steps: int, latent_size: int) -> torch.Tensor:
     """The timesteps (float64) that the scheduler ``cfg`` runs when the ``kind`` pipeline's
     ``__call__(num_inference_steps=steps)`` sets them, through diffusers' own helpers."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    from ..t2i.pipeline import flux_mu
 
     sched = make_scheduler(cfg)
     if kind == "flux":
         # FluxPipeline.__call__: sigmas = linspace(1, 1/K, K) and mu from the packed sequence length
         # (a scheduler without use_dynamic_shifting ignores mu and applies its fixed shift)
-        mu = calculate_shift((latent_size // 2) ** 2, cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
+        mu = flux_mu(cfg, (latent_size // 2) ** 2)
         retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     else:
         # SD/SDXL call set_timesteps(K); SD3 too while use_dynamic_shifting is off (the student's

@@ -97,13 +97,13 @@ def vae_scale_factor(vae_config: dict) -> int:
 
 
 def flux_mu(scheduler_config: dict, image_seq_len: int) -> float:
-    """FLUX's resolution-dependent shift mu (FluxPipeline's calculate_shift: linear in the number
-    of packed latent tokens between (base_image_seq_len, base_shift) and (max_..., max_shift))."""
+    """The resolution-dependent shift mu, by diffusers' own ``calculate_shift`` (linear in the
+    number of image tokens between (base_image_seq_len, base_shift) and (max_..., max_shift))."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     c = scheduler_config
-    x1, x2 = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-    y1, y2 = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
-    m = (y2 - y1) / (x2 - x1)
-    return image_seq_len * m + (y1 - m * x1)
+    return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
 
 @dataclass
@@ -165,13 +165,12 @@ def inspect_pipeline(name: str | os.PathLike, resolution: int | None = None) -> 
     if kind == "flux":  # FLUX's transformer config has no sample size: FluxPipeline's default is 128 latents
         sample = 128
     res = int(resolution or int(sample) * vae_scale_factor(vcfg))
-    # latents must split into the backbone's patches: FLUX packs 2x2, SD3 patchifies by patch_size
-    patch = {"flux": 2, "sd3": int(bcfg.get("patch_size", 2) or 1)}.get(kind, 1)
-    step = vae_scale_factor(vcfg) * patch
+    info = TextToImageInfo(path, str(name), kind, str(index.get("_class_name")), folder, bcfg, scfg, vcfg, res)
+    step = info.scale * info.patch  # latents must split into the backbone's patches
     if res <= 0 or res % step:
         raise UserError(f"resolution {res} does not suit {kind} teacher {str(name)!r}: it must be a positive multiple "
                         f"of {step} (VAE factor x patch size); e.g. resolution={max(step, res // step * step)}")
-    return TextToImageInfo(path, str(name), kind, str(index.get("_class_name")), folder, bcfg, scfg, vcfg, res)
+    return info
 
 
 def teacher_schedule(info: TextToImageInfo):

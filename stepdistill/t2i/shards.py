@@ -144,7 +144,8 @@ class ShardedRows:
             f, j = self._handle(s), i - self._starts[s]
             for k in self.keys:
                 out[k].append(f.get_slice(k)[j:j + 1])
-        return {k: (torch.cat(v).float() if torch.cat(v).is_floating_point() else torch.cat(v)) for k, v in out.items()}
+        cat = {k: torch.cat(v) for k, v in out.items()}
+        return {k: v.float() if v.is_floating_point() else v for k, v in cat.items()}
 
     def extra(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
