@@ -21,7 +21,7 @@ from .schedules import bcast
 
 class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
-                 sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+                 sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: int | None = None):
         super().__init__()
         if boundary not in (None, "none", "lcm"):
             raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
@@ -33,6 +33,7 @@ class Student(nn.Module):
         self.register_buffer("timesteps", ts, persistent=False)
         self.boundary = None if boundary in (None, "none") else boundary
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+        self.first_timestep = None if first_timestep is None else int(first_timestep)  # see StudentConfig
 
     @property
     def steps(self) -> int:
@@ -85,7 +86,7 @@ class Student(nn.Module):
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         from .export.scheduler import student_timesteps  # as the exported scheduler runs `steps`
-        return student_timesteps(self.schedule, steps, self.boundary)
+        return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep)
 
 
 # -- building a student from a teacher --------------------------------------------------------------
@@ -96,6 +97,9 @@ from dataclasses import dataclass, field  # noqa: E402
 class StudentConfig:
     steps: Optional[int] = None          # K sampling steps; None = what the objective fixes, else 1
     boundary: Optional[str] = None       # None or "lcm" (consistency boundary condition, LCM eq. 8)
+    first_timestep: Optional[int] = None  # the generator's input timestep (VP teachers): unit noise enters there,
+                                         # as SiD's generator f(sigma_init z, sigma_init) with sigma_init = 2.5
+                                         # (t ~ 625 on SD's schedule); None = the last training timestep
     time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
                                          # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
@@ -180,4 +184,6 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
                             null_text=getattr(teacher, "null_text", None))
     from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
-    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary), boundary=cfg.boundary)
+    ft = cfg.first_timestep
+    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft), boundary=cfg.boundary,
+                   first_timestep=ft)

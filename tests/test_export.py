@@ -54,6 +54,26 @@ def test_default_lcm_grid_is_not_the_trailing_grid():
     assert student_timesteps(vp, 4).tolist() == [999, 749, 499, 249]
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_first_timestep_starts_an_index_uniform_grid_there(k):
+    """student.first_timestep = t: K timesteps index-uniform on {0..t} from t down (the trailing
+    rule on t + 1 indices), through the scheduler config alone."""
+    vp, t = _vp(), 625
+    want = [t - (i * (t + 1)) // k for i in range(k)]
+    assert student_timesteps(vp, k, first_timestep=t).tolist() == want
+    student = build_student(tiny_teacher(), StudentConfig(steps=k, first_timestep=t))
+    assert student.timesteps.tolist() == want and student.timesteps_for(1).tolist() == [t]
+
+
+def test_first_timestep_out_of_range_is_refused():
+    vp = _vp()
+    for bad in (400, 1000, 62.5):
+        with pytest.raises(UserError, match=r"first_timestep must be an integer in \[500, 999\]"):
+            student_timesteps(vp, 1, first_timestep=bad)
+    with pytest.raises(UserError, match="first_timestep is for VP"):
+        student_timesteps(FlowSchedule(), 1, first_timestep=600)
+
+
 @pytest.mark.parametrize("boundary", [None, "lcm"])
 def test_scheduler_boundary_matches_the_student(boundary):
     """diffusers' own c_skip/c_out at every timestep of 1..8-step grids: LCM's for boundary='lcm',
@@ -187,7 +207,8 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
     uncond_teacher = tiny_teacher()
     uncond_teacher.backbone = tiny_unet2d(num_class_embeds=None)
     uncond_teacher.null_class = None
-    uncond = build_student(uncond_teacher, StudentConfig(steps=2)).eval()
+    uncond = build_student(uncond_teacher, StudentConfig(steps=2, first_timestep=700)).eval()  # SiD-style start
+    assert uncond.timesteps.tolist() == [700, 350]
     uncond_dir = export_student(uncond, {"teacher": "tiny-unconditional"}, tmp_path / "uncond")
 
     trust = {"trust_remote_code": True}

@@ -48,17 +48,37 @@ def _boundary(boundary: str | None) -> str | None:
     return boundary
 
 
+def check_first_timestep(schedule: Schedule, first_timestep: int | None) -> int | None:
+    """A generator input timestep below the last training one (SiD's sigma_init) needs a VP schedule
+    and T/2 <= t < T: LCMScheduler's grid is ``range(1, n + 1) * (T // n) - 1`` for
+    ``original_inference_steps`` n, which ends at n - 1 = t only while T // n == 1."""
+    if first_timestep is None:
+        return None
+    if not isinstance(schedule, VPSchedule):
+        raise UserError(f"student.first_timestep is for VP (DDPM-family) teachers; this teacher's schedule is "
+                        f"{type(schedule).__name__}; set student.first_timestep=null")
+    t, n = int(first_timestep), int(schedule.num_train_timesteps)
+    if t != first_timestep or not n // 2 <= t <= n - 1:
+        raise UserError(f"student.first_timestep must be an integer in [{n // 2}, {n - 1}] (the exported LCMScheduler "
+                        f"can start its grid only there), got {first_timestep}; SiD's sigma_init = 2.5 is about 625 "
+                        "on SD's scaled_linear schedule")
+    return t
+
+
 def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
-                             steps: int | None = None) -> dict[str, Any]:
+                             steps: int | None = None, first_timestep: int | None = None) -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
     K-step student's timesteps and whose ``step`` is the student's sampling step (K = ``steps``;
-    only flow grids depend on it)."""
+    only flow grids depend on it; ``first_timestep`` moves a VP grid's first timestep down)."""
     boundary = _boundary(boundary)
+    first_timestep = check_first_timestep(schedule, first_timestep)
     if isinstance(schedule, VPSchedule):
         cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
         cfg["clip_sample"] = False  # the student's x0 is never clipped
         # every training index is on the grid: K-step timesteps are index-uniform ("trailing")
-        cfg["original_inference_steps"] = int(schedule.num_train_timesteps)
+        # (or every index up to first_timestep: then set_timesteps(1) = [first_timestep])
+        cfg["original_inference_steps"] = int(schedule.num_train_timesteps if first_timestep is None
+                                              else first_timestep + 1)
         cfg["timestep_scaling"] = LCM_TIMESTEP_SCALING if boundary == "lcm" else NO_BOUNDARY_TIMESTEP_SCALING
         return {"_class_name": "LCMScheduler", **cfg}
     if isinstance(schedule, FlowSchedule):
@@ -88,7 +108,8 @@ def make_scheduler(config: dict[str, Any]):
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None) -> torch.Tensor:
+def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None,
+                      first_timestep: int | None = None) -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
     ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
     if steps < 1:
@@ -97,7 +118,7 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
         return schedule.timesteps(steps)[:-1]
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
     sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None,
-                                                    steps))
+                                                    steps, first_timestep))
     if isinstance(schedule, FlowSchedule):
         schedule.set_timesteps(sched, steps)  # FLUX: the pipeline's linspace sigmas
     else:
