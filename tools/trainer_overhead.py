@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -120,9 +121,11 @@ def main() -> int:
             f"| bare PyTorch loop | {b:.4f} | {', '.join(f'{x:.4f}' for x in bare)} |\n\n"
             f"Overhead: {100 * (t / b - 1):+.1f} % (target: within 5 %).\n")
     spread = max(max(tr) / min(tr), max(bare) / min(bare))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text += f"\nLoad average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores.\n"
     if spread > 1.1:
-        text += (f"\n**Not resolved:** repeats of the same loop differ by up to {spread:.1f}x (other jobs on the "
-                 "machine), far more than the 5 % under test; re-run on an idle machine.\n")
+        text += (f"\n**Not resolved:** repeats of the same loop differ by up to {spread:.2f}x, more than the 5 % "
+                 "under test; more repeats (--repeats) narrow the medians.\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
