@@ -214,6 +214,8 @@ def test_bad_configs_and_students_are_refused(gauss):
             PD(PD.Config(**kw))
     with pytest.raises(UserError, match="steps=4"):
         PD().build(GaussianTeacher(sched, mu, sd), Student(Affine(sched), sched.timesteps(2)[:-1]))
+    with pytest.raises(UserError, match="first_timestep=null"):  # rounds halve the teacher's own grid
+        PD().build(GaussianTeacher(sched, mu, sd), Student(Affine(sched), [600.0, 300.0], first_timestep=600))
 
 
 # -- a tiny end-to-end distillation ---------------------------------------------------------------

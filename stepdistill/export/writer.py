@@ -67,7 +67,7 @@ def check_exportable(student, meta: dict | None = None) -> dict:
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
     cfg = student_scheduler_config(student.schedule, student.boundary, student.steps,
-                                   getattr(student, "first_timestep", None))
+                                   student.first_timestep)
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
     else:
@@ -123,7 +123,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
     custom = not t2i and (mode == "lora" or cfg["_class_name"] != "LCMScheduler")
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
-              "first_timestep": getattr(student, "first_timestep", None),
+              "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
               "null_class": meta.get("null_class") if conditional else None,

@@ -124,7 +124,7 @@ class Progressive(Objective):
         return int(self.cfg.final_steps)
 
     def build(self, teacher, student) -> dict:
-        if getattr(student, "first_timestep", None) is not None:
+        if student.first_timestep is not None:
             raise UserError("progressive: the student's grid is the halved teacher grid, which starts at the last "
                             "training timestep; set student.first_timestep=null")
         final = student_grid(student.schedule, self.cfg.final_steps)[:-1]
