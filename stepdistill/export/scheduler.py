@@ -114,6 +114,7 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
     ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
     if steps < 1:
         raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
+    check_first_timestep(schedule, first_timestep)  # before EDM's own grid, which has no such option
     if isinstance(schedule, EDMSchedule):
         return schedule.timesteps(steps)[:-1]
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
