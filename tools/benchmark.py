@@ -106,7 +106,8 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objectives", default="progressive,consistency,dmd,dmd2,sid,adversarial")
+    presets = sorted(x.stem for x in (ROOT / "configs" / "digits").glob("*.yaml"))
+    p.add_argument("--objectives", default=",".join(presets), help="presets of configs/digits/ (default: all)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget per objective in wall minutes (default: 10 for progressive and consistency, "
                         "15 for the others); a finished run (bench.json) is reused")
