@@ -97,6 +97,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="alternating trainer/bare measurements; medians reported")
     p.add_argument("--out", default=str(ROOT / "assets" / "benchmarks" / "trainer_overhead.md"))
     args = p.parse_args()
+    # other work on the cores, before this tool's own threads count towards the load average
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         teacher = ROOT / "assets" / "teachers" / "digits16"
@@ -121,8 +123,7 @@ def main() -> int:
             f"| bare PyTorch loop | {b:.4f} | {', '.join(f'{x:.4f}' for x in bare)} |\n\n"
             f"Overhead: {100 * (t / b - 1):+.1f} % (target: within 5 %).\n")
     spread = max(max(tr) / min(tr), max(bare) / min(bare))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    text += f"\nLoad average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores.\n"
+    text += f"\nLoad average (1 min) before the measurement: {load:.2f} on {os.cpu_count()} cores.\n"
     if spread > 1.1:
         text += (f"\n**Not resolved:** repeats of the same loop differ by up to {spread:.2f}x, more than the 5 % "
                  "under test; more repeats (--repeats) narrow the medians.\n")
