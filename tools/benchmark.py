@@ -32,6 +32,13 @@ BUDGET = {"progressive": 10.0, "consistency": 10.0}
 DEFAULT_BUDGET = 15.0
 
 
+def distill_presets() -> list[str]:
+    """Names of the distillation presets: configs/digits/*.yaml with an objective (teacher.yaml is
+    the pretrain config)."""
+    return sorted(x.stem for x in (ROOT / "configs" / "digits").glob("*.yaml")
+                  if "\nobjective:" in "\n" + x.read_text())
+
+
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
     """Run a CLI command, append its output to `log`; (wall seconds, peak RSS of that process in GiB)."""
     t0 = time.perf_counter()
@@ -106,8 +113,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    presets = sorted(x.stem for x in (ROOT / "configs" / "digits").glob("*.yaml"))
-    p.add_argument("--objectives", default=",".join(presets), help="presets of configs/digits/ (default: all)")
+    p.add_argument("--objectives", default=",".join(distill_presets()), help="presets of configs/digits/ (default: all)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget per objective in wall minutes (default: 10 for progressive and consistency, "
                         "15 for the others); a finished run (bench.json) is reused")
