@@ -96,3 +96,7 @@ def test_state_round_trips_through_a_checkpoint(name, tmp_path):
     for k in state:
         a, b = state[k], again[k]
         assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
+    # schedules tied to the objective's state resume with it (Objective.lr_factor)
+    for net in {n for ph in obj.phases() for n in ph.trains}:
+        f = obj.lr_factor(net)
+        assert isinstance(f, float) and 0.0 <= f <= 1.0 and fresh.lr_factor(net) == f, (net, f)

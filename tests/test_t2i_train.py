@@ -19,7 +19,7 @@ KINDS = ("sd", "sdxl", "sd3", "flux")
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "a small house"]
 
 OBJECTIVES = {
-    "progressive": {"name": "progressive", "start_steps": 4, "final_steps": 2, "iterations_per_round": 1},
+    "progressive": {"name": "progressive", "start_steps": 4, "final_steps": 2, "iterations_per_round": 2},
     "consistency": {"name": "consistency", "teacher_steps": 8},
     "dmd": {"name": "dmd", "guidance": 2.0, "cache_num": 4, "cache_steps": 2},
     "dmd2": {"name": "dmd2", "guidance": 2.0, "critic_repeats": 2, "gan_weight": 1e-3, "fake_lora_rank": 4},

@@ -283,3 +283,26 @@ def test_lora_fake_score_trains_its_adapters_only_and_resumes(tiny_teacher_dir, 
     assert any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it moved, so it trained
     _, res2 = run(tiny_teacher_dir, tiny_data_npz, out, **{**kw, "max_steps": 3})
     assert res2["step"] == 3
+
+
+def test_objective_lr_factor_anneals_progressive_rounds_and_budget_is_checked(tiny_teacher_dir, tiny_data_npz,
+                                                                              tmp_path):
+    """Progressive distillation's per-round linear annealing (Objective.lr_factor) reaches the
+    optimizer: the logged lr falls over each round and restarts with the next; a max_steps past the
+    last round's share (where the annealed lr is 0) is refused before any compute."""
+    from stepdistill.train import resolve
+
+    pd = {"objective.name": "progressive", "objective.start_steps": 4, "objective.final_steps": 1,
+          "objective.iterations_per_round": 4, "optim.student.lr": 1e-3, "optim.student.warmup_steps": 0,
+          "optim.student.lr_schedule": "constant", "max_steps": 8, "checkpoint_every": 8}
+    _, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "pd", **pd)
+    assert res["step"] == 8
+    lines = [json.loads(x) for x in (tmp_path / "pd" / "metrics.jsonl").read_text().splitlines()]
+    lr = [x["lr"]["student"] for x in lines]
+    assert lr == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4] * 2)  # update i of a round: 1 - i / 4
+    with pytest.raises(UserError, match="max_steps=9 runs past"):
+        resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r", **{**pd, "max_steps": 9}))
+    assert not (tmp_path / "r").exists()
+    cfg, _ = resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r",
+                                     **{**pd, "max_steps": 9, "objective.lr_anneal": "none"}))
+    assert cfg.max_steps == 9

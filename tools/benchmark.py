@@ -30,6 +30,9 @@ REF = "digits"  # all 1,797 real digits (--ref overrides)
 #: CPU-minute budgets the issues set: trajectory objectives 10, score-based and adversarial 15
 BUDGET = {"progressive": 10.0, "consistency": 10.0}
 DEFAULT_BUDGET = 15.0
+#: presets whose max_steps is part of the method (progressive: rounds x iterations_per_round, with the
+#: learning rate annealed to 0 in each round): the budget caps them, but max_steps is not lifted
+FIXED_LENGTH = {"progressive"}
 
 
 def distill_presets() -> list[str]:
@@ -95,9 +98,9 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
         info = json.loads(record.read_text())
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
+    length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
     cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml", f"output_dir={run_dir}",
-           f"max_minutes={minutes}", "max_steps=1000000", "preview_every=null", "eval_every=null",
-           "progress=false"]
+           f"max_minutes={minutes}", *length, "preview_every=null", "eval_every=null", "progress=false"]
     wall, peak = run(cmd, work / "log.txt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [x["it_s"] for x in lines if x.get("it_s")]

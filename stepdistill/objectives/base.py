@@ -74,6 +74,15 @@ class Objective:
     def on_step_end(self, nets: Nets, step: int) -> None:
         """Called after each outer iteration (target EMA, progressive rounds)."""
 
+    def check_budget(self, max_steps: int) -> None:
+        """Refuse (UserError) a run length the objective cannot use; called before any compute."""
+
+    def lr_factor(self, net: str) -> float:
+        """A factor on the configured learning rate of `net` at the coming update, for schedules tied
+        to the objective's own state (progressive distillation's per-round annealing). The trainer
+        applies it; the objective never touches an optimizer. Derived from the state, so it resumes."""
+        return 1.0
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -18,6 +18,11 @@ Why this one: the eps loss (weight SNR on the x0 error) gives no weight to the h
 few-step student starts and where eps = z carries no information, while plain x0 error neglects
 low noise; the max is x0 error at high noise and eps error at low noise. "snr_plus_one" (the v-loss,
 weight SNR + 1, also sec. 4) is offered as the alternative the paper reports as equally good.
+
+Learning rate. With ``lr_anneal="linear"`` (default) the student's learning rate falls linearly to 0
+over each round and restarts with the next, as in the paper's released configs (linear annealing over
+the steps of each halving); the trainer multiplies its own schedule by ``lr_factor``. A round then ends
+on settled weights, which become the next round's teacher.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+LR_ANNEALS = ("linear", "none")
 
 
 def pd_target(denoise, schedule: Schedule, z: torch.Tensor, t, t_mid, t_next, cond=None) -> torch.Tensor:
@@ -88,6 +94,9 @@ class Progressive(Objective):
         iterations_per_round: int = 1000  # outer iterations per round; the last round runs on past its share
         guidance: float = 1.0           # CFG scale of the round-1 (real) teacher; 1 = plain conditional
         weighting: str = "truncated_snr"  # "truncated_snr": max(SNR, 1) (sec. 4); "snr_plus_one": SNR + 1
+        lr_anneal: str = "linear"       # "linear": the student's lr falls linearly to 0 over each round and restarts
+                                        # (the paper's code: learning_rate_anneal_type linear over steps_per_iter);
+                                        # "none": the configured schedule alone
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -101,6 +110,8 @@ class Progressive(Objective):
                             f"got {c.start_steps} / {c.final_steps}; e.g. start_steps={c.final_steps * 16}")
         if c.iterations_per_round < 1:
             raise UserError(f"progressive: iterations_per_round must be >= 1, got {c.iterations_per_round}")
+        if c.lr_anneal not in LR_ANNEALS:
+            raise UserError(f"progressive: lr_anneal {c.lr_anneal!r} is unknown; use one of {', '.join(LR_ANNEALS)}")
         if c.weighting not in WEIGHTINGS:
             raise UserError(f"progressive: weighting {c.weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
         # student step counts, one per round: start/2, start/4, ..., K
@@ -122,6 +133,21 @@ class Progressive(Objective):
 
     def student_steps(self) -> int:
         return int(self.cfg.final_steps)
+
+    def check_budget(self, max_steps: int) -> None:
+        if self.cfg.lr_anneal == "linear" and max_steps > self.total_iterations:
+            raise UserError(f"progressive: max_steps={max_steps} runs past the last round's share "
+                            f"({len(self.rounds)} rounds x iterations_per_round={self.cfg.iterations_per_round} = "
+                            f"{self.total_iterations}), where lr_anneal=linear has brought the learning rate to 0; "
+                            f"set max_steps={self.total_iterations}, raise objective.iterations_per_round, or set "
+                            "objective.lr_anneal=none")
+
+    def lr_factor(self, net: str) -> float:
+        """Linear annealing to 0 over each round, restarted by the next (the paper's released code anneals
+        linearly over each halving's steps); 1 with lr_anneal=none."""
+        if self.cfg.lr_anneal == "none":
+            return 1.0
+        return max(0.0, 1.0 - self.iteration / self.cfg.iterations_per_round)
 
     def build(self, teacher, student) -> dict:
         if student.first_timestep is not None:

@@ -81,6 +81,7 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     need(cfg.log_with is None or cfg.log_with in TRACKERS,
          f"log_with {cfg.log_with!r} is not an accelerate tracker; use one of {TRACKERS} or null")
     need(cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    objective.check_budget(int(cfg.max_steps))
     phases = objective.phases()
     need(bool(phases), f"objective {objective.name!r} declares no phases")
     for ph in phases:

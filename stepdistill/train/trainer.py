@@ -148,7 +148,7 @@ class Trainer:
         for n, ps in self.params.items():
             if not ps:
                 raise UserError(f"network {n!r} has no trainable parameters")
-        self.opts, self.scheds, self.clip = {}, {}, {}
+        self.opts, self.scheds, self.clip, self.last_lr = {}, {}, {}, {}
         from diffusers.optimization import get_scheduler
 
         for n in self.trained:
@@ -159,6 +159,7 @@ class Trainer:
             self.scheds[n] = get_scheduler(o.lr_schedule, self.opts[n], num_warmup_steps=o.warmup_steps,
                                            num_training_steps=max(1, cfg.max_steps * per_step))
             self.clip[n] = math.inf if o.max_grad_norm is None else float(o.max_grad_norm)
+            self.last_lr[n] = self.scheds[n].get_last_lr()[0]  # the lr of the coming update (see _apply_lr_factor)
         self.model = self.acc.prepare(PhaseStep(self.nets, objective))
         self.scaler = getattr(self.acc, "scaler", None)
         self.ema = StudentEMA(self.student, cfg.ema) if cfg.ema.decay is not None else None
@@ -207,6 +208,13 @@ class Trainer:
                 self.acc.backward(total / A)
         return bad_loss
 
+    def _apply_lr_factor(self, n: str) -> None:
+        """The LR schedule's value times the objective's factor (``Objective.lr_factor``)."""
+        f = self.objective.lr_factor(n)
+        for group, lr in zip(self.opts[n].param_groups, self.scheds[n].get_last_lr(), strict=True):
+            group["lr"] = lr * f
+        self.last_lr[n] = self.opts[n].param_groups[0]["lr"]  # what the log reports: the schedule's step resets it
+
     def _update(self, phase, repeat: int, window: Window) -> bool:
         bad_loss = torch.zeros((), device=self.acc.device)
         with self._only_training(phase):
@@ -226,10 +234,12 @@ class Trainer:
         if self.scaler is not None:
             # fp16 loss scaling: an overflow is the scaler's business (it skips and lowers the scale)
             for n in phase.trains:
+                self._apply_lr_factor(n)
                 self.scaler.step(self.opts[n])
             self.scaler.update()
         elif ok:
             for n in phase.trains:
+                self._apply_lr_factor(n)
                 self.opts[n].step()
         if ok:
             for n in phase.trains:
@@ -252,6 +262,20 @@ class Trainer:
         return ok
 
     # -- the loop --------------------------------------------------------------------------------
+    def train_step(self, window: Window) -> None:
+        """One outer iteration: every phase's updates in their declared ratio, the EMA, the
+        objective's end-of-step hook. No I/O: logging, previews and checkpoints are the loop's."""
+        stepped_student = False
+        for ph in self.phases:
+            for r in range(ph.repeats):
+                if self._update(ph, r, window) and "student" in ph.trains:
+                    stepped_student = True
+        if stepped_student and self.ema is not None:
+            self.ema.step()
+        self.objective.on_step_end(self.nets, self.step + 1)
+        self.step += 1
+        window.steps += 1
+
     def train(self) -> dict:
         cfg = self.cfg
         window = Window()
@@ -260,16 +284,7 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.step < cfg.max_steps and not self._out_of_time(start):
-                stepped_student = False
-                for ph in self.phases:
-                    for r in range(ph.repeats):
-                        if self._update(ph, r, window) and "student" in ph.trains:
-                            stepped_student = True
-                if stepped_student and self.ema is not None:
-                    self.ema.step()
-                self.objective.on_step_end(self.nets, self.step + 1)
-                self.step += 1
-                window.steps += 1
+                self.train_step(window)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     rec = self._log(window)
                     bar.update(self.step, " ".join(f"{k}={v:.4g}" for k, v in rec["losses"].items()) +
@@ -310,7 +325,7 @@ class Trainer:
         if self.world > 1 and keys:
             vals = self.acc.reduce(torch.tensor([means[k] for k in keys], device=self.acc.device), "mean")
             means = dict(zip(keys, vals.tolist()))
-        rec = {"step": self.step, "losses": means, "lr": {n: s.get_last_lr()[0] for n, s in self.scheds.items()},
+        rec = {"step": self.step, "losses": means, "lr": dict(self.last_lr),
                "it_s": window.rate(), "skipped": window.skipped, "skipped_total": self.skipped_total,
                "train_seconds": round(self.seconds, 3)}
         self.log.write(rec)
