@@ -91,7 +91,8 @@ class Progressive(Objective):
     class Config:
         start_steps: int = 64           # DDIM steps of the round-1 teacher; round 1's student takes half
         final_steps: int = 4            # K: the last round's student steps (= the exported step count)
-        iterations_per_round: int = 1000  # outer iterations per round; the last round runs on past its share
+        iterations_per_round: int = 1000  # outer iterations per round; with lr_anneal=none the last round
+                                          # runs on past its share (linear: max_steps <= rounds x this)
         guidance: float = 1.0           # CFG scale of the round-1 (real) teacher; 1 = plain conditional
         weighting: str = "truncated_snr"  # "truncated_snr": max(SNR, 1) (sec. 4); "snr_plus_one": SNR + 1
         lr_anneal: str = "linear"       # "linear": the student's lr falls linearly to 0 over each round and restarts
