@@ -30,8 +30,8 @@ REF = "digits"  # all 1,797 real digits (--ref overrides)
 #: CPU-minute budgets the issues set: trajectory objectives 10, score-based and adversarial 15
 BUDGET = {"progressive": 10.0, "consistency": 10.0}
 DEFAULT_BUDGET = 15.0
-#: presets whose max_steps is part of the method (progressive: rounds x iterations_per_round, with the
-#: learning rate annealed to 0 in each round): the budget caps them, but max_steps is not lifted
+#: presets whose max_steps is part of the method (progressive: rounds x iterations_per_round; with
+#: objective.lr_anneal=linear a longer run is refused): the budget caps them, but max_steps is not lifted
 FIXED_LENGTH = {"progressive"}
 
 
