@@ -6,6 +6,11 @@ multi-step consistency models (Song et al., 2023, Alg. 1) and DMD2 students (Yin
 sec. 4.5) do. ``boundary="lcm"`` wraps the x0 prediction in the consistency boundary condition
 f = c_skip(t) x + c_out(t) x0_hat of LCM (Luo et al., 2023, eq. 8; diffusers' LCMScheduler with
 timestep_scaling 10), so that f(x, t) -> x as t -> 0 exactly as the exported LCMScheduler computes it.
+
+``sampler="ddim"`` makes the step between timesteps deterministic instead: DDIM (Song et al., 2021,
+eq. 12) from the x0 estimate to the next timestep, the sampler of multistep consistency models
+(Heek et al., 2024, Alg. 2) and phased consistency models (Wang et al., 2024, sec. 3), whose
+consistency function on the segment [t_{i+1}, t_i] is that DDIM jump (``Student.jump``).
 """
 from __future__ import annotations
 
@@ -21,8 +26,12 @@ from .schedules import bcast
 
 class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
-                 sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: int | None = None):
+                 sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: int | None = None,
+                 sampler: str | None = "renoise"):
         super().__init__()
+        from .export.scheduler import check_sampler
+
+        self.sampler = check_sampler(sampler)
         if boundary not in (None, "none", "lcm"):
             raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
         ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
@@ -56,17 +65,47 @@ class Student(nn.Module):
 
     def forward(self, noise: torch.Tensor, cond: Cond = None, *, steps: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample with the first `steps` timesteps (default: all). Fresh noise between steps is
-        drawn from `generator` (or the global generator)."""
+        """Sample with `steps` timesteps (default: the trained ones). Fresh noise between steps is
+        drawn from `generator` (or the global generator); a "ddim" student draws none."""
         ts = self.timesteps if steps is None else self.timesteps_for(steps)
         x = self.schedule.prior(noise, ts[0])
         for i, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
             if i + 1 == len(ts):
                 return x0
-            z = self.fresh_noise(noise, generator)
-            x = self.schedule.add_noise(x0, z, ts[i + 1])
+            if self.sampler == "ddim":
+                x = self.ddim_to(x, x0, t, ts[i + 1])
+            else:
+                x = self.schedule.add_noise(x0, self.fresh_noise(noise, generator), ts[i + 1])
         raise AssertionError("unreachable")
+
+    def ddim_to(self, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
+        """Deterministic DDIM step (Song et al., 2021, eq. 12) from (x, t) with x0 estimate x0 to
+        t_next (per-sample times allowed): sqrt(ab_next) x0 + sqrt(1 - ab_next) eps_hat."""
+        from .sampling import ddim_step
+
+        a, s = (bcast(v, x) for v in self.schedule.alpha_sigma(torch.as_tensor(t, device=x.device)))
+        an, sn = (bcast(v, x) for v in self.schedule.alpha_sigma(torch.as_tensor(t_next, device=x.device)))
+        return ddim_step(x, x0, a, s, an, sn).to(x.dtype)
+
+    def segment_end(self, t: torch.Tensor) -> torch.Tensor:
+        """Per sample, the lower end of the sampling segment that t lies in: the next of the
+        student's timesteps below t, or clean data below the last (times above the first belong
+        to the first segment)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.timesteps.device)
+        ends = torch.cat([self.timesteps[1:], self.timesteps.new_tensor([self.schedule.t_clean])])
+        # segment i is (ts[i+1], ts[i]] (ts descending): ts[0..i] are >= t, so i = count - 1
+        i = ((self.timesteps[None, :] >= t.reshape(-1, 1)).sum(1) - 1).clamp_min(0)
+        return ends[i]
+
+    def jump(self, x: torch.Tensor, t, t_end, cond: Cond = None) -> torch.Tensor:
+        """The multistep consistency function (Heek et al., 2024; Wang et al., 2024, eq. 6): the
+        x0 estimate at (x, t), carried by DDIM to t_end; at clean t_end it is the x0 estimate."""
+        x0 = self.denoise(x, t, cond)
+        t_end = torch.as_tensor(t_end, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        out = self.ddim_to(x, x0, t, t_end)
+        _, s_end = self.schedule.alpha_sigma(t_end)
+        return torch.where(bcast(s_end == 0, x).bool(), x0, out)
 
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The re-noising draw between steps, in the layout the exported pipeline's scheduler draws
@@ -86,7 +125,7 @@ class Student(nn.Module):
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         from .export.scheduler import student_timesteps  # as the exported scheduler runs `steps`
-        return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep)
+        return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep, self.sampler)
 
 
 # -- building a student from a teacher --------------------------------------------------------------
@@ -102,6 +141,9 @@ class StudentConfig:
                                          # (t ~ 625 on SD's schedule); None = the last training timestep
     time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
                                          # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
+    sampler: Optional[str] = None        # step between timesteps: "renoise" (fresh noise, consistency/DMD2
+                                         # students) or "ddim" (deterministic); None = what the objective
+                                         # fixes, else "renoise"
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
     lora_alpha: Optional[float] = None   # LoRA scale numerator (None = rank, i.e. scale 1)
     lora_dropout: float = 0.0
@@ -184,6 +226,6 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
                             null_text=getattr(teacher, "null_text", None))
     from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
-    ft = cfg.first_timestep
-    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft), boundary=cfg.boundary,
-                   first_timestep=ft)
+    ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
+    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
+                   first_timestep=ft, sampler=sampler)

@@ -23,7 +23,8 @@ WITHOUT_RESOURCES = {"dmd": {"regression_weight": 0.0}}
 #: teacher's own backbone (one copy of the weights)
 CASES = [(n, {}) for n in NAMES] + [
     (n, {"fake_lora_rank": 2}) for n in NAMES
-    if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__]
+    if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__] + [
+    ("consistency", {"multistep": True})]  # a deterministic "ddim" student with per-segment targets
 
 
 def _setup(name, extra=None):
@@ -33,7 +34,8 @@ def _setup(name, extra=None):
     cls = get_objective(name)
     obj = cls(cls.Config(**{**WITHOUT_RESOURCES.get(name, {}), **(extra or {})}))
     teacher = tiny_teacher().requires_grad_(False)
-    student = build_student(teacher, StudentConfig(steps=obj.student_steps() or 1))
+    student = build_student(teacher, StudentConfig(steps=obj.student_steps() or (2 if obj.student_sampler() else 1),
+                                                   sampler=obj.student_sampler()))
     nets = Nets(teacher=teacher, student=student, **(obj.build(teacher, student) or {}))
     return obj, nets
 
@@ -44,7 +46,7 @@ def _batch(seed=0):
             "rng": BatchRandom(seed, B, slice(0, B))}
 
 
-@pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}{'-lora' if e else ''}" for n, e in CASES])
+@pytest.mark.parametrize("name,extra", CASES, ids=[n + "".join(f"-{k}" for k in e) for n, e in CASES])
 def test_losses_and_gradients_per_phase(name, extra):
     obj, nets = _setup(name, extra)
     assert not any(p.requires_grad for k, p in nets.teacher.named_parameters() if "lora_" not in k)

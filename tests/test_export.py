@@ -118,6 +118,41 @@ def test_flow_student_runs_as_the_stochastic_flow_scheduler(tmp_path):
     torch.testing.assert_close(got, _student_sample(student, LABELS), rtol=0, atol=1e-4)
 
 
+def test_deterministic_students_export_ddim_schedulers(tmp_path):
+    """sampler "ddim": VP grids are the re-noising students' own (DDIMScheduler, trailing); a flow
+    student runs as the deterministic Euler flow scheduler in the shipped pipeline; exports load back
+    as "ddim" students."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.export.pipeline import StepDistillPipeline
+    from stepdistill.models import load_for_sampling
+
+    vp = _vp()
+    for k in (1, 2, 4, 8):
+        assert student_timesteps(vp, k, sampler="ddim").tolist() == student_timesteps(vp, k).tolist()
+    with pytest.raises(UserError, match="boundary"):
+        student_scheduler_config(vp, "lcm", 4, sampler="ddim")
+    with pytest.raises(UserError, match="sampler"):
+        student_scheduler_config(vp, None, 4, sampler="heun")
+    with pytest.raises(UserError, match="divides"):  # DDIMScheduler would step 333 -> 0, not to clean data
+        student_timesteps(vp, 3, sampler="ddim")
+    flow = FlowSchedule({"shift": 3.0})
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), flow, null_class=2)
+    student = build_student(teacher, StudentConfig(steps=3, sampler="ddim")).eval()
+    out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "flow")
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is False
+    pipe = StepDistillPipeline(unet=UNet2DModel.from_pretrained(out / "unet"),
+                               scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
+                               trained_steps=3)
+    got = pipe(class_labels=LABELS, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    torch.testing.assert_close(got, _student_sample(student, LABELS), rtol=0, atol=1e-4)
+    model = load_for_sampling(out)
+    assert model.student.sampler == "ddim"
+    torch.testing.assert_close(_student_sample(model.student, LABELS), got, rtol=0, atol=1e-4)
+    assert "deterministic DDIM step" in (out / "README.md").read_text()
+
+
 def test_edm_teachers_are_refused():
     with pytest.raises(UserError, match="EDM"):
         student_scheduler_config(EDMSchedule())
@@ -211,6 +246,10 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
     uncond = build_student(uncond_teacher, StudentConfig(steps=2, first_timestep=700)).eval()  # SiD-style start
     assert uncond.timesteps.tolist() == [700, 350]
     uncond_dir = export_student(uncond, {"teacher": "tiny-unconditional"}, tmp_path / "uncond")
+    # a deterministic (multistep consistency) student: diffusers' DDIMScheduler in the same pipeline
+    ddim = build_student(tiny_teacher(), StudentConfig(steps=4, sampler="ddim")).eval()
+    ddim_dir = export_student(ddim, {"num_classes": 2, "null_class": 2}, tmp_path / "ddim")
+    assert json.loads((ddim_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
 
     trust = {"trust_remote_code": True}
     k2 = {"class_labels": LABELS, "batch_size": 3, "num_inference_steps": 2, "output_type": "pt"}
@@ -219,11 +258,13 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
                      "call": {"class_labels": LABELS, "output_type": "latent"}},
             "fused": {"dir": str(fused_dir), "load": {}, "call": {**k2, "num_inference_steps": 4}},
             "uncond": {"dir": str(uncond_dir), "load": {},
-                       "call": {"batch_size": 3, "num_inference_steps": 2, "output_type": "np"}}}
+                       "call": {"batch_size": 3, "num_inference_steps": 2, "output_type": "np"}},
+            "ddim": {"dir": str(ddim_dir), "load": {}, "call": {**k2, "num_inference_steps": 4}}}
     for job in jobs.values():
         job["seed"] = SEED
     got, stdout = _run_without_stepdistill(jobs, tmp_path)
     assert "full ConsistencyModelPipeline" in stdout and "uncond ConsistencyModelPipeline" in stdout
+    assert "ddim ConsistencyModelPipeline" in stdout
     assert "lora StepDistillPipeline" in stdout
 
     full, meta = load_run(runs["full"])
@@ -237,6 +278,7 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
     torch.testing.assert_close(got["fused"], image(_student_sample(lora, LABELS)), rtol=0, atol=1e-4)
     want = image(_student_sample(uncond, None, n=3)).permute(0, 2, 3, 1)
     torch.testing.assert_close(got["uncond"], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["ddim"], image(_student_sample(ddim, LABELS)), rtol=0, atol=1e-4)
     # the LoRA export carries the teacher's weights; only the adapters make it the student
     weights = "unet/diffusion_pytorch_model.safetensors"
     teacher_w, base_w = load_file(tiny_teacher_dir / weights), load_file(lora_dir / weights)

@@ -38,6 +38,10 @@ def _t2i_usage(record: dict, folder: str) -> list[str]:
     return lines + [f"image = pipe({', '.join(call)}).images[0]"]
 
 
+SAMPLER_WORDS = {"renoise": "x0 estimate re-noised with fresh noise (multi-step consistency sampling)",
+                 "ddim": "deterministic DDIM step from the x0 estimate (multistep consistency sampling)"}
+
+
 def _t2i_notes(record: dict, scheduler_cfg: dict) -> list[str]:
     k, sched = record["steps"], scheduler_cfg["_class_name"]
     lines = [f"This is diffusers' own `{record['pipeline']}` (no custom code) with the student's "
@@ -46,7 +50,7 @@ def _t2i_notes(record: dict, scheduler_cfg: dict) -> list[str]:
              f"pipeline calls it, gives exactly the timesteps the student was trained at; do not replace it. Pass "
              f"`num_inference_steps={k}` (the pipeline's default is a many-step count) and "
              f"`guidance_scale={record['guidance_scale']}`: {record['guidance_note']}.", ""]
-    if record["pipeline_kind"] in ("sd3", "flux"):
+    if record["pipeline_kind"] in ("sd3", "flux") and (record.get("sampler") or "renoise") == "renoise":
         lines += [f"`{record['pipeline']}` passes no `generator` to the scheduler's step, so with more than one step "
                   "the re-noising between steps draws from torch's global generator: call `torch.manual_seed(...)` "
                   "as well as passing `generator` for reproducible samples.", ""]
@@ -99,6 +103,7 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
         f"| training steps | {record.get('training_step')} |",
         f"| weights | {weights}{' (EMA)' if record.get('ema') else ''} |",
         f"| boundary condition | {record.get('boundary') or 'none'} |",
+        f"| between steps | {SAMPLER_WORDS[record.get('sampler') or 'renoise']} |",
         f"| scheduler | `{scheduler_cfg['_class_name']}` |", "",
         "## Use", "", "```python", *usage_lines(record, custom), "```", "",
     ]

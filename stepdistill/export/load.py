@@ -39,7 +39,8 @@ def load_exported(path, *, trust_pickle: bool = False):
         schedule = schedule_from_config(sched_cfg)
     boundary = record.get("boundary")
     first = record.get("first_timestep")
-    expected = student_scheduler_config(schedule, boundary, int(record["steps"]), first)
+    sampler = record.get("sampler") or "renoise"  # exports written before the option re-noised
+    expected = student_scheduler_config(schedule, boundary, int(record["steps"]), first, sampler)
     for key in ("_class_name", "timestep_scaling", "original_inference_steps", "stochastic_sampling"):
         if key in expected and sched_cfg.get(key) != expected[key]:
             raise UserError(f"{str(p)!r}: scheduler/scheduler_config.json has {key}={sched_cfg.get(key)!r} but the "
@@ -49,8 +50,8 @@ def load_exported(path, *, trust_pickle: bool = False):
     if record.get("mode") == "lora":
         load_lora(unet, p / LORA_WEIGHT_NAME, prefix=folder)
     den = DiffusersDenoiser(unet, schedule, null_class=record.get("null_class"))
-    student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary, first), boundary=boundary,
-                      first_timestep=first)
+    student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary, first, sampler),
+                      boundary=boundary, first_timestep=first, sampler=sampler)
     if not torch.equal(student.timesteps, torch.tensor(record["timesteps"], dtype=torch.float64)):
         raise UserError(f"{str(p)!r}: the scheduler gives timesteps {student.timesteps.tolist()}, but the student was "
                         f"trained at {record['timesteps']}; restore the exported scheduler config")

@@ -10,7 +10,8 @@ custom-pipeline mechanism (``model_index.json``: ``"_class_name": ["pipeline",
 Sampling is the scheduler's own loop: the exported scheduler (``LCMScheduler`` for VP models,
 ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` for flow models) predicts x0 at each
 of its timesteps and re-noises it with fresh noise from ``generator`` to the next one, the
-multi-step consistency sampler (Song et al., 2023, Alg. 1).
+multi-step consistency sampler (Song et al., 2023, Alg. 1); a deterministic student's
+``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler`` steps from that x0 by DDIM instead.
 """
 from __future__ import annotations
 

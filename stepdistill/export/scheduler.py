@@ -14,6 +14,12 @@ its timesteps and re-noises that x0 with *fresh* noise to the next one. In diffu
 * Flow teachers: ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, whose step is
   x_next = (1 - s_next) x0_hat + s_next z: the same re-noising on the rectified-flow path; its
   ``shift_terminal`` ends a K-step grid at the shifted 1/K rather than next to clean data.
+* ``sampler="ddim"`` (multistep consistency students, whose step is deterministic): DDIM (Song et
+  al., 2021, eq. 12) from the student's x0 to the next timestep, x_next = sqrt(ab_next) x0_hat +
+  sqrt(1 - ab_next) eps_hat. VP teachers: ``DDIMScheduler`` (trailing spacing, alpha-bar 1 after the
+  last step, eta 0 as every diffusers pipeline calls it); flow teachers: the same
+  ``FlowMatchEulerDiscreteScheduler`` without ``stochastic_sampling``, whose Euler step on the
+  rectified-flow path is that DDIM step.
 * EDM teachers: diffusers has no scheduler whose step is "x0, then fresh noise at the next sigma"
   for EDM's preconditioned backbones (``CMStochasticIterativeScheduler`` feeds the network
   1000 * c_noise and applies its own boundary), so export refuses them.
@@ -35,6 +41,9 @@ NO_BOUNDARY_TIMESTEP_SCALING = 1e6
 #: diffusers' LCMScheduler fixes sigma_data at 0.5 in get_scalings_for_boundary_condition_discrete
 LCM_SIGMA_DATA = 0.5
 
+#: the student's step between its timesteps: "renoise" (x0, then fresh noise) or "ddim" (deterministic)
+SAMPLERS = ("renoise", "ddim")
+
 _LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
              "prediction_type", "set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr",
              "timestep_spacing", "clip_sample")
@@ -46,6 +55,13 @@ def _boundary(boundary: str | None) -> str | None:
     if boundary != "lcm":
         raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
     return boundary
+
+
+def check_sampler(sampler: str | None) -> str:
+    sampler = sampler or "renoise"
+    if sampler not in SAMPLERS:
+        raise UserError(f"student sampler {sampler!r} is not supported; use one of {', '.join(SAMPLERS)}")
+    return sampler
 
 
 def check_first_timestep(schedule: Schedule, first_timestep: int | None) -> int | None:
@@ -66,12 +82,33 @@ def check_first_timestep(schedule: Schedule, first_timestep: int | None) -> int 
 
 
 def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
-                             steps: int | None = None, first_timestep: int | None = None) -> dict[str, Any]:
+                             steps: int | None = None, first_timestep: int | None = None,
+                             sampler: str | None = "renoise") -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
     K-step student's timesteps and whose ``step`` is the student's sampling step (K = ``steps``;
-    only flow grids depend on it; ``first_timestep`` moves a VP grid's first timestep down)."""
+    only flow grids depend on it; ``first_timestep`` moves a VP grid's first timestep down;
+    ``sampler`` is the step between timesteps, "renoise" or "ddim")."""
     boundary = _boundary(boundary)
     first_timestep = check_first_timestep(schedule, first_timestep)
+    sampler = check_sampler(sampler)
+    if sampler == "ddim" and boundary is not None:
+        raise UserError("a deterministic (sampler 'ddim') student maps to its next timestep, not to clean data, so it "
+                        "has no consistency boundary condition to apply; set student.boundary=null")
+    if sampler == "ddim" and first_timestep is not None:
+        raise UserError("the exported DDIMScheduler starts its grid at the last training timestep; set "
+                        "student.first_timestep=null for a sampler 'ddim' student")
+    if isinstance(schedule, VPSchedule) and sampler == "ddim":
+        n = int(schedule.num_train_timesteps)
+        if steps and n % int(steps):
+            # DDIMScheduler steps from t to t - n // K: the next grid point (and clean data after the
+            # last) only when K divides n
+            raise UserError(f"a sampler 'ddim' student needs a step count that divides the teacher's {n} training "
+                            f"timesteps (the exported DDIMScheduler steps by {n} // K), got {steps}; use e.g. "
+                            "1, 2, 4 or 8")
+        cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
+        # index-uniform K-step grid from T - 1 ([999, 749, 499, 249]); the last step lands on alpha-bar 1
+        cfg.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False)
+        return {"_class_name": "DDIMScheduler", **cfg}
     if isinstance(schedule, VPSchedule):
         cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
         cfg["clip_sample"] = False  # the student's x0 is never clipped
@@ -85,7 +122,8 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
         if boundary is not None:
             raise UserError("boundary='lcm' has no flow-matching scheduler in diffusers; train the flow student "
                             "with student.boundary=null")
-        cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config, "stochastic_sampling": True}
+        cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config,
+               "stochastic_sampling": sampler == "renoise"}
         if steps and steps > 1 and not getattr(schedule, "linspace_sigmas", False):
             # set_timesteps(K) alone spaces K sigmas from 1 down to the training grid's last (~0.003 at
             # shift 3), so a K-step student's last step would sit at clean data. shift_terminal stretches
@@ -109,17 +147,18 @@ def make_scheduler(config: dict[str, Any]):
 
 
 def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None,
-                      first_timestep: int | None = None) -> torch.Tensor:
+                      first_timestep: int | None = None, sampler: str | None = "renoise") -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
     ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
     if steps < 1:
         raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
     check_first_timestep(schedule, first_timestep)  # before EDM's own grid, which has no such option
+    sampler = check_sampler(sampler)
     if isinstance(schedule, EDMSchedule):
         return schedule.timesteps(steps)[:-1]
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
     sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None,
-                                                    steps, first_timestep))
+                                                    steps, first_timestep, sampler))
     if isinstance(schedule, FlowSchedule):
         schedule.set_timesteps(sched, steps)  # FLUX: the pipeline's linspace sigmas
     else:

@@ -67,7 +67,7 @@ def check_exportable(student, meta: dict | None = None) -> dict:
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
     cfg = student_scheduler_config(student.schedule, student.boundary, student.steps,
-                                   student.first_timestep)
+                                   student.first_timestep, student.sampler)
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
     else:
@@ -121,9 +121,9 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     conditional = not t2i and (student.denoiser.null_class is not None or bool(backbone.config.get("num_class_embeds")))
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
-    custom = not t2i and (mode == "lora" or cfg["_class_name"] != "LCMScheduler")
+    custom = not t2i and (mode == "lora" or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
-              "first_timestep": student.first_timestep,
+              "sampler": student.sampler, "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
               "null_class": meta.get("null_class") if conditional else None,

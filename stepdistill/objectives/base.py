@@ -71,6 +71,10 @@ class Objective:
         """The step count the student is trained for, if the objective fixes it."""
         return None
 
+    def student_sampler(self) -> str | None:
+        """The student's step between timesteps ("renoise" or "ddim"), if the objective fixes it."""
+        return None
+
     def on_step_end(self, nets: Nets, step: int) -> None:
         """Called after each outer iteration (target EMA, progressive rounds)."""
 

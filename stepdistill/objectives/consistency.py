@@ -23,6 +23,17 @@ LatentConsistencyModelPipeline computes it from its guidance_scale, so an export
 
 Sampling. The student (``stepdistill.generator.Student``) samples as multi-step consistency models
 do (Song et al., 2023, Alg. 1): f at the first of its K times, then re-noise to the next and repeat.
+
+Multistep. With ``multistep`` the student's K timesteps cut the time axis into K segments and the
+student only has to be consistent within each (multistep consistency models, Heek et al., 2024;
+phased consistency models, Wang et al., 2024): on the segment (s, t_i] its consistency function is
+the DDIM jump of its x0 estimate to the segment's end s (``Student.jump``; PCM eq. 6), which is x
+itself at s, so the boundary condition holds by construction, and at clean s it is the x0 estimate.
+A teacher step never crosses a segment's end (it stops there: the target is then x^_s itself), and
+the student samples deterministically, one DDIM jump per segment (``student.sampler = "ddim"``, the
+exported ``DDIMScheduler``). With teacher_steps a multiple of K the segment ends lie on the teacher's
+grid. At initialisation this student is the teacher sampled by K-step DDIM; training makes each
+jump agree with the teacher's finer ODE path.
 """
 from __future__ import annotations
 
@@ -86,6 +97,7 @@ class Consistency(Objective):
         w_embedding: bool = False       # condition the student on w ~ U[w_min, w_max] (LCM, sec. 4.2)
         w_min: float = 4.0              # CFG scale range (usual convention: LCM's w in [3, 15] is w_min=4, w_max=16)
         w_max: float = 16.0
+        multistep: bool = False         # consistent within each of the student's K segments only (Heek et al., 2024)
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -105,8 +117,13 @@ class Consistency(Objective):
         self._grids: dict[int, torch.Tensor] = {}
         self._w_dim: Optional[int] = None
 
+    def student_sampler(self):
+        return "ddim" if self.cfg.multistep else None
+
     def build(self, teacher, student) -> dict:
         c = self.cfg
+        if c.multistep and getattr(student, "sampler", None) != "ddim":
+            raise UserError("consistency: multistep students sample deterministically; set student.sampler=ddim")
         if (c.w_embedding or c.guidance != 1.0) and not teacher.is_conditional:
             raise UserError("consistency: guidance needs a conditional teacher; set guidance=1 and w_embedding=false")
         if c.w_embedding:
@@ -166,13 +183,21 @@ class Consistency(Objective):
         s_cond = cond
         if self.cfg.w_embedding:
             s_cond = {**(cond or {}), "timestep_cond": guidance_embedding(w, self._w_dim).to(x.device)}
-        f = nets.student.denoise(x_t, t, s_cond)
+        if self.cfg.multistep:
+            # the segment (t_end, t_i] that t lies in; the teacher step stops at its end
+            t_end = nets.student.segment_end(t).to(x.device)
+            t_prev = torch.maximum(t_prev, t_end)
+        else:
+            t_end = torch.full_like(t, float(schedule.t_clean))
+        f = nets.student.jump(x_t, t, t_end, s_cond)
         with torch.no_grad():
             x_prev = teacher_step(self.cfg.solver, guided(nets.teacher, w), x_t, t, t_prev, cond)
             target_net = nets.get("target")
             target_net = nets.student if target_net is None else target_net
-            target = target_net.denoise(x_prev, t_prev, s_cond)
+            target = target_net.jump(x_prev, t_prev, t_end, s_cond)
+            # boundary condition f(x_s, s) = x_s at the segment's end (clean data: Song et al., 2023, eq. 4)
             _, sigma_prev = schedule.alpha_sigma(t_prev)
-            target = torch.where(bcast(sigma_prev == 0, x).bool(), x_prev.to(target.dtype), target)
+            at_end = (t_prev == t_end) | (sigma_prev == 0)
+            target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
         return {"loss": self.distance(f, target.to(f.dtype)),
                 "_t": t.to(f.dtype)}

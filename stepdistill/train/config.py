@@ -85,5 +85,6 @@ class TrainConfig:
 
 #: keys whose change makes a checkpoint meaningless for the new config: refused on resume
 RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "student.boundary", "student.first_timestep",
+                "student.sampler",
                 "student.lora_rank",
                 "student.time_cond_proj_dim", "student.lora_target_modules")

@@ -36,8 +36,29 @@ def resolve(path: str | None, overrides=()) -> tuple[DictConfig, Objective]:
     if int(steps) < 1:
         raise UserError(f"student.steps must be >= 1, got {steps}; use 1, 2 or 4")
     cfg.student.steps = int(steps)
+    cfg.student.sampler = resolve_sampler(cfg.student, objective)
     check(cfg, objective)
     return cfg, objective
+
+
+def resolve_sampler(scfg, objective: Objective) -> str:
+    """The student's sampler: the config's, else the objective's, else "renoise"; refused where the
+    two disagree or the student's other options cannot go with it."""
+    from ..export.scheduler import check_sampler
+
+    fixed = objective.student_sampler()
+    sampler = scfg.sampler
+    if sampler is not None and fixed is not None and sampler != fixed:
+        raise UserError(f"student.sampler={sampler!r} but objective {objective.name!r} trains a {fixed!r} student; "
+                        f"drop student.sampler or set it to {fixed!r}")
+    sampler = check_sampler(sampler or fixed)
+    if sampler == "ddim" and scfg.boundary not in (None, "none"):
+        raise UserError("a sampler 'ddim' student maps each timestep to the next, not to clean data, so the "
+                        "consistency boundary condition does not apply; set student.boundary=null")
+    if sampler == "ddim" and scfg.first_timestep is not None:
+        raise UserError("a sampler 'ddim' student starts at the last training timestep, as the exported DDIMScheduler "
+                        "does; set student.first_timestep=null")
+    return sampler
 
 
 def make_objective(spec: Any) -> Objective:

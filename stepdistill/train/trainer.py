@@ -84,6 +84,8 @@ def check_resume(out: Path, cfg: DictConfig) -> None:
         a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
         if key == "teacher" and a is not None and b is not None:
             a, b = os.path.abspath(str(a)), os.path.abspath(str(b))
+        if key == "student.sampler":  # runs written before the option re-noised
+            a, b = a or "renoise", b or "renoise"
         if OmegaConf.is_config(a):
             a = OmegaConf.to_container(a)
         if OmegaConf.is_config(b):

@@ -1,0 +1,158 @@
+"""Multistep (phased) consistency distillation and the deterministic "ddim" student: the sampler
+against diffusers' DDIMScheduler loop, the segment ends, and the loss against the Gaussian teacher's
+closed-form probability-flow ODE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GaussianTeacher
+from test_consistency import _batch
+from test_progressive import VP
+
+from stepdistill.denoisers import Denoiser
+from stepdistill.errors import UserError
+from stepdistill.export import student_timesteps
+from stepdistill.generator import Student
+from stepdistill.objectives import Nets, get_objective
+from stepdistill.sampling import SAMPLERS
+from stepdistill.schedules import VPSchedule
+
+CD = get_objective("consistency")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(gaussian_data):
+    mu, sd = gaussian_data
+    sched = VPSchedule(VP)
+    return sched, mu, sd, GaussianTeacher(sched, mu, sd)
+
+
+def _ends_by_hand(ts, t, t_clean):
+    """The segment end of each t: the largest student timestep below t, clean data below the last."""
+    out = []
+    for v in t.tolist():
+        below = [s for s in ts.tolist() if s < v]
+        out.append(max(below) if below else t_clean)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+class ExactJump(Denoiser):
+    """An x0 estimate whose DDIM jump to the segment end is the exact PF-ODE solution there (the
+    Gaussian teacher's closed form): the exact multistep consistency function; `shift` moves its
+    jumps off by that much."""
+
+    def __init__(self, teacher, ts, shift=0.0):
+        super().__init__()
+        self.teacher, self.schedule, self.ts, self.shift = teacher, teacher.schedule, ts, shift
+
+    def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
+        end = _ends_by_hand(self.ts, t, self.schedule.t_clean)
+        a, s = (v[:, None] for v in self.schedule.alpha_sigma(t))
+        ae, se = (v[:, None] for v in self.schedule.alpha_sigma(end))
+        target = self.teacher.exact(x, t, end)
+        # DDIM: ae x0 + se (x - a x0) / s = target  =>  x0 = (target - se x / s) / (ae - se a / s)
+        return (target + self.shift - se / s * x) / (ae - se * a / s)
+
+
+def test_ddim_student_samples_as_diffusers_ddim_scheduler(setup):
+    from diffusers import DDIMScheduler
+
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    assert ts.tolist() == [999.0, 749.0, 499.0, 249.0]
+    student = Student(teacher, ts, sampler="ddim")
+    noise = torch.randn(6, 4, dtype=torch.float64)
+    got = student(noise, generator=torch.Generator().manual_seed(0))
+    ref = DDIMScheduler.from_config({**VP, "prediction_type": "sample", "set_alpha_to_one": True,
+                                        "clip_sample": False})
+    ref.set_timesteps(4)
+    x = noise
+    for t in ref.timesteps:
+        x = ref.step(teacher(x, float(t)), t, x).prev_sample
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-6)  # diffusers keeps its alpha-bar table in float32
+    # no randomness: the generator is never drawn from
+    torch.testing.assert_close(student(noise, generator=torch.Generator().manual_seed(1)), got, rtol=0, atol=0)
+
+
+def test_segment_ends(setup):
+    sched, _, _, teacher = setup
+    ts = torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=torch.float64)
+    student = Student(teacher, ts, sampler="ddim")
+    t = torch.tensor([999.0, 800.0, 750.0, 749.0, 500.0, 250.0, 249.0, 10.0, 0.0], dtype=torch.float64)
+    want = [749.0, 749.0, 749.0, 499.0, 499.0, 249.0, -1.0, -1.0, -1.0]
+    assert student.segment_end(t).tolist() == want == _ends_by_hand(ts, t, sched.t_clean).tolist()
+
+
+@pytest.mark.parametrize("teacher_steps", [6, 200])
+def test_multistep_loss_of_the_exact_jump_is_the_solver_error(teacher_steps, setup):
+    """With the exact multistep consistency function as student and target, the loss is what the
+    teacher's solver step gets wrong, carried to the segment end by the exact flow; a teacher step
+    that would cross a segment end (6 steps: 832 -> 666 crosses 749) stops there."""
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    obj = CD(CD.Config(solver="heun", teacher_steps=teacher_steps, target_ema=0.0, loss="l2", multistep=True))
+    idx = torch.arange(400) % teacher_steps
+    batch = _batch(mu, sd, 400, idx)
+    student = Student(ExactJump(teacher, ts), ts, sampler="ddim")
+    loss = obj.losses("generator", Nets(teacher=teacher, student=student), batch)["loss"]
+    grid = sched.timesteps(teacher_steps)
+    t = grid[idx]
+    end = _ends_by_hand(ts, t, sched.t_clean)
+    t_prev = torch.maximum(grid[idx + 1], end)
+    if teacher_steps == 6:
+        assert bool((t_prev > grid[idx + 1]).any())  # some links were cut at a segment end
+    x_t = sched.add_noise(batch["x0"], batch["rng"].noise, t)
+    x_prev = SAMPLERS["heun"](teacher, x_t, [t, t_prev])
+    want = (teacher.exact(x_t, t, end) - teacher.exact(x_prev, t_prev, end)).square().mean(1)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-18)
+    if teacher_steps == 200:  # a fine teacher grid: near zero, against a target whose jumps are off by 0.01
+        off = Student(ExactJump(teacher, ts, shift=0.01), ts, sampler="ddim")
+        with_target = CD(CD.Config(solver="heun", teacher_steps=teacher_steps, target_ema=0.5, loss="l2",
+                                   multistep=True))
+        bad = with_target.losses("generator", Nets(teacher=teacher, student=student, target=off), batch)["loss"]
+        inner = idx < teacher_steps - 1  # Heun's step into clean data is an Euler step, as in EDM
+        assert loss[inner].mean() < 1e-3 * bad[inner].mean()
+
+
+def test_teacher_as_student_with_one_link_per_segment_has_zero_loss(setup):
+    """teacher_steps = K: every link is a whole segment, its target is the teacher's DDIM step itself,
+    and a student that is the teacher jumps there by the same DDIM step."""
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    obj = CD(CD.Config(solver="ddim", teacher_steps=4, target_ema=0.0, loss="l2", multistep=True))
+    idx = torch.arange(40) % 4
+    loss = obj.losses("generator", Nets(teacher=teacher, student=Student(teacher, ts, sampler="ddim")),
+                      _batch(mu, sd, 40, idx))["loss"]
+    assert float(loss.max()) < 1e-24
+    # the single-segment (standard) objective on the same student is not consistent: 4 DDIM steps != 1
+    plain = CD(CD.Config(solver="ddim", teacher_steps=4, target_ema=0.0, loss="l2"))
+    one = plain.losses("generator", Nets(teacher=teacher, student=Student(teacher, ts)), _batch(mu, sd, 40, idx))
+    assert float(one["loss"].mean()) > 1e-4
+
+
+def test_multistep_configs_are_checked():
+    from stepdistill.train import resolve
+
+    preset = str(ROOT / "configs/digits/consistency.yaml")  # multistep, no boundary condition
+    cfg, obj = resolve(preset, [])
+    assert cfg.student.sampler == "ddim" and obj.student_sampler() == "ddim"
+    with pytest.raises(UserError, match="boundary"):
+        resolve(preset, ["student.boundary=lcm"])
+    with pytest.raises(UserError, match="sampler"):
+        resolve(preset, ["student.sampler=renoise"])
+    cfg, obj = resolve(preset, ["objective.multistep=false", "student.boundary=lcm"])  # LCM's single segment
+    assert cfg.student.sampler == "renoise" and obj.student_sampler() is None
+    with pytest.raises(UserError, match="first_timestep"):
+        resolve(preset, ["student.first_timestep=625"])
+    with pytest.raises(UserError, match="sampler"):
+        resolve(preset, ["objective.multistep=false", "student.sampler=euler"])
+
+
+def test_multistep_refuses_a_renoising_student(setup):
+    sched, mu, sd, teacher = setup
+    with pytest.raises(UserError, match="sampler=ddim"):
+        CD(CD.Config(multistep=True)).build(teacher, Student(teacher, [999.0, 499.0]))
