@@ -31,7 +31,7 @@ class Student(nn.Module):
         super().__init__()
         from .export.scheduler import check_sampler
 
-        self.sampler = check_sampler(sampler)
+        self.sampler = check_sampler(sampler, boundary, first_timestep)
         if boundary not in (None, "none", "lcm"):
             raise UserError(f"student boundary {boundary!r} is not supported; use 'none' or 'lcm'")
         ts = torch.as_tensor(list(timesteps), dtype=torch.float64)

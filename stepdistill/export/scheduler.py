@@ -57,10 +57,18 @@ def _boundary(boundary: str | None) -> str | None:
     return boundary
 
 
-def check_sampler(sampler: str | None) -> str:
+def check_sampler(sampler: str | None, boundary: str | None = None, first_timestep: int | None = None) -> str:
+    """The sampler name ("renoise" for None), refused where unknown or where the student's other
+    options cannot go with it."""
     sampler = sampler or "renoise"
     if sampler not in SAMPLERS:
         raise UserError(f"student sampler {sampler!r} is not supported; use one of {', '.join(SAMPLERS)}")
+    if sampler == "ddim" and boundary not in (None, "none"):
+        raise UserError("a sampler 'ddim' student maps each timestep to the next, not to clean data, so the "
+                        "consistency boundary condition does not apply; set student.boundary=null")
+    if sampler == "ddim" and first_timestep is not None:
+        raise UserError("a sampler 'ddim' student starts at the last training timestep, as the exported DDIMScheduler "
+                        "does; set student.first_timestep=null")
     return sampler
 
 
@@ -90,13 +98,7 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
     ``sampler`` is the step between timesteps, "renoise" or "ddim")."""
     boundary = _boundary(boundary)
     first_timestep = check_first_timestep(schedule, first_timestep)
-    sampler = check_sampler(sampler)
-    if sampler == "ddim" and boundary is not None:
-        raise UserError("a deterministic (sampler 'ddim') student maps to its next timestep, not to clean data, so it "
-                        "has no consistency boundary condition to apply; set student.boundary=null")
-    if sampler == "ddim" and first_timestep is not None:
-        raise UserError("the exported DDIMScheduler starts its grid at the last training timestep; set "
-                        "student.first_timestep=null for a sampler 'ddim' student")
+    sampler = check_sampler(sampler, boundary, first_timestep)
     if isinstance(schedule, VPSchedule) and sampler == "ddim":
         n = int(schedule.num_train_timesteps)
         if steps and n % int(steps):

@@ -51,14 +51,7 @@ def resolve_sampler(scfg, objective: Objective) -> str:
     if sampler is not None and fixed is not None and sampler != fixed:
         raise UserError(f"student.sampler={sampler!r} but objective {objective.name!r} trains a {fixed!r} student; "
                         f"drop student.sampler or set it to {fixed!r}")
-    sampler = check_sampler(sampler or fixed)
-    if sampler == "ddim" and scfg.boundary not in (None, "none"):
-        raise UserError("a sampler 'ddim' student maps each timestep to the next, not to clean data, so the "
-                        "consistency boundary condition does not apply; set student.boundary=null")
-    if sampler == "ddim" and scfg.first_timestep is not None:
-        raise UserError("a sampler 'ddim' student starts at the last training timestep, as the exported DDIMScheduler "
-                        "does; set student.first_timestep=null")
-    return sampler
+    return check_sampler(sampler or fixed, scfg.boundary, scfg.first_timestep)
 
 
 def make_objective(spec: Any) -> Objective:
