@@ -100,12 +100,15 @@ class Student(nn.Module):
 
     def jump(self, x: torch.Tensor, t, t_end, cond: Cond = None) -> torch.Tensor:
         """The multistep consistency function (Heek et al., 2024; Wang et al., 2024, eq. 6): the
-        x0 estimate at (x, t), carried by DDIM to t_end; at clean t_end it is the x0 estimate."""
+        x0 estimate at (x, t), carried by DDIM to t_end; at the schedule's clean end (``t_clean``,
+        where sampling returns the x0 estimate, even where that time keeps some noise) it is the
+        x0 estimate."""
         x0 = self.denoise(x, t, cond)
         t_end = torch.as_tensor(t_end, dtype=torch.float64, device=x.device).expand(x.shape[0])
         out = self.ddim_to(x, x0, t, t_end)
         _, s_end = self.schedule.alpha_sigma(t_end)
-        return torch.where(bcast(s_end == 0, x).bool(), x0, out)
+        clean = (t_end == float(self.schedule.t_clean)) | (s_end == 0)
+        return torch.where(bcast(clean, x).bool(), x0, out)
 
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The re-noising draw between steps, in the layout the exported pipeline's scheduler draws

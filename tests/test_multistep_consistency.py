@@ -156,3 +156,46 @@ def test_multistep_refuses_a_renoising_student(setup):
     sched, mu, sd, teacher = setup
     with pytest.raises(UserError, match="sampler=ddim"):
         CD(CD.Config(multistep=True)).build(teacher, Student(teacher, [999.0, 499.0]))
+
+
+class Zero(Denoiser):
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def forward(self, x, t, cond=None):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("multistep", [False, True])
+def test_a_noisy_clean_end_asks_the_target_network(multistep, gaussian_data):
+    """set_alpha_to_one false (SD's own config): the grid's clean end t = 0 keeps some noise. Links
+    into it take the target network's x0 there, as single-segment CD always did, and only inner
+    segment ends take the teacher's x^ itself. With x0 estimates of 0 the DDIM jump of x from t to
+    s is (sigma_s / sigma_t) x, and the jump to the clean end is the x0 estimate, 0."""
+    mu, sd = gaussian_data
+    sched = VPSchedule({**VP, "set_alpha_to_one": False})
+    assert sched.t_clean == 0.0 and float(sched.alpha_sigma(torch.tensor(0.0))[1]) > 0
+    teacher = GaussianTeacher(sched, mu, sd)
+    ts = student_timesteps(sched, 4, sampler="ddim" if multistep else "renoise")
+    kw = {"sampler": "ddim"} if multistep else {}
+    obj = CD(CD.Config(teacher_steps=20, target_ema=0.5, loss="l2", multistep=multistep))
+    idx = torch.arange(60) % 20
+    batch = _batch(mu, sd, 60, idx)
+    nets = Nets(teacher=teacher, student=Student(Zero(sched), ts, **kw), target=Student(Zero(sched), ts, **kw))
+    loss = obj.losses("generator", nets, batch)["loss"]
+    grid = sched.timesteps(20)
+    t, t_prev = grid[idx], grid[idx + 1]
+    end = _ends_by_hand(ts, t, 0.0) if multistep else torch.zeros_like(t)
+    x_t = sched.add_noise(batch["x0"], batch["rng"].noise, t)
+    x_prev = SAMPLERS["ddim"](teacher, x_t, [t, t_prev])
+    sig = lambda v: sched.alpha_sigma(v)[1][:, None]  # noqa: E731
+    clean_end = (end == 0.0)[:, None]
+    f = torch.where(clean_end, torch.zeros_like(x_t), sig(end) / sig(t) * x_t)
+    target = torch.where(clean_end, torch.zeros_like(x_t), sig(end) / sig(t_prev) * x_prev)
+    inner_end = ((t_prev == end) & (end != 0.0))[:, None]
+    target = torch.where(inner_end, x_prev, target)
+    assert bool((idx == 19).any()) and (bool(inner_end.any()) or not multistep)
+    torch.testing.assert_close(loss, (f - target).square().mean(1), rtol=1e-10, atol=1e-14)
+    if not multistep:
+        assert float(loss.abs().max()) == 0.0  # 0 against 0 everywhere, t = 0 included

@@ -195,9 +195,11 @@ class Consistency(Objective):
             target_net = nets.get("target")
             target_net = nets.student if target_net is None else target_net
             target = target_net.jump(x_prev, t_prev, t_end, s_cond)
-            # boundary condition f(x_s, s) = x_s at the segment's end (clean data: Song et al., 2023, eq. 4)
+            # boundary condition f(x_s, s) = x_s at clean data (Song et al., 2023, eq. 4) and at an
+            # inner segment's end; a clean end that keeps some noise (set_alpha_to_one false: t = 0)
+            # is the network's own x0 there, as in single-segment CD
             _, sigma_prev = schedule.alpha_sigma(t_prev)
-            at_end = (t_prev == t_end) | (sigma_prev == 0)
+            at_end = (sigma_prev == 0) | ((t_prev == t_end) & (t_end != float(schedule.t_clean)))
             target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
         return {"loss": self.distance(f, target.to(f.dtype)),
                 "_t": t.to(f.dtype)}
