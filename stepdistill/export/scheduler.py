@@ -99,21 +99,20 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
     boundary = _boundary(boundary)
     first_timestep = check_first_timestep(schedule, first_timestep)
     sampler = check_sampler(sampler, boundary, first_timestep)
-    if isinstance(schedule, VPSchedule) and sampler == "ddim":
-        n = int(schedule.num_train_timesteps)
-        if steps and n % int(steps):
-            # DDIMScheduler steps from t to t - n // K: the next grid point (and clean data after the
-            # last) only when K divides n
-            raise UserError(f"a sampler 'ddim' student needs a step count that divides the teacher's {n} training "
-                            f"timesteps (the exported DDIMScheduler steps by {n} // K), got {steps}; use e.g. "
-                            "1, 2, 4 or 8")
-        cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
-        # index-uniform K-step grid from T - 1 ([999, 749, 499, 249]); the last step lands on alpha-bar 1
-        cfg.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False)
-        return {"_class_name": "DDIMScheduler", **cfg}
     if isinstance(schedule, VPSchedule):
         cfg = {k: schedule.config[k] for k in _LCM_KEYS if k in schedule.config}
         cfg["clip_sample"] = False  # the student's x0 is never clipped
+        if sampler == "ddim":
+            n = int(schedule.num_train_timesteps)
+            if steps and n % int(steps):
+                # DDIMScheduler steps from t to t - n // K: the next grid point (and clean data after
+                # the last) only when K divides n
+                raise UserError(f"a sampler 'ddim' student needs a step count that divides the teacher's {n} "
+                                f"training timesteps (the exported DDIMScheduler steps by {n} // K), got {steps}; "
+                                "use e.g. 1, 2, 4 or 8")
+            # index-uniform K-step grid from T - 1 ([999, 749, 499, 249]); the last step lands on alpha-bar 1
+            cfg.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
+            return {"_class_name": "DDIMScheduler", **cfg}
         # every training index is on the grid: K-step timesteps are index-uniform ("trailing")
         # (or every index up to first_timestep: then set_timesteps(1) = [first_timestep])
         cfg["original_inference_steps"] = int(schedule.num_train_timesteps if first_timestep is None
