@@ -24,7 +24,8 @@ WITHOUT_RESOURCES = {"dmd": {"regression_weight": 0.0}}
 CASES = [(n, {}) for n in NAMES] + [
     (n, {"fake_lora_rank": 2}) for n in NAMES
     if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__] + [
-    ("consistency", {"multistep": True})]  # a deterministic "ddim" student with per-segment targets
+    ("consistency", {"multistep": True}),  # a deterministic "ddim" student with per-segment targets
+    ("consistency", {"multistep": True, "teacher_steps": 4, "teacher_substeps": 3})]  # one link per segment
 
 
 def _setup(name, extra=None):

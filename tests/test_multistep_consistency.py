@@ -16,6 +16,7 @@ from stepdistill.errors import UserError
 from stepdistill.export import student_timesteps
 from stepdistill.generator import Student
 from stepdistill.objectives import Nets, get_objective
+from stepdistill.objectives.consistency import teacher_step
 from stepdistill.sampling import SAMPLERS
 from stepdistill.schedules import VPSchedule
 
@@ -118,6 +119,53 @@ def test_multistep_loss_of_the_exact_jump_is_the_solver_error(teacher_steps, set
         assert loss[inner].mean() < 1e-3 * bad[inner].mean()
 
 
+def test_teacher_substeps_follow_diffusers_ddim_on_the_finer_grid(setup):
+    """One teacher step 999 -> 749 in 5 DDIM substeps is diffusers' 20-step DDIMScheduler loop over
+    999, 949, ..., 799 (trailing spacing), from the same start."""
+    from diffusers import DDIMScheduler
+
+    sched, mu, sd, teacher = setup
+    x = torch.randn(6, 4, dtype=torch.float64)
+    t0, t1 = (torch.full((6,), v, dtype=torch.float64) for v in (999.0, 749.0))
+    got = teacher_step("ddim", teacher, x, t0, t1, substeps=5)
+    ref = DDIMScheduler.from_config({**VP, "prediction_type": "sample", "set_alpha_to_one": True,
+                                        "clip_sample": False})
+    ref.set_timesteps(20)
+    y = x
+    for t in ref.timesteps[:5]:
+        y = ref.step(teacher(y, float(t)), t, y).prev_sample
+    assert ref.timesteps[:5].tolist() == [999, 949, 899, 849, 799]
+    torch.testing.assert_close(got, y, rtol=0, atol=1e-6)
+    assert float((got - teacher_step("ddim", teacher, x, t0, t1)).abs().max()) > 1e-3  # one step differs
+
+
+def test_one_link_per_segment_with_substeps_converges_to_the_exact_jump(setup):
+    """teacher_steps = K with m substeps: each link's target is the teacher's m-step solution at the
+    segment's end (no target network is asked), so the loss of the exact consistency function is the
+    solver's error over a whole segment and falls as m grows (Heun, second order)."""
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    idx = torch.arange(400) % 4
+    batch = _batch(mu, sd, 400, idx)
+    student = Student(ExactJump(teacher, ts), ts, sampler="ddim")
+    inner = idx < 3  # Heun's step into clean data is an Euler step
+    means = []
+    for m in (1, 4, 16):
+        obj = CD(CD.Config(solver="heun", teacher_steps=4, teacher_substeps=m, target_ema=0.0, loss="l2",
+                           multistep=True))
+        # the target network is never needed: a student-shaped target that is wrong changes nothing
+        wrong = Student(ExactJump(teacher, ts, shift=1.0), ts, sampler="ddim")
+        loss = obj.losses("generator", Nets(teacher=teacher, student=student, target=wrong), batch)["loss"]
+        grid = sched.timesteps(4)
+        t, t_prev = grid[idx], grid[idx + 1]
+        x_t = sched.add_noise(batch["x0"], batch["rng"].noise, t)
+        x_prev = SAMPLERS["heun"](teacher, x_t, [t + (t_prev - t) * (j / m) for j in range(m)] + [t_prev])
+        torch.testing.assert_close(loss, (teacher.exact(x_t, t, t_prev) - x_prev).square().mean(1),
+                                   rtol=1e-6, atol=1e-18)
+        means.append(float(loss[inner].mean()))
+    assert means[0] > 10 * means[1] > 100 * means[2] > 0
+
+
 def test_teacher_as_student_with_one_link_per_segment_has_zero_loss(setup):
     """teacher_steps = K: every link is a whole segment, its target is the teacher's DDIM step itself,
     and a student that is the teacher jumps there by the same DDIM step."""
@@ -150,6 +198,8 @@ def test_multistep_configs_are_checked():
         resolve(preset, ["student.first_timestep=625"])
     with pytest.raises(UserError, match="sampler"):
         resolve(preset, ["objective.multistep=false", "student.sampler=euler"])
+    with pytest.raises(UserError, match="teacher_substeps must be >= 1"):
+        resolve(preset, ["objective.teacher_substeps=0"])
 
 
 def test_multistep_refuses_a_renoising_student(setup):

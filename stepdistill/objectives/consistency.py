@@ -5,7 +5,11 @@ Teacher grid. As LCM's ``DDIMSolver``: the teacher steps on an N-step grid (defa
 teacher step from t_{n+k} to t_n skips k = T/N training timesteps (k = 20 for T = 1000, N = 50).
 Here the grid is ``schedule.timesteps(N)`` (the diffusers grid; for VP with trailing spacing these
 are LCM's times 999, 979, ..., 19) and its last step ends at clean data. The step is one step of
-any solver of ``stepdistill.sampling`` (ddim, euler, heun, dpmpp2m), on the teacher with CFG.
+any solver of ``stepdistill.sampling`` (ddim, euler, heun, dpmpp2m), on the teacher with CFG; with
+``teacher_substeps`` m > 1 it is m solver steps evenly spaced in the schedule's time, so a long skip
+still follows the teacher's ODE closely (CTM, Kim et al., 2024, solves the teacher's part of a jump in
+several solver steps). With multistep and teacher_steps = K, each link is a whole segment and its
+target the teacher's m-step solution at the segment's end: no target network is asked at all.
 
 Target. f_target(x^_{t_n}, t_n) from a frozen EMA copy of the student (Song et al., 2023, eq. 7,
 decay ``target_ema``), or the student itself under stop-gradient when the decay is 0 (iCT,
@@ -76,9 +80,11 @@ def cond_proj_dim(student) -> Optional[int]:
     return None
 
 
-def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None) -> torch.Tensor:
-    """One step of the named solver from t_{n+k} to t_n (per-sample times)."""
-    return get_sampler(solver)(teacher, x, [t_from, t_to], cond)
+def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None, substeps: int = 1) -> torch.Tensor:
+    """The teacher's ODE step from t_{n+k} to t_n (per-sample times): ``substeps`` steps of the named
+    solver, evenly spaced in the schedule's time (1 = LCM's single DDIMSolver step)."""
+    ts = [t_from] + [t_from + (t_to - t_from) * (j / substeps) for j in range(1, substeps)] + [t_to]
+    return get_sampler(solver)(teacher, x, ts, cond)
 
 
 @register
@@ -98,6 +104,7 @@ class Consistency(Objective):
         w_min: float = 4.0              # CFG scale range (usual convention: LCM's w in [3, 15] is w_min=4, w_max=16)
         w_max: float = 16.0
         multistep: bool = False         # consistent within each of the student's K segments only (Heek et al., 2024)
+        teacher_substeps: int = 1       # solver steps per teacher step t_{n+k} -> t_n (several, as CTM's teacher)
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -106,6 +113,9 @@ class Consistency(Objective):
             raise UserError(f"consistency: solver {c.solver!r} is unknown; use one of {', '.join(SAMPLERS)}")
         if c.teacher_steps < 1:
             raise UserError(f"consistency: teacher_steps must be >= 1, got {c.teacher_steps}; LCM uses 50")
+        if c.teacher_substeps < 1:
+            raise UserError(f"consistency: teacher_substeps must be >= 1, got {c.teacher_substeps}; 1 = one solver "
+                            "step per teacher step (LCM)")
         if not 0.0 <= c.target_ema < 1.0:
             raise UserError(f"consistency: target_ema must be in [0, 1), got {c.target_ema}; 0 = stop-gradient")
         if c.loss not in LOSSES:
@@ -191,15 +201,19 @@ class Consistency(Objective):
             t_end = torch.full_like(t, float(schedule.t_clean))
         f = nets.student.jump(x_t, t, t_end, s_cond)
         with torch.no_grad():
-            x_prev = teacher_step(self.cfg.solver, guided(nets.teacher, w), x_t, t, t_prev, cond)
-            target_net = nets.get("target")
-            target_net = nets.student if target_net is None else target_net
-            target = target_net.jump(x_prev, t_prev, t_end, s_cond)
+            x_prev = teacher_step(self.cfg.solver, guided(nets.teacher, w), x_t, t, t_prev, cond,
+                                  self.cfg.teacher_substeps)
             # boundary condition f(x_s, s) = x_s at clean data (Song et al., 2023, eq. 4) and at an
             # inner segment's end; a clean end that keeps some noise (set_alpha_to_one false: t = 0)
             # is the network's own x0 there, as in single-segment CD
             _, sigma_prev = schedule.alpha_sigma(t_prev)
             at_end = (sigma_prev == 0) | ((t_prev == t_end) & (t_end != float(schedule.t_clean)))
-            target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
+            if bool(at_end.all()):  # every link ends at a boundary (e.g. one link per segment): no target net
+                target = x_prev
+            else:
+                target_net = nets.get("target")
+                target_net = nets.student if target_net is None else target_net
+                target = target_net.jump(x_prev, t_prev, t_end, s_cond)
+                target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
         return {"loss": self.distance(f, target.to(f.dtype)),
                 "_t": t.to(f.dtype)}
