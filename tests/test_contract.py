@@ -25,7 +25,8 @@ CASES = [(n, {}) for n in NAMES] + [
     (n, {"fake_lora_rank": 2}) for n in NAMES
     if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__] + [
     ("consistency", {"multistep": True}),  # a deterministic "ddim" student with per-segment targets
-    ("consistency", {"multistep": True, "teacher_steps": 4, "teacher_substeps": 3})]  # one link per segment
+    ("consistency", {"multistep": True, "teacher_steps": 4, "teacher_substeps": 3}),  # one link per segment
+    ("consistency", {"multistep": True, "weighting": "truncated_snr"})]  # loss on x0 estimates, target net asked
 
 
 def _setup(name, extra=None):

@@ -200,6 +200,8 @@ def test_multistep_configs_are_checked():
         resolve(preset, ["objective.multistep=false", "student.sampler=euler"])
     with pytest.raises(UserError, match="teacher_substeps must be >= 1"):
         resolve(preset, ["objective.teacher_substeps=0"])
+    with pytest.raises(UserError, match="weighting 'snr' is unknown"):
+        resolve(preset, ["objective.weighting=snr"])
 
 
 def test_multistep_refuses_a_renoising_student(setup):
@@ -249,3 +251,49 @@ def test_a_noisy_clean_end_asks_the_target_network(multistep, gaussian_data):
     torch.testing.assert_close(loss, (f - target).square().mean(1), rtol=1e-10, atol=1e-14)
     if not multistep:
         assert float(loss.abs().max()) == 0.0  # 0 against 0 everywhere, t = 0 included
+
+
+@pytest.mark.parametrize("weighting", ["truncated_snr", "snr_plus_one"])
+def test_x0_weighted_one_link_per_segment_is_progressive_distillations_loss(weighting, setup):
+    """Heek et al. (2024), Alg. 1 measure the loss on x0 estimates: with one link per segment and two
+    DDIM substeps, the target is then progressive distillation's (Salimans & Ho, 2022, Alg. 2: the x0
+    whose one DDIM step lands on the teacher's two-step result), computed here by pd_target, and the
+    weight is the same w(t)."""
+    from stepdistill.objectives.progressive import pd_target
+
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    idx = torch.arange(80) % 4
+    batch = _batch(mu, sd, 80, idx)
+    student = Student(ExactJump(teacher, ts, shift=0.3), ts, sampler="ddim")
+    obj = CD(CD.Config(solver="ddim", teacher_steps=4, teacher_substeps=2, target_ema=0.0, loss="l2",
+                       multistep=True, weighting=weighting))
+    loss = obj.losses("generator", Nets(teacher=teacher, student=student), batch)["loss"]
+    grid = sched.timesteps(4)
+    t, t_end = grid[idx], grid[idx + 1]
+    x_t = sched.add_noise(batch["x0"], batch["rng"].noise, t)
+    x_tilde = pd_target(teacher, sched, x_t, t, 0.5 * (t + t_end), t_end)
+    snr = sched.snr(t)
+    w = snr.clamp_min(1.0) if weighting == "truncated_snr" else snr + 1.0
+    torch.testing.assert_close(loss, w * (student.denoise(x_t, t) - x_tilde).square().mean(1), rtol=1e-9, atol=0)
+
+
+def test_latent_distance_scales_a_segments_x0_error(setup):
+    """weighting=none measures latents at the segment's end: the x0 error times
+    (alpha_s - sigma_s alpha_t / sigma_t)^2, small on high-noise segments and 1 on the last."""
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    idx = torch.arange(80) % 4
+    batch = _batch(mu, sd, 80, idx)
+    student = Student(ExactJump(teacher, ts, shift=0.3), ts, sampler="ddim")
+    nets = Nets(teacher=teacher, student=student)
+    losses = {wt: CD(CD.Config(solver="ddim", teacher_steps=4, teacher_substeps=2, target_ema=0.0, loss="l2",
+                               multistep=True, weighting=wt)).losses("generator", nets, batch)["loss"]
+              for wt in ("none", "snr_plus_one")}
+    grid = sched.timesteps(4)
+    t, t_end = grid[idx], grid[idx + 1]
+    (a, s), (ae, se) = sched.alpha_sigma(t), sched.alpha_sigma(t_end)
+    scale = (ae - se * a / s).square()
+    torch.testing.assert_close(losses["none"], scale * losses["snr_plus_one"] / (sched.snr(t) + 1.0),
+                               rtol=1e-9, atol=0)
+    assert float(scale[idx == 0][0]) < 0.1 and float(scale[idx == 3][0]) == 1.0

@@ -18,7 +18,16 @@ the boundary condition f(x, t_clean) = x (Song et al., 2023, eq. 4), so the netw
 a time it was not trained on.
 
 Distance. Pseudo-Huber sqrt(||f - f_target||^2 + c^2) - c with c = 0.00054 sqrt(d) (iCT, sec. 3.3;
-d = values per sample), or the mean squared error (LCM's l2).
+d = values per sample), or the mean squared error (LCM's l2). With ``weighting`` "none" it is taken
+between the consistency outputs themselves (at an inner segment's end, latents at that time). With
+"truncated_snr" or "snr_plus_one" it is taken between the x0 estimates that one DDIM jump from (x_t, t)
+carries to the output and to the target, times w(t) (multistep consistency models, Heek et al., 2024,
+Alg. 1, which measure the loss in x-space; w(t) as progressive distillation's, Salimans & Ho, 2022,
+sec. 4). Measured in latents at the segment's end, the x0 error of a high-noise segment is scaled by
+(alpha_s - sigma_s alpha_t / sigma_t)^2: 0.03, 0.10, 0.22 and 1 on the 4 segments of the digits
+teacher, so the segment that lays out the sample is trained least, while the x0 form weights every
+segment at least 1 (on digits the latent form scored better: configs/digits/consistency.yaml). On a
+single segment (ending at clean data) both forms compare x0 estimates.
 
 Guidance. With ``w_embedding`` the student is conditioned on a CFG scale w ~ U[w_min, w_max] through
 LCM's guidance-scale embedding (sec. 4.2) passed as ``timestep_cond``, while the teacher uses CFG at
@@ -53,7 +62,7 @@ from ..errors import UserError
 from ..sampling import SAMPLERS, get_sampler
 from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
-from .progressive import _randint, _randn_like
+from .progressive import WEIGHTINGS, _randint, _randn_like, snr_weight
 
 LOSSES = ("pseudo_huber", "l2")
 ICT_HUBER_C = 0.00054  # times sqrt(d) (Song & Dhariwal, 2023, sec. 3.3)
@@ -87,6 +96,19 @@ def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None,
     return get_sampler(solver)(teacher, x, ts, cond)
 
 
+def implied_x0(schedule: Schedule, z_end: torch.Tensor, x_t: torch.Tensor, t, t_end) -> torch.Tensor:
+    """The x0 whose DDIM jump from (x_t, t) lands on z_end at t_end: z_end = a_e x0 + s_e (x_t - a x0) / s
+    solved for x0 (Heek et al., 2024, Alg. 1; the same inversion as progressive distillation's target,
+    Salimans & Ho, 2022, Alg. 2). At a clean end (s_e = 0, or the schedule's t_clean, where the
+    consistency function is the x0 estimate itself) z_end is returned."""
+    (a, s), (a_e, s_e) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=x_t.device))
+                          for u in (t, t_end))
+    clean = (torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device) == float(schedule.t_clean)) | (s_e == 0)
+    ratio = torch.where(clean, torch.zeros_like(s_e), s_e / s)  # float64 until it multiplies data
+    denom = torch.where(clean, torch.ones_like(a_e), a_e - ratio * a)
+    return (z_end - bcast(ratio, x_t) * x_t) / bcast(denom, x_t)
+
+
 @register
 class Consistency(Objective):
     name = "consistency"
@@ -105,6 +127,8 @@ class Consistency(Objective):
         w_max: float = 16.0
         multistep: bool = False         # consistent within each of the student's K segments only (Heek et al., 2024)
         teacher_substeps: int = 1       # solver steps per teacher step t_{n+k} -> t_n (several, as CTM's teacher)
+        weighting: str = "none"         # "none": distance between outputs; "truncated_snr" | "snr_plus_one":
+                                        # between implied x0 estimates, times w(t) (Heek et al., 2024, Alg. 1)
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -120,6 +144,9 @@ class Consistency(Objective):
             raise UserError(f"consistency: target_ema must be in [0, 1), got {c.target_ema}; 0 = stop-gradient")
         if c.loss not in LOSSES:
             raise UserError(f"consistency: loss {c.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        if c.weighting not in ("none",) + WEIGHTINGS:
+            raise UserError(f"consistency: weighting {c.weighting!r} is unknown; use one of none, "
+                            f"{', '.join(WEIGHTINGS)}")
         if c.huber_c is not None and c.huber_c <= 0:
             raise UserError(f"consistency: huber_c must be > 0 (or null for iCT's default), got {c.huber_c}")
         if c.w_embedding and not 1.0 <= c.w_min <= c.w_max:
@@ -215,5 +242,10 @@ class Consistency(Objective):
                 target_net = nets.student if target_net is None else target_net
                 target = target_net.jump(x_prev, t_prev, t_end, s_cond)
                 target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
-        return {"loss": self.distance(f, target.to(f.dtype)),
-                "_t": t.to(f.dtype)}
+        target = target.to(f.dtype)
+        if self.cfg.weighting == "none":
+            return {"loss": self.distance(f, target), "_t": t.to(f.dtype)}
+        # Heek et al. (2024), Alg. 1: the loss on x0 estimates, weighted by w(t)
+        x0_f, x0_target = (implied_x0(schedule, v, x_t, t, t_end) for v in (f, target))
+        w_t = snr_weight(schedule, t, self.cfg.weighting).to(f.dtype)
+        return {"loss": w_t * self.distance(x0_f, x0_target), "_t": t.to(f.dtype)}

@@ -71,6 +71,13 @@ def grid_with_midpoints(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch
     return g, 0.5 * (g[:-1] + g[1:])
 
 
+def snr_weight(schedule: Schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Salimans & Ho (2022), sec. 4, as a weight on the x0 error: "truncated_snr" max(SNR, 1)
+    (= max(||x - x^||^2, ||eps - eps^||^2)) or "snr_plus_one" SNR + 1 (the v-loss)."""
+    snr = schedule.snr(t)
+    return snr.clamp_min(1.0) if weighting == "truncated_snr" else snr + 1.0
+
+
 def _randint(batch: dict, high: int, n: int, device) -> torch.Tensor:
     rng = batch.get("rng")
     idx = rng.randint(0, high) if rng is not None else torch.randint(0, high, (n,))
@@ -202,8 +209,7 @@ class Progressive(Objective):
         return nets.pd_teacher.denoise
 
     def weight(self, schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
-        snr = schedule.snr(t)
-        return snr.clamp_min(1.0) if self.cfg.weighting == "truncated_snr" else snr + 1.0
+        return snr_weight(schedule, t, self.cfg.weighting)
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["x0"]
