@@ -50,6 +50,15 @@ def ddim_step(x, x0, a, s, a_next, s_next, eta=0.0, noise=None):
     return a_next * x0 + (s_next**2 - std**2).clamp_min(0).sqrt() * eps + std * noise
 
 
+def ddim_x0(x, x_next, a, s, a_next, s_next):
+    """The x0 for which a deterministic DDIM step from x at (a, s) lands on x_next at (a_next, s_next):
+    x_next = a_next x0 + s_next (x - a x0) / s solved for x0 (Salimans & Ho, 2022, Alg. 2's target).
+    The coefficients are per-sample tensors, kept in their own (float64) precision until they multiply
+    data; s > 0 and a_next s > s_next a (the step lowers the noise)."""
+    ratio = s_next / s
+    return (x_next - bcast(ratio, x) * x) / bcast(a_next - ratio * a, x)
+
+
 def ddim(denoiser, x, ts, cond: Cond = None, *, eta: float = 0.0, generator=None, return_trajectory=False):
     """DDIM (Song et al., 2021); eta = 0 deterministic, eta = 1 ancestral DDPM."""
     states, x0s = [x], []

@@ -59,7 +59,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..sampling import SAMPLERS, get_sampler
+from ..sampling import SAMPLERS, ddim_x0, get_sampler
 from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
 from .progressive import WEIGHTINGS, _randint, _randn_like, snr_weight
@@ -104,9 +104,9 @@ def implied_x0(schedule: Schedule, z_end: torch.Tensor, x_t: torch.Tensor, t, t_
     (a, s), (a_e, s_e) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=x_t.device))
                           for u in (t, t_end))
     clean = (torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device) == float(schedule.t_clean)) | (s_e == 0)
-    ratio = torch.where(clean, torch.zeros_like(s_e), s_e / s)  # float64 until it multiplies data
-    denom = torch.where(clean, torch.ones_like(a_e), a_e - ratio * a)
-    return (z_end - bcast(ratio, x_t) * x_t) / bcast(denom, x_t)
+    # at a clean end, (a_e, s_e) = (1, 0) turns the inversion into the identity
+    a_e, s_e = torch.where(clean, torch.ones_like(a_e), a_e), torch.where(clean, torch.zeros_like(s_e), s_e)
+    return ddim_x0(x_t, z_end, a, s, a_e, s_e)
 
 
 @register

@@ -34,7 +34,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..sampling import ddim_step
+from ..sampling import ddim_step, ddim_x0
 from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
 
@@ -51,8 +51,7 @@ def pd_target(denoise, schedule: Schedule, z: torch.Tensor, t, t_mid, t_next, co
     c = [bcast(v, z) for v in (a, s, am, sm, an, sn)]
     z_mid = ddim_step(z, denoise(z, t, cond), c[0], c[1], c[2], c[3])
     z_next = ddim_step(z_mid, denoise(z_mid, t_mid, cond), c[2], c[3], c[4], c[5])
-    ratio = sn / s  # float64 until it multiplies data
-    return (z_next - bcast(ratio, z) * z) / bcast(an - ratio * a, z)
+    return ddim_x0(z, z_next, a, s, an, sn)
 
 
 def student_grid(schedule: Schedule, n: int) -> torch.Tensor:
