@@ -106,9 +106,7 @@ class Student(nn.Module):
         x0 = self.denoise(x, t, cond)
         t_end = torch.as_tensor(t_end, dtype=torch.float64, device=x.device).expand(x.shape[0])
         out = self.ddim_to(x, x0, t, t_end)
-        _, s_end = self.schedule.alpha_sigma(t_end)
-        clean = (t_end == float(self.schedule.t_clean)) | (s_end == 0)
-        return torch.where(bcast(clean, x).bool(), x0, out)
+        return torch.where(bcast(self.schedule.is_clean_end(t_end), x).bool(), x0, out)
 
     def fresh_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The re-noising draw between steps, in the layout the exported pipeline's scheduler draws

@@ -126,6 +126,12 @@ class Schedule(ABC):
         a, s = self.alpha_sigma(t)
         return from_x0(x0, self.prediction_type, x, bcast(a, x), bcast(s, x))
 
+    def is_clean_end(self, t_end) -> torch.Tensor:
+        """Where a jump to t_end returns the x0 estimate itself: at t_clean (where sampling returns
+        x0, even where that time keeps some noise) or wherever sigma(t_end) = 0."""
+        t_end = torch.as_tensor(t_end, dtype=torch.float64)
+        return (t_end == float(self.t_clean)) | (self.alpha_sigma(t_end)[1] == 0)
+
     # -- paths --------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         a, s = self.alpha_sigma(t)

@@ -92,3 +92,32 @@ def test_regression_term_uses_the_cache(tmp_path):
     p = obj._pairs
     want = 0.25 * pseudo_huber(nets.student(p.noise, p.cond), p.x0).mean()
     assert 0 < out["regression"][0] < 3 * want  # a random half of the pairs vs all of them
+
+
+def test_regression_warmup_trains_the_generator_alone_first(tmp_path):
+    """DMD2's one-step recipe: regression pretraining on teacher pairs, the critic waiting, then DMD2;
+    the clock survives a checkpoint."""
+    with pytest.raises(UserError, match="objective.cache"):
+        DMD2(DMD2.Config(regression_warmup=3))
+    with pytest.raises(UserError, match="regression_warmup must be >= 0"):
+        DMD2(DMD2.Config(regression_warmup=-1, cache=str(tmp_path / "pairs")))
+    obj = DMD2(DMD2.Config(regression_warmup=2, gan_weight=0.0, cache=str(tmp_path / "pairs"), cache_num=8,
+                           cache_steps=2, regression_batch=4))
+    assert [(p.name, p.start) for p in obj.phases()] == [("critic", 2), ("generator", 0)]
+    nets = _nets(obj)
+    nets.teacher.meta = {"num_classes": 2, "in_channels": 1, "sample_size": 8}
+    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND}
+    out = obj.generator_loss(nets, batch)
+    assert set(out) == {"regression"} and out["regression"].shape == (4,) and out["regression"].requires_grad
+    torch.manual_seed(0)
+    idx = torch.randint(0, 8, (4,))
+    p = obj._pairs
+    noise, x_ref, cond = p.get(idx)
+    torch.manual_seed(0)
+    want = pseudo_huber(nets.student(noise, cond), x_ref).mean()  # weight 1, not regression_weight (0)
+    torch.testing.assert_close(obj.generator_loss(nets, batch)["regression"][0], want)
+    obj.on_step_end(nets, 2)
+    restored = DMD2(obj.cfg)
+    restored.load_state_dict(obj.state_dict())
+    assert restored.iteration == 2 and "dmd" in restored.generator_loss(nets, batch)
+    assert "regression" not in restored.generator_loss(nets, batch)

@@ -306,3 +306,20 @@ def test_objective_lr_factor_anneals_progressive_rounds_and_budget_is_checked(ti
     cfg, _ = resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r",
                                      **{**pd, "max_steps": 9, "objective.lr_anneal": "none"}))
     assert cfg.max_steps == 9
+
+
+def test_a_phase_waits_for_its_start(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """DMD2 with a regression warm-up of 2 iterations: 3 steps give 1 x critic_repeats critic updates
+    and 3 generator updates; the fake score is the teacher until the critic starts."""
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run",
+                       **{"objective.name": "dmd2", "objective.regression_warmup": 2, "objective.critic_repeats": 2,
+                          "objective.gan_weight": 0.0, "objective.cache": str(tmp_path / "pairs"),
+                          "objective.cache_num": 8, "objective.cache_steps": 2, "max_steps": 2})
+    assert trainer.updates == {"fake_score": 0, "student": 2}
+    for k, v in trainer.teacher.backbone.state_dict().items():
+        assert torch.equal(trainer.nets.fake_score.denoiser.backbone.state_dict()[k], v), k
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run",
+                       **{"objective.name": "dmd2", "objective.regression_warmup": 2, "objective.critic_repeats": 2,
+                          "objective.gan_weight": 0.0, "objective.cache": str(tmp_path / "pairs"),
+                          "objective.cache_num": 8, "objective.cache_steps": 2, "max_steps": 3})
+    assert res["step"] == 3 and trainer.updates == {"fake_score": 2, "student": 3}

@@ -31,6 +31,7 @@ class Phase:
     name: str                 # the method called is f"{name}_loss"
     trains: tuple[str, ...]   # keys of `nets` whose parameters this phase updates
     repeats: int = 1          # updates per outer iteration (DMD2's two time-scale rule: critic 5)
+    start: int = 0            # the first outer iteration (0-based) the phase runs in (a critic waiting out a warm-up)
 
 
 class Nets(nn.Module):

@@ -103,7 +103,7 @@ def implied_x0(schedule: Schedule, z_end: torch.Tensor, x_t: torch.Tensor, t, t_
     consistency function is the x0 estimate itself) z_end is returned."""
     (a, s), (a_e, s_e) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=x_t.device))
                           for u in (t, t_end))
-    clean = (torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device) == float(schedule.t_clean)) | (s_e == 0)
+    clean = schedule.is_clean_end(torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device))
     # at a clean end, (a_e, s_e) = (1, 0) turns the inversion into the identity
     a_e, s_e = torch.where(clean, torch.ones_like(a_e), a_e), torch.where(clean, torch.zeros_like(s_e), s_e)
     return ddim_x0(x_t, z_end, a, s, a_e, s_e)

@@ -9,6 +9,9 @@ Critic: the fake score learns the student's distribution by denoising score matc
 it `critic_repeats` times per generator update (two time-scale rule, sec. 4.2) and may add a GAN
 classifier on its bottleneck features trained against real images (sec. 4.3).
 DMD adds a regression loss on teacher noise -> image pairs (eq. 9) from a ``cache`` folder.
+``regression_warmup`` first trains the generator on that loss alone for as many iterations, with
+the critic waiting (DMD2's one-step SDXL recipe: a short ODE-regression pretraining on 10K teacher
+pairs before DMD2 starts, tianweiy/DMD2 experiments/sdxl); the fake score then starts from the teacher.
 Multi-step students train with backward simulation (DMD2 sec. 4.5).
 
 Guidance (all on the real score): a fixed CFG scale; a per-sample scale uniform in
@@ -119,6 +122,7 @@ class DMD(Objective):
         cache_sampler: str = "ddim"
         cache_seed: int = 0
         regression_batch: Optional[int] = None         # pairs per step; None = the batch size
+        regression_warmup: int = 0                     # first iterations: regression alone, critic waits (DMD2 1-step)
         gan_weight: float = 0.0                        # generator GAN term (DMD2 ImageNet: 3e-3); 0 = off
         gan_critic_weight: float = 1e-2                # discriminator term in the critic phase
         gan_loss: str = "ns"                           # "ns" (DMD2) | "hinge"
@@ -136,25 +140,43 @@ class DMD(Objective):
             raise UserError(f"objective.guidance_range must be [w_min, w_max] with w_min <= w_max, got "
                             f"{list(c.guidance_range)}")
         reg = getattr(c, "regression_weight", 0.0)  # SiD shares this class without a regression term
-        if reg and c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
+        warm = getattr(c, "regression_warmup", 0)
+        if warm < 0:
+            raise UserError(f"objective.regression_warmup must be >= 0, got {warm}")
+        if (reg or warm) and c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
             raise UserError(f"objective.regression_loss {c.regression_loss!r} is not supported; use pseudo_huber, "
                             "mse or lpips")
-        if reg > 0 and not c.cache:
+        if (reg > 0 or warm > 0) and not c.cache:
             raise UserError("DMD's regression loss needs teacher noise->image pairs: set objective.cache to a folder "
-                            "(built there on first use) or objective.regression_weight=0")
+                            "(built there on first use) or objective.regression_weight=0 and "
+                            "objective.regression_warmup=0")
         gan._check(c.gan_loss)
         self.uses_real_data = c.gan_weight > 0
         self._pairs = None
         self._lpips = None
+        self.iteration = 0  # outer iterations done (the regression warm-up's clock)
 
     # -- contract -------------------------------------------------------------------------------
     def phases(self):
         trains = ("fake_score", "disc") if self.cfg.gan_weight > 0 else ("fake_score",)
-        return [Phase("critic", trains, repeats=self.cfg.critic_repeats), Phase("generator", ("student",))]
+        return [Phase("critic", trains, repeats=self.cfg.critic_repeats, start=self._warmup()),
+                Phase("generator", ("student",))]
+
+    def _warmup(self) -> int:
+        return int(getattr(self.cfg, "regression_warmup", 0))
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration = step
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state) -> None:
+        self.iteration = int(state.get("iteration", 0))
 
     def build(self, teacher, student):
         c = self.cfg
-        if getattr(c, "regression_weight", 0.0) > 0:
+        if getattr(c, "regression_weight", 0.0) > 0 or self._warmup() > 0:
             self._check_cache()
         nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
                                         target_modules=c.fake_target_modules)}
@@ -246,8 +268,11 @@ class DMD(Objective):
             out["r1"] = c.r1_weight * gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
         return out
 
-    def regression_term(self, nets, like: torch.Tensor) -> torch.Tensor:
+    def regression_term(self, nets, like: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """DMD eq. 9 on a random batch of cached pairs, times ``weight`` (default regression_weight),
+        spread over ``like``'s batch size."""
         c = self.cfg
+        weight = c.regression_weight if weight is None else weight
         if self._pairs is None:
             self._pairs = self._load_pairs(real_score(nets))  # the teacher without any fake-score adapters
         pairs = self._pairs
@@ -262,7 +287,7 @@ class DMD(Objective):
         else:
             d = pseudo_huber(out, x_ref, c.huber_c)
         # the regression batch may differ in size from the DM batch: spread its mean over [B]
-        return c.regression_weight * d.mean().expand(like.shape[0])
+        return weight * d.mean().expand(like.shape[0])
 
     # -- phases ----------------------------------------------------------------------------------
     def critic_loss(self, nets: Nets, batch: dict) -> dict:
@@ -276,6 +301,8 @@ class DMD(Objective):
         return out
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
+        if self.iteration < self._warmup():  # DMD2 1-step: regression pretraining (weight 1)
+            return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
         cond = batch.get("cond")
         x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=self.cfg.backward_simulation)
         g, logs = self.dm_terms(nets, x, cond)

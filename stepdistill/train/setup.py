@@ -99,7 +99,8 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     phases = objective.phases()
     need(bool(phases), f"objective {objective.name!r} declares no phases")
     for ph in phases:
-        need(isinstance(ph, Phase) and ph.repeats >= 1, f"objective {objective.name!r}: bad phase {ph!r}")
+        need(isinstance(ph, Phase) and ph.repeats >= 1 and ph.start >= 0,
+             f"objective {objective.name!r}: bad phase {ph!r}")
         need("teacher" not in ph.trains, f"objective {objective.name!r}: phase {ph.name!r} trains the teacher, "
              "which is frozen; train a copy (e.g. fake_score) instead")
         need(hasattr(objective, f"{ph.name}_loss"),

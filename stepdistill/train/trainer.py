@@ -1,7 +1,7 @@
 """The one trainer for every objective (on accelerate).
 
 Each outer iteration ("step") runs every phase the objective declares, ``repeats`` updates each
-(DMD2's two time-scale rule, Yin et al. 2024b, sec. 4.2). An update draws ``grad_accum`` fresh
+(DMD2's two time-scale rule, Yin et al. 2024b, sec. 4.2), from the phase's ``start`` iteration on. An update draws ``grad_accum`` fresh
 micro-batches, calls ``objective.losses(phase, nets, batch)``, sums the per-sample means of every
 key not starting with "_", backpropagates, clips, and steps only the optimizers of
 ``phase.trains``. A non-finite loss or gradient skips the update. After the phases the student's
@@ -269,6 +269,8 @@ class Trainer:
         objective's end-of-step hook. No I/O: logging, previews and checkpoints are the loop's."""
         stepped_student = False
         for ph in self.phases:
+            if self.step < ph.start:
+                continue
             for r in range(ph.repeats):
                 if self._update(ph, r, window) and "student" in ph.trains:
                     stepped_student = True
