@@ -90,9 +90,10 @@ class TeacherModel(SampleableModel):
 
 
 def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
-                      resolution: int | None = None) -> TeacherModel:
+                      resolution: int | None = None, ema: bool = True) -> TeacherModel:
     """The sampleable model stored at ``path`` (a teacher, run or exported folder). ``resolution``
-    (pixels) picks a text-to-image teacher's sampling size (default: its pipeline's)."""
+    (pixels) picks a text-to-image teacher's sampling size (default: its pipeline's). ``ema=False``
+    takes a run's raw student weights instead of their EMA."""
     from .teachers import META_FILE, load_teacher
 
     p = Path(path)
@@ -104,8 +105,11 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
     if resolution is not None and student:
         raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size, "
                         "drop --resolution")
-    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA student
-        return load_run_model(p)
+    if not ema and not is_run_dir(p):
+        raise UserError(f"--no-ema applies to a run folder (the output_dir of `stepdistill train`); {str(p)!r} "
+                        "is not one, drop --no-ema")
+    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA (or raw) student
+        return load_run_model(p, ema=ema)
     if is_export_dir(p):  # a `stepdistill export` folder: the student rebuilt from weights + JSON
         return load_exported_model(p, trust_pickle=trust_pickle)
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():

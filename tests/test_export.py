@@ -364,3 +364,26 @@ def test_bad_input_stops_with_a_clear_message(runs, tmp_path):
     with pytest.raises(UserError, match="not an earlier export"):
         export_run(runs["full"], tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine" and not (tmp_path / "x").exists()
+
+
+def test_no_ema_takes_the_raw_student_weights(runs, tmp_path):
+    """`--no-ema` (sample, eval, export): the checkpoint's raw student weights, not their EMA; the
+    exported UNet holds them and the card does not call them EMA."""
+    from stepdistill.models import load_for_sampling
+    from stepdistill.train import checkpoint as ckpt
+    from stepdistill.train.run import load_run
+
+    raw, meta_raw = load_run(runs["full"], ema=False)
+    ema, meta_ema = load_run(runs["full"])
+    assert meta_ema["ema"] and not meta_raw["ema"]
+    stored = load_file(ckpt.latest(runs["full"]) / "nets.safetensors")
+    for k, v in raw.named_parameters():
+        assert torch.equal(v, stored[f"student.{k}"]), k
+    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))
+    model = load_for_sampling(runs["full"], ema=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.student.parameters(), raw.parameters()))
+    out = export_run(runs["full"], tmp_path / "raw", ema=False)
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    for k, v in raw.denoiser.backbone.state_dict().items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0)
+    assert "(EMA)" not in (out / "README.md").read_text()

@@ -68,6 +68,7 @@ def test_grid_shows_the_saved_images_and_settings_are_written(tiny_teacher_dir, 
     (["--classes", "a,b"], "comma-separated"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--sampler", "plms"], "unknown sampler"),
+    (["--no-ema"], "--no-ema applies to a run folder"),
 ])
 def test_bad_arguments_exit_2(tiny_teacher_dir, tmp_path, capsys, extra, needle):
     rc = main(["sample", str(tiny_teacher_dir), "--num", "2", "--out", str(tmp_path / "x.png"), *extra])

@@ -2,9 +2,11 @@
 networks without training them, and the guidance strategies route conditions as SiD-LSG says."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_teacher
+from stepdistill.errors import UserError
 from stepdistill.generator import build_student
 from stepdistill.objectives.base import Nets
 from stepdistill.objectives.sid import SiD, sid_generator_loss
@@ -54,3 +56,26 @@ def test_guidance_modes_route_conditions():
     assert seen[0] == [[0, 1, 0, 1]]                     # cfg: the fake score sees the condition
     assert seen[1] == [[2, 2, 2, 2]]                     # zero-cfg: only the null class
     assert seen[2] == [[2, 2, 2, 2, 0, 1, 0, 1]]         # anti-cfg: both branches, for its own CFG
+
+
+def test_regression_warmup_option(tmp_path):
+    """SiD takes DMD2's regression initialisation as an option: regression alone first, critic waiting."""
+    from stepdistill.objectives.dmd import pseudo_huber
+
+    obj = SiD(SiD.Config(regression_warmup=1, cache=str(tmp_path / "pairs"), cache_num=8, cache_steps=2))
+    assert [(p.name, p.start) for p in obj.phases()] == [("critic", 1), ("generator", 0)]
+    teacher = tiny_teacher().requires_grad_(False)
+    teacher.meta = {"num_classes": 2, "in_channels": 1, "sample_size": 8}
+    student = build_student(teacher, steps=1)
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}}
+    torch.manual_seed(0)
+    out = obj.generator_loss(nets, batch)
+    torch.manual_seed(0)
+    noise, x_ref, cond = obj._pairs.get(torch.randint(0, 8, (4,)))
+    assert set(out) == {"regression"}
+    torch.testing.assert_close(out["regression"][0], pseudo_huber(student(noise, cond), x_ref).mean())
+    obj.on_step_end(nets, 1)
+    assert "sid" in obj.generator_loss(nets, batch)
+    with pytest.raises(UserError, match="objective.cache"):
+        SiD(SiD.Config(regression_warmup=1))

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--clip", default=None, metavar="PATH",
                    help="text-to-image models: also report the CLIP score with this CLIP model (folder or hub name)")
     p.add_argument("--resolution", type=int, default=None, help="text-to-image teachers: image size in pixels")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a run folder: score the raw student weights instead of their EMA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_out", help="write results here")
     p.add_argument("--plot", help="write FID against NFE here (.png)")
@@ -104,7 +106,7 @@ def run(args) -> int:
     report = evaluate_model(args.model, steps=steps, num=args.num, detector=detector, ref=args.ref,
                             seed=args.seed, batch=args.batch, sampler=args.sampler,
                             guidance=args.guidance, device=args.device, console=console, prompts=prompts,
-                            clip=clip, resolution=args.resolution)
+                            clip=clip, resolution=args.resolution, ema=args.ema)
     report["command"] = command
     print_results(report, console)
     if args.json_out:

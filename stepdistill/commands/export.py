@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--fuse", action="store_true",
                    help="LoRA students: merge the adapters into the weights (the default for a LoRA student)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: the newest), e.g. step-00000500")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="export the raw student weights instead of their EMA")
     p.add_argument("--eval-json", default=None,
                    help="results of `stepdistill eval ... --json FILE` to put in the model card (default: the run's "
                         "newest in-training evaluation, if any)")
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_run
 
     out = export_run(args.run_dir, args.out, lora=args.lora, fuse=args.fuse, checkpoint=args.checkpoint,
-                     eval_json=args.eval_json)
+                     eval_json=args.eval_json, ema=args.ema)
     print(f"wrote {out}")
     return 0

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", default="", help="text-to-image teachers under CFG: the negative prompt")
     p.add_argument("--batch", type=int, default=256, help="images per forward batch (default 256)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a run folder: sample the raw student weights instead of their EMA")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled weights (.bin/.pt/.ckpt); they can run code when loaded")
     p.set_defaults(func=run)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
     get_sampler(args.sampler)
-    model = load_for_sampling(args.model, trust_pickle=args.trust_pickle, resolution=args.resolution)
+    model = load_for_sampling(args.model, trust_pickle=args.trust_pickle, resolution=args.resolution, ema=args.ema)
     args.steps = args.steps or model.default_steps
     prompts = None
     if model.is_text_to_image:

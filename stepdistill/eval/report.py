@@ -8,15 +8,16 @@ from .sources import load_source
 
 def evaluate_model(model: str, *, steps: list[int] | None, num: int, detector, ref: str, seed: int = 0,
                    batch: int = 100, sampler: str = "ddim", guidance: float = 1.0, device="cpu",
-                   console=None, prompts: list[str] | None = None, clip=None, resolution: int | None = None) -> dict:
+                   console=None, prompts: list[str] | None = None, clip=None, resolution: int | None = None,
+                   ema: bool = True) -> dict:
     """{"model", "protocol", "results": [one dict of metrics per step count]}. A set of images is
     scored once (``steps`` is then ignored); ``num`` then caps how many are used. ``steps=None``:
     a student's trained step count, or 1, 2, 4 and 50 for a teacher. Text-to-image models sample
     ``prompts`` (cycled over ``num``); ``clip`` (a CLIP detector) adds the CLIP score of each image
-    against its prompt."""
+    against its prompt. ``ema=False`` scores a run's raw student weights instead of their EMA."""
     import time
 
-    source = load_source(model, sampler=sampler, guidance=guidance, prompts=prompts, resolution=resolution)
+    source = load_source(model, sampler=sampler, guidance=guidance, prompts=prompts, resolution=resolution, ema=ema)
     ref_stats = resolve_ref(ref, detector, batch)
     rows = []
     if source.kind == "images":

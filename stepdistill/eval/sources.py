@@ -94,16 +94,17 @@ def _model_source(model, path: Path, sampler: str, guidance: float, prompts: lis
                   default_steps=(int(trained),) if trained else Source.default_steps, prompts=prompts if text else None)
 
 
-def _load_model(path: Path, sampler: str, guidance: float, prompts=None, resolution=None) -> Source:
+def _load_model(path: Path, sampler: str, guidance: float, prompts=None, resolution=None, ema=True) -> Source:
     from ..models import load_for_sampling
 
-    return _model_source(load_for_sampling(str(path), resolution=resolution), path, sampler, guidance, prompts)
+    return _model_source(load_for_sampling(str(path), resolution=resolution, ema=ema), path, sampler, guidance,
+                         prompts)
 
 
 def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0, prompts: list[str] | None = None,
-                resolution: int | None = None) -> Source:
+                resolution: int | None = None, ema: bool = True) -> Source:
     p = Path(path)
     if not p.exists() and not str(path).startswith("digits"):
         raise UserError(f"model {path!r} does not exist; pass a teacher folder, a run folder, an "
                         "exported pipeline or a folder/.npz of images")
-    return _load_images(p) or _load_model(p, sampler, guidance, prompts, resolution)
+    return _load_images(p) or _load_model(p, sampler, guidance, prompts, resolution, ema)

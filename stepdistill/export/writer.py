@@ -146,8 +146,9 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
 
 
 def export_run(run_dir, out, *, lora: bool = False, fuse: bool = False, checkpoint: str | None = None,
-               eval_json: str | None = None) -> Path:
-    """Export the newest (or the named) checkpoint's EMA student of a ``stepdistill train`` run."""
+               eval_json: str | None = None, ema: bool = True) -> Path:
+    """Export the newest (or the named) checkpoint's EMA student (``ema=False``: its raw weights) of a
+    ``stepdistill train`` run."""
     from ..train import checkpoint as ckpt
     from ..train.run import is_run_dir, load_run
 
@@ -158,8 +159,9 @@ def export_run(run_dir, out, *, lora: bool = False, fuse: bool = False, checkpoi
     if checkpoint is None and ckpt.latest(run) is None:
         raise UserError(f"run {str(run)!r} has no complete checkpoint to export; train it first (a checkpoint is "
                         "written every checkpoint_every steps and at the end)")
-    report = _read_eval(eval_json) if eval_json else _run_eval(run)
-    student, meta = load_run(run, checkpoint=checkpoint)
+    # the in-training evaluations score the EMA student: not the raw weights' numbers
+    report = _read_eval(eval_json) if eval_json else (_run_eval(run) if ema else None)
+    student, meta = load_run(run, checkpoint=checkpoint, ema=ema)
     return export_student(student, meta, out, lora=lora, fuse=fuse, eval_report=report)
 
 

@@ -97,12 +97,27 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> to
     return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
 
 
+@dataclass
+class RegressionPairs:
+    """Config fields of the regression loss on teacher noise -> image pairs (DMD eq. 9) and its warm-up."""
+
+    regression_loss: str = "pseudo_huber"          # "pseudo_huber" | "mse" | "lpips" (needs local weights)
+    huber_c: Optional[float] = None                # None = 0.00054 sqrt(d)
+    cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache)
+    cache_num: int = 1000                          # built there if missing: pairs ...
+    cache_steps: int = 50                          # ... teacher steps
+    cache_sampler: str = "ddim"
+    cache_seed: int = 0
+    regression_batch: Optional[int] = None         # pairs per step; None = the batch size
+    regression_warmup: int = 0                     # first iterations: regression alone, critic waits (DMD2 1-step)
+
+
 @register
 class DMD(Objective):
     name = "dmd"
 
     @dataclass
-    class Config:
+    class Config(RegressionPairs):
         guidance: float = 1.0                          # teacher CFG scale in the real score
         guidance_range: Optional[List[float]] = None   # [w_min, w_max]: a scale per sample (SNOOPI); None = fixed
         t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # DM term times (fractions of noise range)
@@ -114,15 +129,6 @@ class DMD(Objective):
         critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
         backward_simulation: bool = True               # multi-step students (DMD2 sec. 4.5)
         regression_weight: float = 0.25                # DMD eq. 9, lambda_reg; 0 = off (DMD2)
-        regression_loss: str = "pseudo_huber"          # "pseudo_huber" | "mse" | "lpips" (needs local weights)
-        huber_c: Optional[float] = None                # None = 0.00054 sqrt(d)
-        cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache)
-        cache_num: int = 1000                          # built there if missing: pairs ...
-        cache_steps: int = 50                          # ... teacher steps
-        cache_sampler: str = "ddim"
-        cache_seed: int = 0
-        regression_batch: Optional[int] = None         # pairs per step; None = the batch size
-        regression_warmup: int = 0                     # first iterations: regression alone, critic waits (DMD2 1-step)
         gan_weight: float = 0.0                        # generator GAN term (DMD2 ImageNet: 3e-3); 0 = off
         gan_critic_weight: float = 1e-2                # discriminator term in the critic phase
         gan_loss: str = "ns"                           # "ns" (DMD2) | "hinge"
@@ -140,7 +146,7 @@ class DMD(Objective):
             raise UserError(f"objective.guidance_range must be [w_min, w_max] with w_min <= w_max, got "
                             f"{list(c.guidance_range)}")
         reg = getattr(c, "regression_weight", 0.0)  # SiD shares this class without a regression term
-        warm = getattr(c, "regression_warmup", 0)
+        warm = c.regression_warmup
         if warm < 0:
             raise UserError(f"objective.regression_warmup must be >= 0, got {warm}")
         if (reg or warm) and c.regression_loss not in ("pseudo_huber", "mse", "lpips"):
@@ -163,7 +169,7 @@ class DMD(Objective):
                 Phase("generator", ("student",))]
 
     def _warmup(self) -> int:
-        return int(getattr(self.cfg, "regression_warmup", 0))
+        return int(self.cfg.regression_warmup)
 
     def on_step_end(self, nets: Nets, step: int) -> None:
         self.iteration = step
@@ -344,4 +350,4 @@ def _load_lpips():
         raise UserError(f"could not load LPIPS weights offline ({err}); use regression_loss=pseudo_huber") from None
 
 
-__all__ = ["DMD", "DMD2", "student_sample", "dmd_gradient", "target_loss", "pseudo_huber", "cfg_scales"]
+__all__ = ["DMD", "DMD2", "RegressionPairs", "student_sample", "dmd_gradient", "target_loss", "pseudo_huber", "cfg_scales"]

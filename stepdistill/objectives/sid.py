@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..fake_score import DEFAULT_LORA_TARGETS, frozen, real_score, sample_times
 from ..schedules import bcast
 from .base import Nets, register
-from .dmd import DMD, cfg_scales, mean_abs, noise_like_batch, student_sample
+from .dmd import DMD, RegressionPairs, cfg_scales, mean_abs, noise_like_batch, student_sample
 
 GUIDANCE_MODES = ("cfg", "zero_cfg", "anti_cfg")
 
@@ -46,7 +46,7 @@ class SiD(DMD):
     name = "sid"
 
     @dataclass
-    class Config:
+    class Config(RegressionPairs):  # the pairs serve only ``regression_warmup`` (DMD2's one-step initialisation)
         alpha: float = 1.2                             # SiD's alpha (1.2 in the paper's experiments)
         t_range: List[float] = field(default_factory=lambda: [0.0, 0.8])  # SiD's tmax = 800 of 1000
         guidance: float = 1.0                          # teacher CFG scale ("cfg" mode)
@@ -97,6 +97,8 @@ class SiD(DMD):
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c = self.cfg
         cond = batch.get("cond")
+        if self.iteration < self._warmup():  # optional regression initialisation (not in SiD; DMD2's recipe)
+            return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
         x_g = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
         t = sample_times(nets.fake_score.schedule, x_g.shape[0], c.t_range, device=x_g.device)
         x_t = nets.fake_score.schedule.add_noise(x_g, torch.randn_like(x_g), t)

@@ -81,6 +81,6 @@ class StudentModel(SampleableModel):
         return self.student(noise, cond, steps=steps, generator=generator)
 
 
-def load_run_model(run_dir) -> StudentModel:
-    student, meta = load_run(run_dir)
+def load_run_model(run_dir, *, ema: bool = True) -> StudentModel:
+    student, meta = load_run(run_dir, ema=ema)
     return StudentModel(student, meta)
