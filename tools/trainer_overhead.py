@@ -52,9 +52,15 @@ def random_digits_teacher(path: Path) -> Path:
 
 def config_args(objective: str, batch: int, teacher, out) -> tuple[str | None, list[str]]:
     """(preset path or None, overrides): the digits preset's objective, optimizers and max_steps (only
-    the LR schedules read it; ``train_step`` runs past it), with every periodic I/O and the EMA off."""
+    the LR schedules read it; ``train_step`` runs past it), with every periodic I/O and the EMA off.
+    A regression warm-up is switched off, so that both loops time the objective's main iterations
+    (every phase) rather than the warm-up's regression-only ones."""
+    from omegaconf import OmegaConf
+
     preset = ROOT / "configs" / "digits" / f"{objective}.yaml"
     path, base = (str(preset), []) if preset.is_file() else (None, [f"objective.name={objective}"])
+    if path and OmegaConf.load(path).get("objective", {}).get("regression_warmup"):
+        base = base + ["objective.regression_warmup=0"]
     return path, base + [
         f"teacher={teacher}", "data=digits-train", f"output_dir={out}", f"batch_size={batch}", "max_minutes=null",
         "log_every=1000000000", "checkpoint_every=1000000000", "preview_every=null", "eval_every=null",
@@ -82,6 +88,8 @@ class BareLoop:
 
     def train_step(self) -> None:
         for ph in self.phases:
+            if self.step < ph.start:
+                continue
             for r in range(ph.repeats):
                 batch = self.stream.batch(self.draw, step=self.step, phase=ph.name, repeat=r, micro=0)
                 self.draw += 1
