@@ -165,12 +165,8 @@ class DMD(Objective):
     # -- contract -------------------------------------------------------------------------------
     def phases(self):
         trains = ("fake_score", "disc") if self.cfg.gan_weight > 0 else ("fake_score",)
-        return [Phase("critic", trains, repeats=self.cfg.critic_repeats, start=self._warmup()),
+        return [Phase("critic", trains, repeats=self.cfg.critic_repeats, start=self.cfg.regression_warmup),
                 Phase("generator", ("student",))]
-
-    def _warmup(self) -> int:
-        return int(self.cfg.regression_warmup)
-
     def on_step_end(self, nets: Nets, step: int) -> None:
         self.iteration = step
 
@@ -182,7 +178,7 @@ class DMD(Objective):
 
     def build(self, teacher, student):
         c = self.cfg
-        if getattr(c, "regression_weight", 0.0) > 0 or self._warmup() > 0:
+        if getattr(c, "regression_weight", 0.0) > 0 or c.regression_warmup > 0:
             self._check_cache()
         nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
                                         target_modules=c.fake_target_modules)}
@@ -307,7 +303,7 @@ class DMD(Objective):
         return out
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
-        if self.iteration < self._warmup():  # DMD2 1-step: regression pretraining (weight 1)
+        if self.iteration < self.cfg.regression_warmup:  # DMD2 1-step: regression pretraining (weight 1)
             return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
         cond = batch.get("cond")
         x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=self.cfg.backward_simulation)
