@@ -346,4 +346,5 @@ def _load_lpips():
         raise UserError(f"could not load LPIPS weights offline ({err}); use regression_loss=pseudo_huber") from None
 
 
-__all__ = ["DMD", "DMD2", "RegressionPairs", "student_sample", "dmd_gradient", "target_loss", "pseudo_huber", "cfg_scales"]
+__all__ = ["DMD", "DMD2", "RegressionPairs", "student_sample", "dmd_gradient", "target_loss", "pseudo_huber",
+           "cfg_scales"]

@@ -97,7 +97,7 @@ class SiD(DMD):
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c = self.cfg
         cond = batch.get("cond")
-        if self.iteration < self.cfg.regression_warmup:  # optional regression initialisation (not in SiD; DMD2's recipe)
+        if self.iteration < c.regression_warmup:  # optional regression initialisation (not in SiD; DMD2's recipe)
             return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
         x_g = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
         t = sample_times(nets.fake_score.schedule, x_g.shape[0], c.t_range, device=x_g.device)
