@@ -302,9 +302,16 @@ class DMD(Objective):
             out.update(self.gan_critic_terms(nets, x, batch))
         return out
 
-    def generator_loss(self, nets: Nets, batch: dict) -> dict:
-        if self.iteration < self.cfg.regression_warmup:  # DMD2 1-step: regression pretraining (weight 1)
+    def warmup_loss(self, nets: Nets, batch: dict) -> dict | None:
+        """During ``regression_warmup``: the regression loss alone, weight 1 (DMD2's one-step
+        regression pretraining); afterwards None."""
+        if self.iteration < self.cfg.regression_warmup:
             return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
+        return None
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict:
+        if (warm := self.warmup_loss(nets, batch)) is not None:
+            return warm
         cond = batch.get("cond")
         x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=self.cfg.backward_simulation)
         g, logs = self.dm_terms(nets, x, cond)

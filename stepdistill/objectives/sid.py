@@ -97,8 +97,8 @@ class SiD(DMD):
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c = self.cfg
         cond = batch.get("cond")
-        if self.iteration < c.regression_warmup:  # optional regression initialisation (not in SiD; DMD2's recipe)
-            return {"regression": self.regression_term(nets, batch["x0"], weight=1.0)}
+        if (warm := self.warmup_loss(nets, batch)) is not None:  # optional; not in SiD (DMD2's recipe)
+            return warm
         x_g = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
         t = sample_times(nets.fake_score.schedule, x_g.shape[0], c.t_range, device=x_g.device)
         x_t = nets.fake_score.schedule.add_noise(x_g, torch.randn_like(x_g), t)
