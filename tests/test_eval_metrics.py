@@ -66,6 +66,17 @@ def test_fid_of_identical_sets_is_zero_and_grows_with_shift():
     assert frechet_distance(mu + 0.5, s, mu, s) == pytest.approx(8 * 0.25, rel=1e-9)
 
 
+def test_fid_of_identical_rank_deficient_statistics_is_zero_to_round_off():
+    """Detector features are often rank-deficient (ReLU units that never fire, fewer images than
+    dimensions): near-zero eigenvalues must not turn into sqrt(eps)-sized errors."""
+    f = _features(397, 128, scale=3.0, seed=5)
+    f[:, 100:] = 0.5 * f[:, :28]  # 28 dependent dimensions
+    f[:, 90:100] = 0.0            # 10 dead units
+    mu, s = f.mean(0), np.cov(f, rowvar=False)
+    scale = np.trace(s)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-12 * scale
+
+
 def naive_kid(x, y, degree=3, coef=1.0):
     """Unbiased MMD^2 with k(a, b) = (a.b / d + coef)^degree, summed pair by pair."""
     d = x.shape[1]
