@@ -19,7 +19,7 @@ def test_default_objectives_are_the_distillation_presets():
     assert "dmd2_4step" in names and "teacher" not in names  # teacher.yaml is the pretrain config
 
 
-@pytest.mark.parametrize("name, lifted", [("progressive", False), ("consistency", True)])
+@pytest.mark.parametrize("name, lifted", [("progressive", False), ("consistency", True), ("dmd2", True)])
 def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lifted, tmp_path, monkeypatch):
     tool = load_tool("benchmark")
     seen = []
@@ -32,9 +32,13 @@ def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lif
     with pytest.raises(SystemExit):
         tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
     (cmd,) = seen
-    assert f"configs/digits/{name}.yaml" in cmd and f"max_minutes={tool.BUDGET[name]}" in cmd
+    assert f"configs/digits/{name}.yaml" in cmd and f"max_minutes={tool.BUDGET.get(name, tool.DEFAULT_BUDGET)}" in cmd
     assert ("max_steps=1000000" in cmd) == lifted
     assert not any(a.startswith("max_steps=") for a in cmd) or lifted  # progressive keeps its preset's rounds
+    # a preset's teacher-output cache is built in the run's own folder, charged to its budget
+    has_cache = bool(OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml").objective.get("cache"))
+    assert (f"objective.cache={tmp_path / f'run_{name}' / 'teacher_cache'}" in cmd) == has_cache
+    assert has_cache or name != "dmd2"  # the DMD2 preset's cache exercises the override
 
 
 def _fake_measurements(tool, monkeypatch, fid):

