@@ -134,6 +134,25 @@ class TeacherPairs:
         cond = {k: v[idx].to(device) for k, v in self.cond.items()} or None
         return self.noise[idx].to(device), self.x0[idx].to(device), cond
 
+    def grid_index(self, times: torch.Tensor) -> torch.Tensor:
+        """Positions of `times` on the trajectories' grid; a UserError names the times it lacks."""
+        if self.trajectory is None:
+            raise UserError("this teacher-output cache holds no trajectories; build it with trajectory=True in a "
+                            "new folder")
+        grid = torch.tensor(self.manifest["grid"], dtype=torch.float64)
+        times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()
+        hit = torch.isclose(times[:, None], grid[None, :], rtol=1e-9, atol=1e-9)
+        if not bool(hit.any(1).all()):
+            missing = sorted({float(t) for t in times[~hit.any(1)]})
+            raise UserError(f"the cache's {self.manifest['steps']}-step grid lacks the times {missing}; build the "
+                            "cache with a step count whose grid holds them (for the student's segment ends, a "
+                            "multiple of its steps)")
+        return hit.float().argmax(1)
+
+    def states(self, idx: torch.Tensor, pos: torch.Tensor, device=None) -> torch.Tensor:
+        """x on trajectory idx[i] at its grid position pos[i]."""
+        return self.trajectory[idx.cpu(), pos.cpu()].to(device)
+
 
 def read_manifest(path) -> dict | None:
     f = Path(path) / MANIFEST
@@ -166,7 +185,7 @@ def load_cache(path, teacher: Denoiser | None = None) -> TeacherPairs:
 
 
 def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                         seed: int = 0, prompts: str | None = None) -> dict | None:
+                         seed: int = 0, prompts: str | None = None, trajectory: bool = False) -> dict | None:
     """The manifest at `path` if it matches these settings, None if there is no cache yet; a
     UserError naming each difference otherwise."""
     p = Path(path)
@@ -181,6 +200,8 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
     diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
     if m.get("num", 0) < num:
         diff["num"] = (m.get("num"), num)
+    if trajectory and not m.get("trajectory"):
+        diff["trajectory"] = (False, True)
     if diff:
         said = ", ".join(f"{k}: cache {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"cache {str(p)!r} was built with other settings ({said}); point objective.cache at a "
@@ -189,14 +210,15 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
 
 
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                 seed: int = 0, batch: int = 256) -> TeacherPairs:
-    """Load the cache at `path` if it matches these settings and this teacher; build it if absent."""
+                 seed: int = 0, batch: int = 256, trajectory: bool = False) -> TeacherPairs:
+    """Load the cache at `path` if it matches these settings and this teacher (with trajectories,
+    where asked); build it if absent."""
     prompts = _attr(teacher, "prompt_id")
     if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                            prompts=prompts) is None:
+                            prompts=prompts, trajectory=trajectory) is None:
         if Path(path).exists():
             Path(path).rmdir()  # an empty folder
-        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch)
+        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory)
     return load_cache(path, teacher)
 
 

@@ -26,7 +26,9 @@ CASES = [(n, {}) for n in NAMES] + [
     if "fake_lora_rank" in getattr(load_all().get(n), "Config", type).__dataclass_fields__] + [
     ("consistency", {"multistep": True}),  # a deterministic "ddim" student with per-segment targets
     ("consistency", {"multistep": True, "teacher_steps": 4, "teacher_substeps": 3}),  # one link per segment
-    ("consistency", {"multistep": True, "weighting": "truncated_snr"})]  # loss on x0 estimates, target net asked
+    ("consistency", {"multistep": True, "weighting": "truncated_snr"}),  # loss on x0 estimates, target net asked
+    ("consistency", {"multistep": True, "teacher_steps": 4, "cache": "TMP", "cache_num": 6, "cache_steps": 8})]
+#: "TMP" in a case stands for a fresh folder of the test's own (a cache built there on first use)
 
 
 def _setup(name, extra=None):
@@ -36,6 +38,8 @@ def _setup(name, extra=None):
     cls = get_objective(name)
     obj = cls(cls.Config(**{**WITHOUT_RESOURCES.get(name, {}), **(extra or {})}))
     teacher = tiny_teacher().requires_grad_(False)
+    if (extra or {}).get("cache"):  # a cache draws balanced labels from the teacher folder's metadata
+        teacher.meta = {"num_classes": 2, "null_class": 2, "in_channels": 1, "sample_size": 8}
     student = build_student(teacher, StudentConfig(steps=obj.student_steps() or (2 if obj.student_sampler() else 1),
                                                    sampler=obj.student_sampler()))
     nets = Nets(teacher=teacher, student=student, **(obj.build(teacher, student) or {}))
@@ -49,8 +53,8 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[n + "".join(f"-{k}" for k in e) for n, e in CASES])
-def test_losses_and_gradients_per_phase(name, extra):
-    obj, nets = _setup(name, extra)
+def test_losses_and_gradients_per_phase(name, extra, tmp_path):
+    obj, nets = _setup(name, {k: str(tmp_path / k) if v == "TMP" else v for k, v in extra.items()})
     assert not any(p.requires_grad for k, p in nets.teacher.named_parameters() if "lora_" not in k)
     phases = obj.phases()
     assert phases

@@ -297,3 +297,72 @@ def test_latent_distance_scales_a_segments_x0_error(setup):
     torch.testing.assert_close(losses["none"], scale * losses["snr_plus_one"] / (sched.snr(t) + 1.0),
                                rtol=1e-9, atol=0)
     assert float(scale[idx == 0][0]) < 0.1 and float(scale[idx == 3][0]) == 1.0
+
+
+class QueuedRng:
+    """Per-sample draws in the order they are asked for (a trajectory, then a start)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def randint(self, low, high):
+        d = self.draws.pop(0)
+        assert int(d.max()) < high
+        return d
+
+
+def _cached(teacher, tmp_path, steps, **kw):
+    teacher.sample_shape = (4,)  # the Gaussian teacher's data are 4-vectors
+    cfg = dict(solver="heun", teacher_steps=4, target_ema=0.0, loss="l2", multistep=True,
+               cache=str(tmp_path / f"c{steps}"), cache_num=40, cache_steps=steps)
+    return CD(CD.Config(**{**cfg, **kw}))
+
+
+def test_cached_links_lie_on_the_teachers_ode_and_score_the_exact_consistency_function(setup, tmp_path):
+    """With a trajectory cache each link starts on a cached teacher trajectory at a student time and
+    its target is that trajectory at the segment's end: both the closed-form PF-ODE solution up to the
+    cache solver's error. So the exact multistep consistency function (ExactJump) scores that error,
+    which falls with the cache's step count (at least first order: Heun's last step into clean data
+    is an Euler step), and one shifted by 0.1 scores about 0.01."""
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    j, n = torch.arange(40), torch.arange(40) % 4
+    scores, errors, shifted_scores = {}, {}, {}
+    for steps in (8, 32):
+        obj = _cached(teacher, tmp_path, steps)
+        exact = Student(ExactJump(teacher, ts), ts, sampler="ddim")
+        assert obj.build(teacher, exact) == {}  # no target network
+        nets = Nets(teacher=teacher, student=exact)
+        batch = {"x0": torch.zeros(40, 4, dtype=torch.float64), "cond": None, "rng": QueuedRng(j, n)}
+        x_t, t, t_end, target, cond = obj.cached_links(nets, batch)
+        assert torch.equal(t, ts[n]) and cond is None
+        assert torch.equal(t_end, torch.cat([ts[1:], ts.new_tensor([sched.t_clean])])[n])
+        noise = obj._trajectories[0].noise[j].double()
+        errors[steps] = max(float((x_t.double() - teacher.exact(noise, 999.0, t)).abs().max()),
+                            float((target.double() - teacher.exact(x_t.double(), t, t_end)).abs().max()))
+        batch["rng"] = QueuedRng(j, n)
+        scores[steps] = float(obj.losses("generator", nets, batch)["loss"].mean())
+        batch["rng"] = QueuedRng(j, n)
+        shifted = Nets(teacher=teacher, student=Student(ExactJump(teacher, ts, shift=0.1), ts, sampler="ddim"))
+        shifted_scores[steps] = float(obj.losses("generator", shifted, batch)["loss"].mean())
+    assert shifted_scores[32] == pytest.approx(0.01, rel=0.1) and shifted_scores[8] > scores[8]
+    assert errors[32] < 0.07 and errors[32] < errors[8] / 3
+    assert scores[32] < scores[8] / 10 and scores[32] < 2e-4
+
+
+def test_cached_links_are_checked_before_any_compute(setup, tmp_path):
+    sched, mu, sd, teacher = setup
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    student = Student(teacher, ts, sampler="ddim")
+    with pytest.raises(UserError, match=r"30-step grid lacks the link times \[249.0, 749.0\]"):
+        _cached(teacher, tmp_path, 30).build(teacher, student)
+    assert not (tmp_path / "c30").exists()
+    with pytest.raises(UserError, match="teacher_substeps=1"):
+        _cached(teacher, tmp_path, 8, teacher_substeps=2)
+    with pytest.raises(UserError, match="w_embedding=false"):
+        _cached(teacher, tmp_path, 8, w_embedding=True)
+    from stepdistill.cache import build_cache
+
+    build_cache(teacher, tmp_path / "pairs", num=40, steps=8, sampler="heun")  # pairs without trajectories
+    with pytest.raises(UserError, match="trajectory: cache False vs config True"):
+        _cached(teacher, tmp_path, 8, cache=str(tmp_path / "pairs")).build(teacher, student)

@@ -34,6 +34,15 @@ LCM's guidance-scale embedding (sec. 4.2) passed as ``timestep_cond``, while the
 that w. w is the usual CFG scale (1 = no guidance); the embedding is of w - 1, as diffusers'
 LatentConsistencyModelPipeline computes it from its guidance_scale, so an exported pipeline agrees.
 
+Cached trajectories. With ``cache`` the links come from teacher ODE trajectories sampled once from
+noise (``stepdistill.cache``, built on first use in that folder: ``cache_num`` trajectories of
+``cache_steps`` ``solver`` steps): x_t is a trajectory's state at a teacher-grid time and the target
+its state at the segment's end (at clean data, the teacher's sample), so every target is the
+teacher's many-step ODE solution and training calls no teacher at all; the trajectories' x_t lie
+where the student's own samples do (the trajectory-sampled pairs of TBCM, "Image-Free Timestep
+Distillation via Continuous-Time Consistency with Trajectory-Sampled Pairs", 2025). The cache's grid
+must hold every teacher-grid time and segment end.
+
 Sampling. The student (``stepdistill.generator.Student``) samples as multi-step consistency models
 do (Song et al., 2023, Alg. 1): f at the first of its K times, then re-noise to the next and repeat.
 
@@ -129,6 +138,11 @@ class Consistency(Objective):
         teacher_substeps: int = 1       # solver steps per teacher step t_{n+k} -> t_n (several, as CTM's teacher)
         weighting: str = "none"         # "none": distance between outputs; "truncated_snr" | "snr_plus_one":
                                         # between implied x0 estimates, times w(t) (Heek et al., 2024, Alg. 1)
+        cache: Optional[str] = None     # teacher ODE trajectories (built there on first use): links from their
+                                        # states instead of noised data and online teacher steps; None = online
+        cache_num: int = 2000           # ... trajectories, each from its own noise and (balanced) class
+        cache_steps: int = 32           # ... of `solver` on schedule.timesteps(cache_steps)
+        cache_seed: int = 0
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -151,8 +165,19 @@ class Consistency(Objective):
             raise UserError(f"consistency: huber_c must be > 0 (or null for iCT's default), got {c.huber_c}")
         if c.w_embedding and not 1.0 <= c.w_min <= c.w_max:
             raise UserError(f"consistency: need 1 <= w_min <= w_max, got w_min={c.w_min}, w_max={c.w_max}")
+        if c.cache and c.teacher_substeps != 1:
+            raise UserError("consistency: with objective.cache the teacher's path is the cached trajectories' own "
+                            f"grid (cache_steps={c.cache_steps}); set teacher_substeps=1 or cache=null")
+        if c.cache and c.w_embedding:
+            raise UserError("consistency: cached trajectories are made at one CFG scale and cannot train the "
+                            "w-embedding; set cache=null or w_embedding=false")
+        if c.cache_num < 1 or c.cache_steps < 1:
+            raise UserError(f"consistency: cache_num and cache_steps must be >= 1, got {c.cache_num} and "
+                            f"{c.cache_steps}")
+        self.uses_real_data = not c.cache  # cached links need no data
         self._grids: dict[int, torch.Tensor] = {}
         self._w_dim: Optional[int] = None
+        self._trajectories = None
 
     def student_sampler(self):
         return "ddim" if self.cfg.multistep else None
@@ -169,9 +194,37 @@ class Consistency(Objective):
                 raise UserError("consistency: w_embedding needs a student backbone with a timestep_cond input; set "
                                 "student.time_cond_proj_dim=256 (LCM) on a UNet2DConditionModel teacher, or "
                                 "w_embedding=false")
-        if c.target_ema == 0.0:
+        if c.cache:
+            self._check_cache(student)
+        if c.target_ema == 0.0 or c.cache:  # cached links end at segment ends: no target network is asked
             return {}
         return {"target": copy.deepcopy(student).requires_grad_(False).eval()}
+
+    def _link_times(self, student) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-grid start times (without the clean end) and each one's segment end."""
+        schedule = student.schedule
+        starts = self._grid(schedule, "cpu")[:-1]
+        if self.cfg.multistep:
+            return starts, student.segment_end(starts).cpu()
+        return starts, torch.full_like(starts, float(schedule.t_clean))
+
+    def _check_cache(self, student) -> None:
+        """Before any compute: the cache's grid (built or not) holds every link's start and end, and an
+        existing cache matches these settings."""
+        from ..cache import check_cache_settings
+
+        c = self.cfg
+        grid = student.schedule.timesteps(c.cache_steps)
+        starts, ends = self._link_times(student)
+        times = torch.cat([starts, ends])
+        on = torch.isclose(times[:, None], grid[None, :].to(times), rtol=1e-9, atol=1e-9).any(1)
+        if not bool(on.all()):
+            missing = sorted({float(t) for t in times[~on]})
+            raise UserError(f"consistency: the cache's {c.cache_steps}-step grid lacks the link times {missing}; "
+                            f"set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} whose grid "
+                            f"holds them (e.g. {8 * c.teacher_steps})")
+        check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.solver, guidance=c.guidance,
+                             seed=c.cache_seed, trajectory=True)
 
     @torch.no_grad()
     def on_step_end(self, nets: Nets, step: int) -> None:
@@ -208,10 +261,43 @@ class Consistency(Objective):
         c = self.cfg.huber_c if self.cfg.huber_c is not None else ICT_HUBER_C * math.sqrt(sq.shape[1])
         return (sq.sum(1) + c**2).sqrt() - c
 
+    def cached_links(self, nets: Nets, batch: dict):
+        """(x_t, t, t_end, target, cond) from cached trajectories: per sample a trajectory and a
+        teacher-grid start, the state there and the state at its segment's end."""
+        from ..cache import ensure_cache
+
+        c = self.cfg
+        device = batch["x0"].device
+        if self._trajectories is None:
+            pairs = ensure_cache(nets.teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.solver,
+                                 guidance=c.guidance, seed=c.cache_seed, trajectory=True)
+            starts, ends = self._link_times(nets.student)
+            self._trajectories = (pairs, starts, ends, pairs.grid_index(starts), pairs.grid_index(ends))
+        pairs, starts, ends, pos, pos_end = self._trajectories
+        b = batch["x0"].shape[0]
+        j = _randint(batch, len(pairs), b, "cpu")
+        n = _randint(batch, len(starts), b, "cpu")
+        _, _, cond = pairs.get(j, device=device)
+        return (pairs.states(j, pos[n], device), starts[n].to(device), ends[n].to(device),
+                pairs.states(j, pos_end[n], device), cond)
+
+    def loss(self, schedule: Schedule, f, target, x_t, t, t_end) -> dict[str, torch.Tensor]:
+        """The distance between the student's jump f and its target (see Distance)."""
+        target = target.to(f.dtype)
+        if self.cfg.weighting == "none":
+            return {"loss": self.distance(f, target), "_t": t.to(f.dtype)}
+        # Heek et al. (2024), Alg. 1: the loss on x0 estimates, weighted by w(t)
+        x0_f, x0_target = (implied_x0(schedule, v, x_t, t, t_end) for v in (f, target))
+        w_t = snr_weight(schedule, t, self.cfg.weighting).to(f.dtype)
+        return {"loss": w_t * self.distance(x0_f, x0_target), "_t": t.to(f.dtype)}
+
     def generator_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        schedule = nets.student.schedule
+        if self.cfg.cache:
+            x_t, t, t_end, target, cond = self.cached_links(nets, batch)
+            return self.loss(schedule, nets.student.jump(x_t, t, t_end, cond), target, x_t, t, t_end)
         x = batch["x0"]
         cond = batch.get("cond")
-        schedule = nets.student.schedule
         grid = self._grid(schedule, x.device)
         n = _randint(batch, self.cfg.teacher_steps, x.shape[0], x.device)
         t, t_prev = grid[n], grid[n + 1]                       # t_{n+k}, t_n
@@ -242,10 +328,4 @@ class Consistency(Objective):
                 target_net = nets.student if target_net is None else target_net
                 target = target_net.jump(x_prev, t_prev, t_end, s_cond)
                 target = torch.where(bcast(at_end, x).bool(), x_prev.to(target.dtype), target)
-        target = target.to(f.dtype)
-        if self.cfg.weighting == "none":
-            return {"loss": self.distance(f, target), "_t": t.to(f.dtype)}
-        # Heek et al. (2024), Alg. 1: the loss on x0 estimates, weighted by w(t)
-        x0_f, x0_target = (implied_x0(schedule, v, x_t, t, t_end) for v in (f, target))
-        w_t = snr_weight(schedule, t, self.cfg.weighting).to(f.dtype)
-        return {"loss": w_t * self.distance(x0_f, x0_target), "_t": t.to(f.dtype)}
+        return self.loss(schedule, f, target, x_t, t, t_end)
