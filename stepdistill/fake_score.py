@@ -211,14 +211,29 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: Cond = None, *, s
     if t is None:
         t = sched.sample_t(x0.shape[0]).to(x0.device)
     x_t = sched.add_noise(x0, torch.randn_like(x0), t)
-    pred = denoiser(x_t, t, cond)
+    return dsm_error(sched, denoiser(x_t, t, cond), x0, x_t, t, space)
+
+
+def dsm_error(schedule: Schedule, pred: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t, space: str = "raw"):
+    """Per-sample squared error of an x0 prediction at x_t, in the backbone's own parameterisation
+    (space="raw") or in x0 (space="x0"); mean over pixels."""
     if space == "raw":
-        diff = sched.x0_to_raw(pred, x_t, t) - sched.x0_to_raw(x0, x_t, t)
+        diff = schedule.x0_to_raw(pred, x_t, t) - schedule.x0_to_raw(x0, x_t, t)
     elif space == "x0":
         diff = pred - x0
     else:
         raise UserError(f"fake_loss {space!r} is not supported; use 'raw' (the teacher's parameterisation) or 'x0'")
     return diff.pow(2).flatten(1).mean(1)
+
+
+def dsm_weight(schedule: Schedule, t, like: torch.Tensor, space: str = "raw") -> torch.Tensor:
+    """Per-sample weight of the x0 error in ``dsm_error``: the squared x0 coefficient of the raw target
+    (1 / sigma^2 for v on VP, SNR for eps, EDM's lambda(sigma) for its F; Karras et al., 2022, eq. 8),
+    or 1 in x0 space."""
+    if space == "x0":
+        return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
+    one, zero = torch.ones_like(like), torch.zeros_like(like)
+    return (schedule.x0_to_raw(one, zero, t) - schedule.x0_to_raw(zero, zero, t)).flatten(1)[:, 0].pow(2)
 
 
 # -- features and a discriminator head -----------------------------------------------------------
@@ -370,6 +385,6 @@ def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: t
     return head(feats, cond)
 
 
-__all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "sample_times",
-           "noise_grid", "forward_with_features", "find_module", "DiscHead", "build_disc_head", "disc_logits",
-           "sample_shape", "feature_shape"]
+__all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
+           "dsm_weight", "sample_times", "noise_grid", "forward_with_features", "find_module", "DiscHead",
+           "build_disc_head", "disc_logits", "sample_shape", "feature_shape"]

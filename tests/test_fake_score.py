@@ -125,3 +125,26 @@ def test_features_without_x0_stop_at_the_module():
     (g_early,) = torch.autograd.grad(early.sum(), x)
     (g_full,) = torch.autograd.grad(full.sum(), x)
     torch.testing.assert_close(g_early, g_full)
+
+
+@pytest.mark.parametrize("kind", ["vp-v", "vp-eps", "edm", "flow"])
+def test_dsm_weight_is_the_x0_weight_of_the_raw_loss(kind):
+    """The raw-space DSM error is dsm_weight(t) times the x0 error (closed forms: v on VP 1 / sigma^2,
+    eps SNR, EDM's lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, rectified flow 1 / s^2)."""
+    from stepdistill.fake_score import dsm_error, dsm_weight
+    from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+
+    vp = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sched, t = {"vp-v": (VPSchedule({**vp, "prediction_type": "v_prediction"}), T),
+                "vp-eps": (VPSchedule({**vp, "prediction_type": "epsilon"}), T),
+                "edm": (EDMSchedule(), torch.tensor([80.0, 2.5, 0.5, 0.01], dtype=torch.float64)),
+                "flow": (FlowSchedule(), torch.tensor([999.0, 700.0, 300.0, 20.0], dtype=torch.float64))}[kind]
+    a, s = sched.alpha_sigma(t)
+    want = {"vp-v": 1 / s**2, "vp-eps": a**2 / s**2, "edm": (s**2 + 0.25) / (s * 0.5) ** 2, "flow": 1 / s**2}[kind]
+    got = dsm_weight(sched, t, X)
+    assert torch.allclose(got.double(), want, rtol=1e-4), (got, want)
+    g = torch.Generator().manual_seed(0)
+    x_t, err = torch.randn(X.shape, generator=g), 0.01 * torch.randn(X.shape, generator=g)
+    raw = dsm_error(sched, X + err, X, x_t, t)
+    assert torch.allclose(raw, got * err.pow(2).flatten(1).mean(1), rtol=1e-3)
+    assert torch.equal(dsm_weight(sched, t, X, "x0"), torch.ones(4))
