@@ -27,7 +27,9 @@ CASES = [(n, {}) for n in NAMES] + [
     ("consistency", {"multistep": True}),  # a deterministic "ddim" student with per-segment targets
     ("consistency", {"multistep": True, "teacher_steps": 4, "teacher_substeps": 3}),  # one link per segment
     ("consistency", {"multistep": True, "weighting": "truncated_snr"}),  # loss on x0 estimates, target net asked
-    ("consistency", {"multistep": True, "teacher_steps": 4, "cache": "TMP", "cache_num": 6, "cache_steps": 8})]
+    ("consistency", {"multistep": True, "teacher_steps": 4, "cache": "TMP", "cache_num": 6, "cache_steps": 8}),
+    ("sid", {"gan_weight": 1.0, "gan_form": "sida"}),  # SiDA: the classifier shares the fake score's passes
+    ("progressive", {"round_ema": 0.9})]  # the round's average teaches the next round
 #: "TMP" in a case stands for a fresh folder of the test's own (a cache built there on first use)
 
 

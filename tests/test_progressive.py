@@ -205,6 +205,29 @@ def test_rounds_halve_and_the_previous_student_becomes_the_teacher(gauss):
         PD(PD.Config(start_steps=16, final_steps=4)).load_state_dict({"round": 3, "iteration": 0, "steps": 4})
 
 
+def test_round_ema_teaches_the_next_round_and_restarts_its_student(gauss):
+    """round_ema: the round's running average w <- mu w + (1 - mu) w_student (checked against the same
+    recursion by hand) becomes the next round's frozen teacher and its student's starting point."""
+    mu_, sd = gauss
+    sched = VPSchedule(VP)
+    obj = PD(PD.Config(start_steps=16, final_steps=4, iterations_per_round=3, round_ema=0.5))
+    student = Student(Affine(sched), sched.timesteps(4)[:-1])
+    nets = _nets(obj, GaussianTeacher(sched, mu_, sd), student)
+    w0 = student.denoiser.w.detach().clone()
+    avg = w0.clone()
+    for step, delta in enumerate([0.4, -0.2, 0.6]):
+        with torch.no_grad():
+            student.denoiser.w.add_(delta)
+        avg = 0.5 * avg + 0.5 * student.denoiser.w.detach()
+        obj.on_step_end(nets, step + 1)
+    assert obj.round == 1
+    assert torch.allclose(nets.pd_teacher.denoiser.w, avg) and torch.allclose(student.denoiser.w, avg)
+    assert not torch.allclose(avg, w0 + 0.8)  # the average, not the last weights
+    assert student.denoiser.w.requires_grad and not nets.pd_teacher.denoiser.w.requires_grad
+    with pytest.raises(UserError, match="round_ema must be in"):
+        PD(PD.Config(round_ema=1.0))
+
+
 def test_bad_configs_and_students_are_refused(gauss):
     mu, sd = gauss
     sched = VPSchedule(VP)

@@ -19,6 +19,11 @@ few-step student starts and where eps = z carries no information, while plain x0
 low noise; the max is x0 error at high noise and eps error at low noise. "snr_plus_one" (the v-loss,
 weight SNR + 1, also sec. 4) is offered as the alternative the paper reports as equally good.
 
+Round teacher. With ``round_ema`` > 0 the student's weights are averaged over the round (an EMA
+of that decay), and at the round's end the average becomes the next round's teacher and the next
+student's starting point, instead of the last weights (Alg. 2 takes the student itself): the
+average is a smoother teacher than any single iterate of a regression run at a constant rate.
+
 Learning rate. With ``lr_anneal="linear"`` (default) the student's learning rate falls linearly to 0
 over each round and restarts with the next, as in the paper's released configs (linear annealing over
 the steps of each halving); the trainer multiplies its own schedule by ``lr_factor``. A round then ends
@@ -77,6 +82,15 @@ def snr_weight(schedule: Schedule, t: torch.Tensor, weighting: str) -> torch.Ten
     return snr.clamp_min(1.0) if weighting == "truncated_snr" else snr + 1.0
 
 
+def _copy_into(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """dst's parameters and buffers := src's (same architecture)."""
+    with torch.no_grad():
+        for a, b in zip(dst.parameters(), src.parameters(), strict=True):
+            a.copy_(b)
+        for a, b in zip(dst.buffers(), src.buffers(), strict=True):
+            a.copy_(b)
+
+
 def _randint(batch: dict, high: int, n: int, device) -> torch.Tensor:
     rng = batch.get("rng")
     idx = rng.randint(0, high) if rng is not None else torch.randint(0, high, (n,))
@@ -104,6 +118,8 @@ class Progressive(Objective):
         lr_anneal: str = "linear"       # "linear": the student's lr falls linearly to 0 over each round and restarts
                                         # (the paper's code: learning_rate_anneal_type linear over steps_per_iter);
                                         # "none": the configured schedule alone
+        round_ema: float = 0.0          # > 0: the next round starts from (and is taught by) an EMA of this round's
+                                        # student with this decay; 0 = the student's last weights (Alg. 2)
 
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
@@ -121,6 +137,8 @@ class Progressive(Objective):
             raise UserError(f"progressive: lr_anneal {c.lr_anneal!r} is unknown; use one of {', '.join(LR_ANNEALS)}")
         if c.weighting not in WEIGHTINGS:
             raise UserError(f"progressive: weighting {c.weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
+        if not 0.0 <= c.round_ema < 1.0:
+            raise UserError(f"progressive: round_ema must be in [0, 1), got {c.round_ema}; 0 = the student itself")
         # student step counts, one per round: start/2, start/4, ..., K
         self.rounds = [c.start_steps >> r for r in range(1, ratio.bit_length())]
         self.round = 0          # index into self.rounds
@@ -167,18 +185,25 @@ class Progressive(Objective):
         if self.cfg.guidance != 1.0 and not teacher.is_conditional:
             raise UserError(f"progressive: guidance={self.cfg.guidance} needs a conditional teacher; set guidance=1")
         # the frozen teacher of rounds 2.. (the previous round's student); a net, so it checkpoints
-        prev = copy.deepcopy(student).requires_grad_(False).eval()
-        return {"pd_teacher": prev}
+        nets = {"pd_teacher": copy.deepcopy(student).requires_grad_(False).eval()}
+        if self.cfg.round_ema > 0:  # the round's running average of the student
+            nets["pd_average"] = copy.deepcopy(student).requires_grad_(False).eval()
+        return nets
 
+    @torch.no_grad()
     def on_step_end(self, nets: Nets, step: int) -> None:
         self.iteration += 1
+        average = nets.get("pd_average")
+        if average is not None:
+            mu = float(self.cfg.round_ema)
+            for p_a, p_s in zip(average.parameters(), nets.student.parameters(), strict=True):
+                p_a.mul_(mu).add_(p_s.detach(), alpha=1.0 - mu)
         if self.iteration >= self.cfg.iterations_per_round and self.round + 1 < len(self.rounds):
-            # Alg. 2, outer loop: this round's student is the next round's (frozen) teacher
-            with torch.no_grad():
-                for p_t, p_s in zip(nets.pd_teacher.parameters(), nets.student.parameters(), strict=True):
-                    p_t.copy_(p_s)
-                for b_t, b_s in zip(nets.pd_teacher.buffers(), nets.student.buffers(), strict=True):
-                    b_t.copy_(b_s)
+            # Alg. 2, outer loop: this round's student (or its average) is the next round's (frozen)
+            # teacher, and the next student starts from it
+            _copy_into(nets.pd_teacher, nets.student if average is None else average)
+            if average is not None:
+                _copy_into(nets.student, average)
             self.round += 1
             self.iteration = 0
 
