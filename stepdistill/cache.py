@@ -209,6 +209,17 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
     return m
 
 
+def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> None:
+    """Before any sampling: the `steps`-step grid that a trajectory cache is built on holds every
+    time in `times`, else a UserError naming the missing times and `fix`."""
+    grid = schedule.timesteps(int(steps)).to(torch.float64)
+    times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()
+    on = torch.isclose(times[:, None], grid[None, :], rtol=1e-9, atol=1e-9).any(1)
+    if not bool(on.all()):
+        missing = sorted({float(t) for t in times[~on]})
+        raise UserError(f"the cache's {int(steps)}-step grid lacks the times {missing}; {fix}")
+
+
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                  seed: int = 0, batch: int = 256, trajectory: bool = False) -> TeacherPairs:
     """Load the cache at `path` if it matches these settings and this teacher (with trajectories,
@@ -222,4 +233,5 @@ def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str 
     return load_cache(path, teacher)
 
 
-__all__ = ["build_cache", "load_cache", "ensure_cache", "check_cache_settings", "teacher_hash", "TeacherPairs", "MANIFEST"]
+__all__ = ["build_cache", "load_cache", "ensure_cache", "check_cache_settings", "check_grid_holds", "teacher_hash",
+           "TeacherPairs", "MANIFEST"]

@@ -58,6 +58,27 @@ def test_backward_simulation_runs_the_chain():
     assert x.requires_grad and calls[-1] is True and not any(calls[:-1]) and len(calls) >= 2
 
 
+def test_backward_simulation_follows_a_ddim_students_own_steps():
+    """A deterministic ("ddim") student's chain is simulated with its own DDIM steps, not re-noised:
+    every sample is the x0 estimate at one of its K steps along the sampling chain from its noise."""
+    from stepdistill.generator import StudentConfig
+
+    student = build_student(tiny_teacher(), StudentConfig(steps=4, sampler="ddim"))
+    g = torch.Generator().manual_seed(3)
+    noise, cond = torch.randn(32, 1, 8, 8, generator=g), {"class_labels": torch.arange(32) % 2}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = student_sample(student, noise, cond)
+        ts, x, chain = student.timesteps, student.schedule.prior(noise, student.timesteps[0]), []
+        for i, t in enumerate(ts):  # the sampling chain by hand
+            chain.append(student.denoise(x, t, cond))
+            if i + 1 < len(ts):
+                x = student.ddim_to(x, chain[-1], t, ts[i + 1])
+        assert torch.allclose(chain[-1], student(noise, cond), atol=1e-6)
+    gap = torch.stack([(out - c).flatten(1).abs().amax(1) for c in chain], 1)  # [B, K]
+    assert bool((gap.min(1).values < 1e-5).all()) and len(set(gap.argmin(1).tolist())) > 2
+
+
 def test_snoopi_and_decoupled_guidance():
     obj = DMD2(DMD2.Config(gan_weight=0.0, guidance_range=[1.0, 3.0]))
     nets = _nets(obj)
@@ -121,3 +142,57 @@ def test_regression_warmup_trains_the_generator_alone_first(tmp_path):
     restored.load_state_dict(obj.state_dict())
     assert restored.iteration == 2 and "dmd" in restored.generator_loss(nets, batch)
     assert "regression" not in restored.generator_loss(nets, batch)
+
+
+class OdeEnd(torch.nn.Module):
+    """x0 'estimate' = the exact PF-ODE solution at clean data from (x, t) (the Gaussian teacher's
+    closed form), plus `shift`: the exact target of a re-noising student's trajectory regression."""
+
+    def __init__(self, teacher, shift=0.0):
+        super().__init__()
+        self.teacher, self.schedule, self.shift = teacher, teacher.schedule, shift
+
+    def forward(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
+        return self.teacher.exact(x, t, torch.full_like(t, self.schedule.t_clean)) + self.shift
+
+
+@pytest.mark.parametrize("sampler", ["renoise", "ddim"])
+def test_multistep_regression_follows_the_teachers_trajectory(sampler, tmp_path, gaussian_data):
+    """A K-step student regresses each step onto cached teacher trajectories: the exact student (the
+    ODE's end for a re-noising student, the exact segment jump for a DDIM one) scores only the cache
+    solver's error, and one shifted by 0.1 scores regression_weight * 0.01 (mse)."""
+    from conftest import GaussianTeacher
+    from test_multistep_consistency import ExactJump
+    from test_progressive import VP
+
+    from stepdistill.export import student_timesteps
+    from stepdistill.generator import Student
+    from stepdistill.schedules import VPSchedule
+
+    mu, sd = gaussian_data
+    sched = VPSchedule(VP)
+    teacher = GaussianTeacher(sched, mu, sd)
+    teacher.sample_shape = (4,)
+    ts = student_timesteps(sched, 4, sampler=sampler)
+    obj = DMD(DMD.Config(cache=str(tmp_path / "c"), cache_num=64, cache_steps=32, cache_sampler="heun",
+                         regression_loss="mse", regression_weight=0.5))
+    like = torch.zeros(64, 4, dtype=torch.float64)
+    scores = []
+    for shift in (0.0, 0.1):
+        net = OdeEnd(teacher, shift) if sampler == "renoise" else ExactJump(teacher, ts, shift)
+        student = Student(net, ts, sampler=sampler)
+        obj._check_cache(student)
+        torch.manual_seed(0)
+        scores.append(float(obj.regression_term(Nets(teacher=teacher, student=student), like).mean()))
+    # the exact student's score is the 32-step Heun cache's own error (its last step into clean data is Euler)
+    assert scores[0] < 0.1 * 0.5 * 0.01 and scores[1] == pytest.approx(0.5 * 0.01 + scores[0], rel=0.15)
+
+
+def test_multistep_regression_needs_the_students_times_on_the_cache_grid(tmp_path):
+    teacher = tiny_teacher()
+    student = build_student(teacher, steps=4)
+    obj = DMD(DMD.Config(cache=str(tmp_path / "c"), cache_steps=50))
+    with pytest.raises(UserError, match=r"50-step grid lacks the times \[249.0, 749.0\].*cache_steps"):
+        obj.build(teacher, student)
+    assert not (tmp_path / "c").exists()

@@ -211,18 +211,12 @@ class Consistency(Objective):
     def _check_cache(self, student) -> None:
         """Before any compute: the cache's grid (built or not) holds every link's start and end, and an
         existing cache matches these settings."""
-        from ..cache import check_cache_settings
+        from ..cache import check_cache_settings, check_grid_holds
 
         c = self.cfg
-        grid = student.schedule.timesteps(c.cache_steps)
-        starts, ends = self._link_times(student)
-        times = torch.cat([starts, ends])
-        on = torch.isclose(times[:, None], grid[None, :].to(times), rtol=1e-9, atol=1e-9).any(1)
-        if not bool(on.all()):
-            missing = sorted({float(t) for t in times[~on]})
-            raise UserError(f"consistency: the cache's {c.cache_steps}-step grid lacks the link times {missing}; "
-                            f"set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} whose grid "
-                            f"holds them (e.g. {8 * c.teacher_steps})")
+        check_grid_holds(student.schedule, c.cache_steps, torch.cat(self._link_times(student)),
+                         f"consistency: set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} "
+                         f"whose grid holds them (e.g. {8 * c.teacher_steps})")
         check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.solver, guidance=c.guidance,
                              seed=c.cache_seed, trajectory=True)
 

@@ -8,7 +8,12 @@ code bases, so their learning rates carry over).
 Critic: the fake score learns the student's distribution by denoising score matching; DMD2 runs
 it `critic_repeats` times per generator update (two time-scale rule, sec. 4.2) and may add a GAN
 classifier on its bottleneck features trained against real images (sec. 4.3).
-DMD adds a regression loss on teacher noise -> image pairs (eq. 9) from a ``cache`` folder.
+DMD adds a regression loss on teacher noise -> image pairs (eq. 9) from a ``cache`` folder. A
+K-step student regresses each of its steps onto the teacher's ODE trajectory instead (the cache then
+holds trajectories whose grid holds the student's timesteps): per pair a step k, the input the
+trajectory's state at t_k (at k = 0 the student's own noise input) and the target the trajectory's
+end (x0 of a re-noising student; the ODE maps x_{t_k} to it) or, for a ``sampler="ddim"`` student, the
+trajectory at the step's end, reached by the student's DDIM jump.
 ``regression_warmup`` first trains the generator on that loss alone for as many iterations, with
 the critic waiting (DMD2's one-step SDXL recipe: a short ODE-regression pretraining on 10K teacher
 pairs before DMD2 starts, tianweiy/DMD2 experiments/sdxl); the fake score then starts from the teacher.
@@ -41,8 +46,9 @@ def student_sample(student, noise: torch.Tensor, cond, *, backward_simulation: b
 
     One step: x = G(noise). K steps with backward simulation (DMD2 sec. 4.5; SiD's uniform mixture
     over steps): per sample pick k ~ U{0..K-1}, run the student's own chain without gradient from
-    noise to its k-th timestep, then take one step with gradient. Without backward simulation
-    the whole chain runs with gradient."""
+    noise to its k-th timestep (re-noising between steps, or the deterministic DDIM step of a
+    ``sampler="ddim"`` student: the inputs it meets when sampling), then take one step with
+    gradient. Without backward simulation the whole chain runs with gradient."""
     ts = student.timesteps
     if len(ts) == 1 or not backward_simulation:
         return student(noise, cond)
@@ -54,7 +60,10 @@ def student_sample(student, noise: torch.Tensor, cond, *, backward_simulation: b
     with torch.no_grad():
         for i in range(int(k.max())):
             x0 = student.denoise(x, ts[i], cond)
-            x = sched.add_noise(x0, torch.randn_like(noise), ts[i + 1])
+            if student.sampler == "ddim":
+                x = student.ddim_to(x, x0, ts[i], ts[i + 1])
+            else:
+                x = sched.add_noise(x0, torch.randn_like(noise), ts[i + 1])
             x_at = torch.where(bcast(k == i + 1, x).bool(), x, x_at)
     return student.denoise(x_at, ts[k.to(ts.device)], cond)
 
@@ -159,6 +168,7 @@ class DMD(Objective):
         gan._check(c.gan_loss)
         self.uses_real_data = c.gan_weight > 0
         self._pairs = None
+        self._grid_pos = None
         self._lpips = None
         self.iteration = 0  # outer iterations done (the regression warm-up's clock)
 
@@ -179,30 +189,56 @@ class DMD(Objective):
     def build(self, teacher, student):
         c = self.cfg
         if getattr(c, "regression_weight", 0.0) > 0 or c.regression_warmup > 0:
-            self._check_cache()
+            self._check_cache(student)
         nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
                                         target_modules=c.fake_target_modules)}
         if c.gan_weight > 0:
             nets["disc"] = build_disc_head(nets["fake_score"], c.feature_module, teacher)
         return nets
 
-    def _check_cache(self):
-        """Fail before training if the cache folder holds pairs made with other settings, or LPIPS
-        cannot load; the pairs themselves are loaded (or built) at the first generator step."""
-        from ..cache import check_cache_settings
+    def _check_cache(self, student):
+        """Fail before training if the cache folder holds pairs made with other settings, its grid
+        misses a multi-step student's timesteps, or LPIPS cannot load; the pairs themselves are
+        loaded (or built) at the first generator step."""
+        from ..cache import check_cache_settings, check_grid_holds
 
         c = self.cfg
+        if student.steps > 1:
+            check_grid_holds(student.schedule, c.cache_steps, student.timesteps[1:],
+                             f"a {student.steps}-step student regresses each step onto teacher trajectories; set "
+                             f"objective.cache_steps to a multiple of {student.steps} whose grid holds its timesteps "
+                             f"(e.g. {8 * student.steps})")
         check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
-                             guidance=c.guidance, seed=c.cache_seed)
+                             guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1)
         if c.regression_loss == "lpips":
             self._lpips = _load_lpips()
 
-    def _load_pairs(self, teacher):
+    def _load_pairs(self, teacher, student):
         from ..cache import ensure_cache
 
         c = self.cfg
-        return ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
-                            guidance=c.guidance, seed=c.cache_seed)
+        pairs = ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
+                             guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1)
+        if student.steps > 1:  # grid positions of the student's timesteps and of each step's end
+            ends = student.segment_end(student.timesteps)
+            self._grid_pos = (pairs.grid_index(student.timesteps), pairs.grid_index(ends))
+        return pairs
+
+    def regression_pair(self, student, pairs, idx: torch.Tensor, device):
+        """(student output, target, cond) for cached pairs idx: G(noise) against the teacher's sample
+        (DMD eq. 9); for a K-step student one step per pair on the teacher's trajectory."""
+        noise, x_ref, cond = pairs.get(idx, device=device)
+        ts = student.timesteps
+        if len(ts) == 1:
+            return student(noise, cond), x_ref, cond
+        pos, pos_end = self._grid_pos
+        k = torch.randint(0, len(ts), (len(idx),))
+        first = bcast(k == 0, noise).to(device).bool()
+        x_k = torch.where(first, student.schedule.prior(noise, ts[0]), pairs.states(idx, pos[k], device))
+        t = ts[k.to(ts.device)]
+        if student.sampler == "ddim":
+            return student.jump(x_k, t, student.segment_end(t), cond), pairs.states(idx, pos_end[k], device), cond
+        return student.denoise(x_k, t, cond), x_ref, cond
 
     # -- pieces -----------------------------------------------------------------------------------
     def fake_cond(self, nets, cond):
@@ -275,13 +311,12 @@ class DMD(Objective):
         spread over ``like``'s batch size."""
         c = self.cfg
         weight = c.regression_weight if weight is None else weight
-        if self._pairs is None:
-            self._pairs = self._load_pairs(real_score(nets))  # the teacher without any fake-score adapters
+        if self._pairs is None:  # the teacher without any fake-score adapters
+            self._pairs = self._load_pairs(real_score(nets), nets.student)
         pairs = self._pairs
         n = c.regression_batch or like.shape[0]
         idx = torch.randint(0, len(pairs), (n,))
-        noise, x_ref, cond = pairs.get(idx, device=like.device)
-        out = nets.student(noise, cond)
+        out, x_ref, cond = self.regression_pair(nets.student, pairs, idx, like.device)
         if c.regression_loss == "mse":
             d = (out - x_ref).pow(2).flatten(1).mean(1)
         elif c.regression_loss == "lpips":
