@@ -139,15 +139,9 @@ class TeacherPairs:
         if self.trajectory is None:
             raise UserError("this teacher-output cache holds no trajectories; build it with trajectory=True in a "
                             "new folder")
-        grid = torch.tensor(self.manifest["grid"], dtype=torch.float64)
-        times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()
-        hit = torch.isclose(times[:, None], grid[None, :], rtol=1e-9, atol=1e-9)
-        if not bool(hit.any(1).all()):
-            missing = sorted({float(t) for t in times[~hit.any(1)]})
-            raise UserError(f"the cache's {self.manifest['steps']}-step grid lacks the times {missing}; build the "
-                            "cache with a step count whose grid holds them (for the student's segment ends, a "
-                            "multiple of its steps)")
-        return hit.float().argmax(1)
+        return grid_positions(torch.tensor(self.manifest["grid"], dtype=torch.float64), times, self.manifest["steps"],
+                              "build the cache with a step count whose grid holds them (for a student's timesteps, "
+                              "a multiple of its steps)")
 
     def states(self, idx: torch.Tensor, pos: torch.Tensor, device=None) -> torch.Tensor:
         """x on trajectory idx[i] at its grid position pos[i]."""
@@ -209,15 +203,21 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
     return m
 
 
-def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> None:
-    """Before any sampling: the `steps`-step grid that a trajectory cache is built on holds every
-    time in `times`, else a UserError naming the missing times and `fix`."""
-    grid = schedule.timesteps(int(steps)).to(torch.float64)
+def grid_positions(grid: torch.Tensor, times, steps: int, fix: str) -> torch.Tensor:
+    """Positions of `times` on a trajectory grid (of `steps` steps); a UserError names the times it
+    lacks and `fix`."""
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()
-    on = torch.isclose(times[:, None], grid[None, :], rtol=1e-9, atol=1e-9).any(1)
-    if not bool(on.all()):
-        missing = sorted({float(t) for t in times[~on]})
+    hit = torch.isclose(times[:, None], grid.to(torch.float64).cpu()[None, :], rtol=1e-9, atol=1e-9)
+    if not bool(hit.any(1).all()):
+        missing = sorted({float(t) for t in times[~hit.any(1)]})
         raise UserError(f"the cache's {int(steps)}-step grid lacks the times {missing}; {fix}")
+    return hit.float().argmax(1)
+
+
+def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> None:
+    """Before any sampling: the `steps`-step grid that a trajectory cache is built on
+    (``schedule.timesteps(steps)``, as ``build_cache`` samples it) holds every time in `times`."""
+    grid_positions(schedule.timesteps(int(steps)), times, steps, fix)
 
 
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,

@@ -219,9 +219,10 @@ class DMD(Objective):
         c = self.cfg
         pairs = ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
                              guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1)
-        if student.steps > 1:  # grid positions of the student's timesteps and of each step's end
-            ends = student.segment_end(student.timesteps)
-            self._grid_pos = (pairs.grid_index(student.timesteps), pairs.grid_index(ends))
+        if student.steps > 1:  # grid positions of the student's timesteps after its first (whose input
+            ts = student.timesteps  # is its own noise, at first_timestep too) and of each step's end
+            pos = torch.cat([torch.zeros(1, dtype=torch.long), pairs.grid_index(ts[1:])])
+            self._grid_pos = (pos, pairs.grid_index(student.segment_end(ts)))
         return pairs
 
     def regression_pair(self, student, pairs, idx: torch.Tensor, device):
