@@ -48,10 +48,14 @@ def _fake_measurements(tool, monkeypatch, fid):
 
     def train(name, args, work):
         return str(work / name), 1, {"iters": 7, "s_it": 0.5, "rss_gib": 0.7, "wall": 60.0, "minutes": 1.0,
-                                     "threads": "default", "load": 2.0, "date": "today"}
+                                     "threads": "default", "load": 2.0, "preset": tool.preset_id(name),
+                                     "date": "today"}
 
     monkeypatch.setattr(tool, "evaluate", evaluate)
     monkeypatch.setattr(tool, "train", train)
+    grids = []
+    monkeypatch.setattr(tool, "grid", lambda model, out, work, steps=None: grids.append((Path(out).name, steps)))
+    return grids
 
 
 def _bench(tool, monkeypatch, tmp_path, *args):
@@ -67,8 +71,9 @@ def test_presets_left_out_keep_their_earlier_rows_under_the_same_protocol(tmp_pa
     _fake_measurements(tool, monkeypatch, 30.0)
     first = _bench(tool, monkeypatch, tmp_path)  # every preset measured
     assert all(f"| {n} (7 it) | 1 | 30.25 (30.00–30.50) |" in first for n in names)
-    _fake_measurements(tool, monkeypatch, 20.0)
+    grids = _fake_measurements(tool, monkeypatch, 20.0)
     second = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0])
+    assert grids == [("teacher_50step.png", 50), (f"{names[0]}.png", None)]  # only what was measured now
     assert f"| {names[0]} (7 it) | 1 | 20.25 (20.00–20.50) |" in second  # re-measured
     for n in names[1:]:  # carried: the earlier numbers and their 'as measured' lines, one row each
         assert second.count(f"| {n} (7 it) | 1 | 30.25 (30.00–30.50) |") == 1
@@ -84,6 +89,31 @@ def test_rows_under_another_protocol_are_not_carried(tmp_path, monkeypatch):
     _bench(tool, monkeypatch, tmp_path)
     text = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0], "--num", "500")  # another sample count
     assert all(f"| {n} (" not in text for n in names[1:]) and "carried over" not in text
+
+
+def test_rows_of_a_preset_changed_since_are_not_carried(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    names = tool.distill_presets()
+    _fake_measurements(tool, monkeypatch, 30.0)
+    _bench(tool, monkeypatch, tmp_path)
+    real = tool.preset_id
+    monkeypatch.setattr(tool, "preset_id", lambda n: "0" * 12 if n == names[1] else real(n))  # names[1] edited
+    text = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0])
+    assert f"| {names[1]} (" not in text and f"- {names[1]}: " not in text
+    assert all(f"| {n} (7 it) |" in text for n in names[2:])  # unchanged presets keep their rows
+
+
+def test_preset_id_reads_values_not_comments(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    (tmp_path / "configs" / "digits").mkdir(parents=True)
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    f = tmp_path / "configs" / "digits" / "x.yaml"
+    f.write_text("objective:\n  name: dmd\nbatch_size: 64\n")
+    first = tool.preset_id("x")
+    f.write_text("# a comment\nbatch_size: 64   # same value\nobjective: {name: dmd}\n")
+    assert tool.preset_id("x") == first
+    f.write_text("objective:\n  name: dmd\nbatch_size: 32\n")
+    assert tool.preset_id("x") != first
 
 
 def test_plot_point_reads_the_inception_cell():

