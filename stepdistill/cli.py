@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 COMMANDS = ["pretrain", "sample", "train", "eval", "export"]
 
@@ -30,10 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        from rich.console import Console
+        return _say("error", err, 2)
+    except Interrupted as err:  # a run stopped by SIGINT/SIGTERM after writing its checkpoint
+        return _say("stopped", err, err.code)
+    except KeyboardInterrupt:
+        return _say("stopped", "interrupted (Ctrl-C); files being written are temporary until complete, so "
+                    "nothing half-written is left: re-run the command to resume or start again", 130)
 
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        return 2
+
+def _say(tag: str, message, code: int) -> int:
+    """One line on stderr, no traceback."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]{tag}:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    return code
 
 
 if __name__ == "__main__":

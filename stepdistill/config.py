@@ -112,3 +112,30 @@ def save_resolved(cfg: DictConfig | dict, folder: str | os.PathLike, name: str =
     tmp.write_text(OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True))
     os.replace(tmp, out)
     return out
+
+
+def lr_schedules() -> list[str]:
+    """The schedule names ``diffusers.optimization.get_scheduler`` accepts."""
+    from diffusers.optimization import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def check_optimizer(where: str, *, lr: float, lr_schedule: str, warmup_steps: int, betas=(), eps: float = 1e-8,
+                    weight_decay: float = 0.0) -> None:
+    """AdamW and LR-schedule settings, checked with the config (``where``: the keys' prefix), so a
+    bad value stops before any teacher or data is loaded."""
+    import math
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(f"{where}{msg}")
+
+    need(math.isfinite(lr) and lr > 0, f"lr must be a positive number, got {lr}; e.g. 1e-4")
+    need(lr_schedule in lr_schedules(), f"lr_schedule {lr_schedule!r} is not a diffusers schedule; use one of "
+         f"{', '.join(lr_schedules())}")
+    need(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
+    for i, b in enumerate(betas, start=1):
+        need(math.isfinite(b) and 0.0 <= b < 1.0, f"beta{i} must be in [0, 1), got {b}; Adam's defaults are 0.9 and 0.999")
+    need(math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")
+    need(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")

@@ -168,6 +168,11 @@ def _load_folder(root: Path) -> ImageSet:
 
 # -- npz --------------------------------------------------------------------------------------------
 def _load_npz(path: Path) -> ImageSet:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # an .npz is a zip archive (local header or empty)
+        raise UserError(f"{str(path)!r} is not an .npz file (no zip header); write it with "
+                        "np.savez(path, images=uint8_NHWC, labels=int_N)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float NCHW in [-1, 1] -> uint8 NCHW: ``((x + 1) * 127.5).round().clamp(0, 255)``.
@@ -64,12 +66,24 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, *, min_si
     return _atomic_save(img, Path(path))
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The PIL format a file name's suffix names (``.png`` -> PNG, ``.jpg`` -> JPEG), or one clear error."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{str(path)!r}: {Path(path).suffix or 'no suffix'} is not an image format this can write; "
+                        "name the file .png (lossless) or .jpg")
+    return fmt
+
+
 def _atomic_save(img, path: Path) -> Path:
+    fmt = image_format(path)  # the bytes match the suffix: a .jpg holds JPEG, not PNG
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
+            img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved image is a normal file
@@ -81,4 +95,4 @@ def _atomic_save(img, path: Path) -> Path:
     return path
 
 
-__all__ = ["to_uint8", "from_uint8", "make_grid", "save_grid"]
+__all__ = ["to_uint8", "from_uint8", "make_grid", "save_grid", "image_format"]

@@ -22,6 +22,7 @@ import torch
 from .data import ImageSet, infinite_batches, load_images, make_loader
 from .denoisers import BACKBONE_CALLS, DiffusersDenoiser
 from .errors import UserError
+from .runfolder import LOCK_FILE, FolderClaim
 from .schedules import VPSchedule
 
 
@@ -108,6 +109,55 @@ def resolve_classes(cfg: PretrainConfig, data: ImageSet) -> int:
     return cfg.num_classes
 
 
+def check_settings(cfg: PretrainConfig) -> None:
+    """Every plain value of the config, before any data is read."""
+    from .config import check_optimizer
+
+    if cfg.max_steps < 1:
+        raise UserError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        raise UserError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    check_optimizer("", lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                    weight_decay=cfg.weight_decay)
+
+
+def check_output_dir(cfg: PretrainConfig) -> None:
+    """Pretrain writes a new teacher folder: ``output_dir`` must be new or empty. An earlier pretrain
+    there (of this config or another) and any other content are refused, never replaced."""
+    out = Path(cfg.output_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"output_dir {str(out)!r} is a file; pass a new or empty folder")
+    content = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if not content:
+        return
+    old = out / "config.yaml"
+    if (out / "stepdistill.json").is_file() and old.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            was = OmegaConf.to_container(OmegaConf.load(old))
+        except Exception:  # noqa: BLE001 -- any unreadable config is simply "other settings"
+            was = None
+        now = dataclasses.asdict(cfg)
+        if isinstance(was, dict):
+            was.pop("output_dir", None)
+        now.pop("output_dir")
+        if was == now:
+            raise UserError(f"output_dir {str(out)!r} already holds a teacher pretrained with these settings; nothing "
+                            "to do. To train it again, pass another output_dir (the folder is left as it is)")
+        raise UserError(f"output_dir {str(out)!r} holds a teacher pretrained with other settings; pretrain never "
+                        "replaces a folder: pass another output_dir")
+    shown = ", ".join(content[:5]) + (", ..." if len(content) > 5 else "")
+    raise UserError(f"output_dir {str(out)!r} is not empty (it holds {shown}); pretrain writes a new teacher folder "
+                    "and never deletes anything: pass a new or empty folder")
+
+
 def diffusion_loss(den: DiffusersDenoiser, x0: torch.Tensor, labels: torch.Tensor | None,
                    generator: torch.Generator) -> torch.Tensor:
     """Per-sample MSE of the backbone's raw output against its own target at random t."""
@@ -135,25 +185,37 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, float, float], None
 
     ``on_step(step, loss, elapsed_s)`` reports progress; ``extras(denoiser, folder)`` writes more
     files into the teacher folder before it is committed (config, preview grid)."""
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from .teachers import save_teacher
-
     if not isinstance(cfg, PretrainConfig):  # an OmegaConf structured config from config.load
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_object(cfg)
-    if cfg.max_steps < 1:
-        raise UserError(f"max_steps must be >= 1, got {cfg.max_steps}")
-    if not 0.0 <= cfg.label_dropout < 1.0:
-        raise UserError(f"label_dropout must be in [0, 1), got {cfg.label_dropout}")
+    check_settings(cfg)
     data = load_images(cfg.data)
     h, w = data.size
     if h != w:
         raise UserError(f"{data.name!r} has {h}x{w} images; the teacher needs square images (crop or resize them)")
     num_classes = resolve_classes(cfg, data)
     schedule = VPSchedule(dataclasses.asdict(cfg.schedule))
+    check_output_dir(cfg)
+    claim = FolderClaim(cfg.output_dir)
+    try:
+        check_output_dir(cfg)  # again under the lock: another process may have written it meanwhile
+        den, summary = _train(cfg, data, num_classes, schedule, on_step, extras)
+    except BaseException:
+        claim.release(failed=True)
+        raise
+    claim.release()
+    return den, summary
+
+
+def _train(cfg: PretrainConfig, data: ImageSet, num_classes: int, schedule: VPSchedule,
+           on_step, extras) -> tuple[DiffusersDenoiser, dict]:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .teachers import save_teacher
+
+    h = data.size[0]
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)

@@ -76,8 +76,9 @@ def _load_backbone(folder: Path, dtype, trust_pickle: bool):
     elif pickled:
         if not trust_pickle:
             raise UserError(f"{str(folder)!r} holds only pickled weights ({', '.join(sorted(pickled))}), which "
-                            "can run code when loaded; convert them to safetensors, or pass trust_pickle=True "
-                            "(CLI: --trust-pickle) if you trust their source")
+                            f"can run code when loaded; if you trust their source, convert them once: {cls.__name__}"
+                            f".from_pretrained(dir).save_pretrained(dir, safe_serialization=True) (`stepdistill "
+                            "sample` also reads them with --trust-pickle; training reads safetensors only)")
         kw["use_safetensors"] = False
     else:
         raise UserError(f"{str(folder)!r} holds no weights; expected diffusion_pytorch_model.safetensors")

@@ -129,6 +129,8 @@ def test_skipped_update_leaves_weights_and_ema_alone(tiny_teacher_dir, tiny_data
     ({"student.steps": 0}, "student.steps must be >= 1"),
     ({"optim.critic.lr": 1e-3}, "trains no network 'critic'"),
     ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"ema.halflife_ratio": 0.05, "ema.warmup": True}, "two ramp-ups"),
+    ({"ema.halflife_ratio": -1}, "halflife_ratio must be > 0"),
 ])
 def test_bad_config_is_one_clear_error(tiny_teacher_dir, tiny_data_npz, tmp_path, bad, match):
     from stepdistill.train import resolve

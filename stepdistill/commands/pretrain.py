@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="train a small pixel-space teacher on digits, an image folder or an .npz",
         description="Train a diffusion teacher (UNet2DModel) and write it as a teacher folder: unet/, "
-                    "scheduler/, stepdistill.json, the resolved config.yaml and a preview grid samples.png.")
+                    "scheduler/, stepdistill.json, the resolved config.yaml and a preview grid samples.png. "
+                    "output_dir must be new or empty: nothing there is ever replaced.")
     p.add_argument("config", help="YAML preset, e.g. configs/digits/teacher.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 data=my.npz")
     p.add_argument("--dry-run", action="store_true", help="validate the config and data, print it, train nothing")
@@ -24,11 +25,14 @@ def run(args: argparse.Namespace) -> int:
     from .. import config as config_mod
     from ..data import load_images
     from ..images import save_grid
-    from ..pretrain import PretrainConfig, build_backbone, pretrain, preview, resolve_classes
+    from ..pretrain import (PretrainConfig, build_backbone, check_output_dir, check_settings, pretrain, preview,
+                            resolve_classes)
 
     cfg = config_mod.load(PretrainConfig, args.config, args.overrides)
     console = Console(stderr=True)
     obj: PretrainConfig = OmegaConf.to_object(cfg)
+    check_settings(obj)
+    check_output_dir(obj)
     data = load_images(obj.data)  # fail on bad data before anything else
     num_classes = resolve_classes(obj, data)
     build_backbone(obj, data.channels, data.size[0], num_classes)  # fail on a bad model config now

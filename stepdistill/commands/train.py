@@ -11,6 +11,9 @@ def register(subparsers) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/); omit to use only overrides")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 objective.name=dmd")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume a run with settings other than its config.yaml (the old config is kept beside it as "
+                        "config.before-step-N.yaml); without it such a resume is refused with the differences")
     p.set_defaults(func=run)
 
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         return _dry_run(cfg, objective)
     from ..train.trainer import Trainer
 
-    trainer = Trainer(cfg, objective)
+    trainer = Trainer(cfg, objective, allow_changes=args.allow_changes)
     result = trainer.train()
     if trainer.main:
         print(f"trained to step {result['step']} ({result['skipped']} skipped updates); "

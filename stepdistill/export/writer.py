@@ -114,8 +114,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     mode = _mode(student, lora, fuse)
     cfg = check_exportable(student, meta)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).is_file())):
-        raise UserError(f"--out {str(out)!r} exists and is not an earlier export; pass a new or empty folder")
+    check_replaceable(out)
     t2i = meta.get("kind") == "text-to-image"
     backbone = student.denoiser.backbone
     conditional = not t2i and (student.denoiser.null_class is not None or bool(backbone.config.get("num_class_embeds")))
@@ -140,9 +139,45 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             _write_pipeline(tmp, unet, cfg, student.steps, custom)
             if mode == "lora":
                 save_lora(backbone, tmp)
-        (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(record, meta, cfg, eval_report, custom=custom))
+        record["files"] = _file_stats(tmp)  # what a later export may replace (check_replaceable)
+        (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    """Every file under ``folder`` (its relative path) with its size and modification time."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != EXPORT_META:
+            st = f.stat()
+            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def check_replaceable(out: Path) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export whose files are all
+    as that export wrote them: a file added or edited there since is never deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; pass a new or empty folder")
+    if not any(out.iterdir()):
+        return
+    if not (out / EXPORT_META).is_file():
+        raise UserError(f"--out {str(out)!r} exists and is not an earlier export; pass a new or empty folder")
+    written = json.loads((out / EXPORT_META).read_text()).get("files")
+    if written is None:
+        raise UserError(f"--out {str(out)!r} is an export that did not record its files, so files added there cannot "
+                        "be told apart; pass a new folder (or remove that one yourself)")
+    found = _file_stats(out)
+    added = sorted(set(found) - set(written))
+    edited = sorted(k for k in set(found) & set(written) if found[k] != written[k])
+    if added or edited:
+        names = ", ".join((added + edited)[:5]) + (", ..." if len(added) + len(edited) > 5 else "")
+        raise UserError(f"--out {str(out)!r} is an earlier export holding files it did not write or that changed since "
+                        f"({names}); re-exporting replaces the folder and would delete them: move them out, or pass "
+                        "a new folder")
 
 
 def export_run(run_dir, out, *, lora: bool = False, fuse: bool = False, checkpoint: str | None = None,

@@ -28,6 +28,8 @@ class OptimConfig:
 class EMAConfig:
     decay: Optional[float] = 0.999   # EMA of the student's trainable weights; None = no EMA
     update_after_step: int = 0       # plain copy before this many steps
+    halflife_ratio: Optional[float] = None   # EDM's ramp-up: the half-life is at most this fraction of the
+                                     # EMA updates so far (EDM and SiD: 0.05); None = diffusers' schedule
     warmup: bool = False             # diffusers' EMA warm-up (decay grows as 1 - (1 + step/gamma)^-power)
 
 
@@ -88,3 +90,9 @@ RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "stu
                 "student.sampler",
                 "student.lora_rank",
                 "student.time_cond_proj_dim", "student.lora_target_modules")
+
+#: top-level sections a resume may change without --allow-changes: how long, how often and where to
+#: report, none of which changes what an update computes
+RESUME_FREE = ("max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "preview_every",
+               "preview_n", "eval_every", "eval_samples", "eval_detector", "eval_ref", "collapse_every",
+               "collapse_samples", "collapse_min_ratio", "log_with", "max_nonfinite_in_a_row", "progress")

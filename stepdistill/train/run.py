@@ -29,8 +29,8 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
     if not is_run_dir(run):
         raise UserError(f"{str(run)!r} is not a run folder (config.yaml + checkpoints/); pass the output_dir "
                         "of a `stepdistill train` run")
-    folder = run / "checkpoints" / checkpoint if checkpoint else ckpt.latest(run)
-    if folder is None or not (folder / "trainer.json").is_file():
+    folder = named_checkpoint(run, checkpoint) if checkpoint else ckpt.latest(run)
+    if folder is None:
         raise UserError(f"run {str(run)!r} has no complete checkpoint yet; train longer or lower checkpoint_every")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / "config.yaml"))
     state = ckpt.read_json(folder / "trainer.json")
@@ -60,6 +60,23 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
         meta.update(kind="text-to-image", t2i=teacher.info, resolution=tmeta.get("resolution"),
                     pipeline=tmeta.get("pipeline"), text=OmegaConf.to_container(cfg.text, resolve=True))
     return student, meta
+
+
+def named_checkpoint(run: Path, name: str) -> Path:
+    """The checkpoint ``name`` (``step-00000500``, or a path to it) of this run; another run's
+    checkpoint is refused, since this run's config.yaml would be applied to it."""
+    given = Path(name)
+    if given.parent != Path("."):
+        if given.resolve().parent != (run / "checkpoints").resolve():
+            raise UserError(f"--checkpoint {name!r} is not a checkpoint of run {str(run)!r}; pass the run that wrote "
+                            "it, or a checkpoint name of this run such as step-00000500")
+        name = given.name
+    folder = run / "checkpoints" / name
+    if ckpt.PATTERN.match(name) and (folder / "trainer.json").is_file():
+        return folder
+    have = [p.name for p in ckpt.list_checkpoints(run)]
+    raise UserError(f"run {str(run)!r} has no checkpoint {name!r}; it has "
+                    f"{', '.join(have) if have else 'none yet'}; pass one of those to --checkpoint")
 
 
 class StudentModel(SampleableModel):

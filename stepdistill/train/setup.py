@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import load, merge, to_dict
+from ..config import check_optimizer, load, merge, to_dict
 from ..errors import UserError
 from ..generator import Student, StudentConfig, build_student
 from ..objectives import Nets, Objective, Phase, get_objective
@@ -95,6 +95,10 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     need(cfg.log_with is None or cfg.log_with in TRACKERS,
          f"log_with {cfg.log_with!r} is not an accelerate tracker; use one of {TRACKERS} or null")
     need(cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    ratio = cfg.ema.halflife_ratio
+    need(ratio is None or ratio > 0, f"ema.halflife_ratio must be > 0 (EDM's 0.05) or null, got {ratio}")
+    need(ratio is None or not cfg.ema.warmup,
+         "ema.halflife_ratio and ema.warmup are two ramp-ups of the EMA decay; set one (the other to null/false)")
     objective.check_budget(int(cfg.max_steps))
     phases = objective.phases()
     need(bool(phases), f"objective {objective.name!r} declares no phases")
@@ -111,6 +115,12 @@ def check(cfg: DictConfig, objective: Objective) -> None:
             near = difflib.get_close_matches(str(key), trained, n=1, cutoff=0.0)
             raise UserError(f"optim.{key}: objective {objective.name!r} trains no network {key!r}; "
                             f"did you mean optim.{near[0]}? (trained: {', '.join(trained)})")
+    for net in trained:
+        o = optim_for(cfg, net)
+        check_optimizer(f"optim.{net}.", lr=o.lr, lr_schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
+                        betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        need(o.max_grad_norm is None or o.max_grad_norm > 0,
+             f"optim.{net}.max_grad_norm must be > 0 or null (no clipping), got {o.max_grad_norm}")
 
 
 def optim_for(cfg: DictConfig, net: str):
@@ -158,7 +168,23 @@ def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *
         if shape != (ch, *sz):
             raise UserError(f"dataset {cfg.data!r} has images of shape {shape} but teacher {cfg.teacher!r} takes "
                             f"{(ch, *sz)}; resize the data or pick the matching teacher")
+    check_labels(data, teacher, cfg)
     return teacher, data
+
+
+def check_labels(data, teacher, cfg: DictConfig) -> None:
+    """A class-conditional teacher's labels are 0..num_classes-1; its null class (the unconditional
+    branch of CFG) is the trainer's to use, not the data's."""
+    null = getattr(teacher, "null_class", None)
+    if data.labels is None or null is None or len(data.labels) == 0:
+        return
+    classes = int((getattr(teacher, "meta", None) or {}).get("num_classes") or null)
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= classes:
+        bad = lo if lo < 0 else hi
+        what = "its null class (the unconditional branch of guidance)" if bad == null else "out of range"
+        raise UserError(f"dataset {cfg.data!r} has label {bad}, {what}; teacher {cfg.teacher!r} takes labels "
+                        f"0..{classes - 1}: relabel the data or pick the matching teacher")
 
 
 def _text_to_image_data(cfg, teacher, objective, device, main_first, log):

@@ -30,14 +30,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import save_resolved, to_dict
-from ..errors import UserError
+from ..cache import teacher_hash
+from ..errors import Interrupted, UserError
+from ..runfolder import FolderClaim
 from ..objectives import Objective
 from . import checkpoint as ckpt
 from .batches import BatchStream
-from .config import RESUME_FIXED
+from .config import RESUME_FIXED, RESUME_FREE
 from .ema import StudentEMA
 from .logging import MetricsLog, Progress, Window
 from .randomness import derive_seed
+from .signals import StopSignals
 from .setup import build_nets, load_teacher_and_data, optim_for, trained_nets
 
 
@@ -74,25 +77,58 @@ class PhaseStep(nn.Module):
         return self.objective.losses(phase, self.nets, batch)
 
 
-def check_resume(out: Path, cfg: DictConfig) -> None:
-    """Refuse to resume a run folder whose checkpoints belong to an incompatible config."""
+def _leaves(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old: DictConfig, new: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) of every setting that differs, keys missing on one side aside
+    (a field added to the schema since the run started)."""
+    a = _leaves(OmegaConf.to_container(old, resolve=True))
+    b = _leaves(OmegaConf.to_container(new, resolve=True))
+    out = []
+    for key in sorted(set(a) & set(b)):
+        x, y = a[key], b[key]
+        if key == "teacher" and x is not None and y is not None:
+            x, y = os.path.abspath(str(x)), os.path.abspath(str(y))
+        if key == "student.sampler":  # runs written before the option re-noised
+            x, y = x or "renoise", y or "renoise"
+        if key != "output_dir" and x != y:
+            out.append((key, a[key], b[key]))
+    return out
+
+
+def check_resume(out: Path, cfg: DictConfig, allow_changes: bool = False) -> list[tuple[str, object, object]]:
+    """Refuse to resume a run folder whose checkpoints belong to an incompatible config (RESUME_FIXED),
+    or, unless ``allow_changes``, to other settings than its config.yaml shows (RESUME_FREE aside).
+    Returns every difference (the caller keeps the old config.yaml beside the new one)."""
     old_file = out / "config.yaml"
     if ckpt.latest(out) is None or not old_file.is_file():
-        return
-    old = OmegaConf.load(old_file)
-    for key in RESUME_FIXED:
-        a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
-        if key == "teacher" and a is not None and b is not None:
-            a, b = os.path.abspath(str(a)), os.path.abspath(str(b))
-        if key == "student.sampler":  # runs written before the option re-noised
-            a, b = a or "renoise", b or "renoise"
-        if OmegaConf.is_config(a):
-            a = OmegaConf.to_container(a)
-        if OmegaConf.is_config(b):
-            b = OmegaConf.to_container(b)
-        if a != b:
+        return []
+    changes = config_changes(OmegaConf.load(old_file), cfg)
+    for key, a, b in changes:
+        if key in RESUME_FIXED or key.startswith(tuple(k + "." for k in RESUME_FIXED)):
             raise UserError(f"{str(out)!r} holds checkpoints of a run with {key}={a!r}, but this config has "
                             f"{key}={b!r}; resuming would mix two runs. Use a new output_dir, or set {key}={a!r}")
+    changed = [c for c in changes if c[0].split(".")[0] not in RESUME_FREE]
+    if changed and not allow_changes:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8]) + ("; ..." if len(changed) > 8 else "")
+        raise UserError(f"{str(out)!r} holds a run trained with other settings ({shown}); resuming would continue it "
+                        "under settings its config.yaml does not show. Use a new output_dir, or pass "
+                        "--allow-changes to continue with the new values (the old config is kept beside it)")
+    return changes
+
+
+def check_teacher(folder: Path, fingerprint: str | None, teacher: str) -> None:
+    """A resume on other teacher weights than the checkpoint's (same path, replaced files) is refused."""
+    was = ckpt.read_json(folder / "trainer.json").get("teacher_hash")
+    if was is not None and fingerprint is not None and was != fingerprint:
+        raise UserError(f"teacher {teacher!r} has changed since checkpoint {str(folder)!r} was written (weights "
+                        f"{was} then, {fingerprint} now); resuming would distil another teacher. Restore the "
+                        "teacher's files, or start a new output_dir")
 
 
 def _seed_process(seed: int, rank: int) -> None:
@@ -103,7 +139,9 @@ def _seed_process(seed: int, rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, objective: Objective):
+    def __init__(self, cfg: DictConfig, objective: Objective, *, allow_changes: bool = False):
+        """``allow_changes``: resume a run whose settings differ from its config.yaml (the old one is
+        kept beside it); without it such a resume is refused with the differences."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -117,15 +155,29 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise UserError(f"batch_size={cfg.batch_size} does not split over {self.world} processes; "
                             f"use a multiple of {self.world}")
+        self.changes: list = []
+        self.claim = FolderClaim(self.out) if self.main else None  # refuses a folder another process writes
+        try:
+            self._build(cfg, objective, allow_changes)
+        except BaseException:
+            self.release(failed=True)  # a failed start leaves no empty output_dir behind
+            raise
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the claim on the run folder (the process's exit drops it too)."""
+        if self.claim is not None:
+            self.claim.release(failed=failed)
+
+    def _build(self, cfg: DictConfig, objective: Objective, allow_changes: bool) -> None:
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
-            check_resume(self.out, cfg)
+            self.changes = check_resume(self.out, cfg, allow_changes)
         self.acc.wait_for_everyone()
         teacher, data = load_teacher_and_data(cfg, objective, device=self.acc.device,
                                               main_first=self.acc.main_process_first,
                                               log=print if self.main else (lambda *a, **k: None))
         self.meta = dict(getattr(teacher, "meta", {}) or {})
+        self.teacher_hash = teacher_hash(teacher) if self.main else None  # before any adapter is added
         self.text_to_image = self.meta.get("kind") == "text-to-image"
         self._vae = None
         if self.text_to_image:
@@ -171,6 +223,8 @@ class Trainer:
         self.updates = {n: 0 for n in self.trained}
         last = ckpt.latest(self.out)
         if last is not None:
+            if self.main:
+                check_teacher(last, self.teacher_hash, cfg.teacher)
             self.load(last)
             if self.main:
                 print(f"resuming from {last} (step {self.step})", flush=True)
@@ -178,6 +232,8 @@ class Trainer:
             _seed_process(cfg.seed, self.rank)
         self.resumed_from = last
         if self.main:
+            if self.changes:  # the settings the checkpoints so far were trained with stay readable
+                os.replace(self.out / "config.yaml", self.out / f"config.before-{ckpt.folder_name(self.step)}.yaml")
             save_resolved(cfg, self.out)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.step, self.main)
         if cfg.log_with:
@@ -255,12 +311,13 @@ class Trainer:
                 self.nonfinite_in_row += 1
         self.model.zero_grad(set_to_none=True)
         if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_a_row:
-            good = ckpt.latest(self.out)
+            good = ckpt.latest(self.out)  # checkpoints are written only after a good update (see checkpoint())
             raise TrainingDiverged(
                 f"training stopped at step {self.step}: {self.nonfinite_in_row} updates in a row had a non-finite "
                 f"loss or gradient (phase {phase.name!r}); the last good checkpoint is "
-                f"{str(good) if good else 'none (no checkpoint written yet)'}; lower the learning rate, clip "
-                "gradients (optim.<net>.max_grad_norm) or use mixed_precision=bf16 instead of fp16")
+                f"{str(good) if good else 'none (no checkpoint written yet)'}, where re-running resumes; lower the "
+                "learning rate (with --allow-changes), clip gradients (optim.<net>.max_grad_norm) or use "
+                "mixed_precision=bf16 instead of fp16")
         return ok
 
     # -- the loop --------------------------------------------------------------------------------
@@ -281,13 +338,21 @@ class Trainer:
         window.steps += 1
 
     def train(self) -> dict:
+        try:
+            with StopSignals() as signals:
+                return self._train(signals)
+        finally:
+            self.release()
+
+    def _train(self, signals: StopSignals) -> dict:
         cfg = self.cfg
         window = Window()
         bar = Progress(cfg.max_steps, self.step, cfg.progress and self.main)
         last_saved = self.step if self.resumed_from is not None else None
+        due = False  # a checkpoint is owed: written at the first step whose update was good
         start = time.perf_counter()
         try:
-            while self.step < cfg.max_steps and not self._out_of_time(start):
+            while self.step < cfg.max_steps and not self._should_stop(start, signals):
                 self.train_step(window)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     rec = self._log(window)
@@ -302,26 +367,50 @@ class Trainer:
                     self.evaluate()
                 if cfg.collapse_every and self.step % cfg.collapse_every == 0:
                     self.watch_collapse()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                    self.save()
-                    last_saved = self.step
+                due = due or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
+                if due and self.checkpoint():
+                    due, last_saved = False, self.step
         finally:
             bar.close()
-        if last_saved != self.step:  # out of time, max_steps reached by an earlier run, or max_steps=0
-            self.save()
+        if last_saved != self.step:  # stopped early, max_steps reached by an earlier run, or max_steps=0
+            self.checkpoint()
         self.acc.wait_for_everyone()
         if cfg.log_with:
             self.acc.end_training()
-        return {"step": self.step, "skipped": self.skipped_total, "checkpoint": str(ckpt.latest(self.out))}
+        latest = ckpt.latest(self.out)
+        if signals.received is not None:
+            raise Interrupted(f"stopped by {signals.received.name} at step {self.step}; the newest checkpoint is "
+                              f"{str(latest) if latest else 'none'}: re-run the same command to resume",
+                              128 + int(signals.received))
+        return {"step": self.step, "skipped": self.skipped_total, "checkpoint": str(latest)}
 
-    def _out_of_time(self, start: float) -> bool:
-        """Whether the wall-clock budget (summed over resumes) is spent; every process agrees,
-        so none stops alone while the others wait in a collective."""
+    def _should_stop(self, start: float, signals: StopSignals) -> bool:
+        """Whether the wall-clock budget (summed over resumes) is spent or a stop signal came; every
+        process agrees, so none stops alone while the others wait in a collective."""
         self.seconds = self.seconds_before + time.perf_counter() - start
-        if self.cfg.max_minutes is None:
+        out_of_time = self.cfg.max_minutes is not None and self.seconds >= 60.0 * self.cfg.max_minutes
+        stop = float(out_of_time or signals.received is not None)
+        if self.world > 1:
+            return bool(self.acc.reduce(torch.tensor([stop], device=self.acc.device), reduction="max").item() > 0)
+        return bool(stop)
+
+    def healthy(self) -> bool:
+        """Whether the newest update was applied and every trained weight (and the EMA) is finite:
+        the only state a checkpoint may hold (a NaN streak never rotates the good ones out)."""
+        if self.nonfinite_in_row > 0:
             return False
-        spent = torch.tensor([float(self.seconds >= 60.0 * self.cfg.max_minutes)], device=self.acc.device)
-        return bool(self.acc.reduce(spent, reduction="max").item() > 0) if self.world > 1 else bool(spent.item())
+        tensors = [p for ps in self.params.values() for p in ps]
+        tensors += list(self.ema.shadow().values()) if self.ema is not None else []
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def checkpoint(self) -> Path | bool:
+        """Write a checkpoint if the state is healthy; False (and nothing written) otherwise."""
+        if not self.healthy():
+            if self.main:
+                print(f"step {self.step}: no checkpoint while updates are skipped or weights are non-finite",
+                      flush=True)
+            return False
+        return self.save() or True
 
     def _log(self, window: Window) -> dict:
         means = window.means()
@@ -518,12 +607,25 @@ class Trainer:
                              "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
                              "train_seconds": self.seconds,
                              "ema": self.ema.scalars() if self.ema is not None else None,
-                             "teacher": os.path.abspath(self.cfg.teacher), "objective": self.objective.name,
+                             "teacher": os.path.abspath(self.cfg.teacher), "teacher_hash": self.teacher_hash,
+                             "objective": self.objective.name,
                              "student_steps": self.student.steps, "world_size": self.world},
                             tmp / "trainer.json")
             final = ckpt.commit(tmp, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
+
+    def _apply_settings(self, n: str) -> None:
+        """The config's optimizer settings over the ones a checkpoint restored (the optimizer's and
+        scheduler's state dicts carry the old lr, betas, eps and weight decay): a resume with a lower
+        learning rate trains with it. Unchanged settings give back exactly the restored values."""
+        o, sched = optim_for(self.cfg, n), self.scheds[n]
+        sched.base_lrs = [float(o.lr)] * len(self.opts[n].param_groups)
+        for group, lmbda in zip(self.opts[n].param_groups, sched.lr_lambdas, strict=True):
+            group.update(initial_lr=float(o.lr), lr=float(o.lr) * lmbda(sched.last_epoch), betas=(o.beta1, o.beta2),
+                         eps=o.eps, weight_decay=o.weight_decay)
+        sched._last_lr = [g["lr"] for g in self.opts[n].param_groups]
+        self.last_lr[n] = sched.get_last_lr()[0]
 
     def load(self, folder: Path) -> None:
         state = ckpt.read_json(folder / "trainer.json")
@@ -542,6 +644,7 @@ class Trainer:
         for n in self.trained:
             self.opts[n].load_state_dict(rest["optim"][n])
             self.scheds[n].load_state_dict(rest["sched"][n])
+            self._apply_settings(n)
         if self.scaler is not None and rest.get("scaler"):
             self.scaler.load_state_dict(rest["scaler"])
         self.objective.load_state_dict(rest["objective"])

@@ -1,0 +1,77 @@
+"""Claiming an output folder for one writer (``stepdistill train`` and ``pretrain``).
+
+``claim(folder)`` takes an exclusive ``flock`` on ``folder/.lock`` and writes the holder's PID and
+host into it. A second process on the same folder is refused with that PID. The kernel drops the
+lock when its holder exits, however it exits (SIGKILL included), so a killed run never blocks its
+own resume; the file is left in place (unlinking it would let two processes lock two different
+files of the same name). ``flock`` is advisory and local: it holds between processes of one
+machine and on file systems that support it (most network file systems do through fcntl locks).
+
+A folder that ``claim`` creates is removed again by ``release(failed=True)`` while it holds nothing
+but empty folders and the lock file, so a start that fails leaves nothing behind; a folder that
+existed before is never removed, and no file in it is touched.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK_FILE = ".lock"
+
+
+class FolderClaim:
+    """An exclusive, process-lifetime claim on ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "output_dir"):
+        import fcntl
+
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{what} {str(self.folder)!r} is a file, not a folder; pass a folder path")
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that has not written its PID yet"
+            os.close(fd)
+            raise UserError(f"{what} {str(self.folder)!r} is in use by another stepdistill process ({holder}); wait "
+                            "for it to finish or stop it, or pass another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)  # a claim dropped without release() still unlocks
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the lock; after a failed start, remove the folder if this claim created it and it is
+        still empty but for the lock file and empty folders."""
+        if not self._close.alive:
+            return
+        os.ftruncate(self._fd, 0)  # no stale PID for the next reader
+        self._close()
+        if failed and self.created:
+            remove_if_empty(self.folder)
+
+
+def remove_if_empty(folder: Path) -> bool:
+    """Remove ``folder`` when it holds only empty folders and a lock file; True if it is gone."""
+    for root, dirs, files in os.walk(folder):
+        if any(f != LOCK_FILE or Path(root) != folder for f in files):
+            return False
+    (folder / LOCK_FILE).unlink(missing_ok=True)
+    for root, dirs, _ in sorted(os.walk(folder), key=lambda w: -len(Path(w[0]).parts)):
+        os.rmdir(root)
+    return True
+
+
+def claim(folder: str | os.PathLike, what: str = "output_dir") -> FolderClaim:
+    return FolderClaim(folder, what)
+
+
+__all__ = ["FolderClaim", "claim", "remove_if_empty", "LOCK_FILE"]
