@@ -61,11 +61,11 @@ class FolderClaim:
 
 def remove_if_empty(folder: Path) -> bool:
     """Remove ``folder`` when it holds only empty folders and a lock file; True if it is gone."""
-    for root, dirs, files in os.walk(folder):
-        if any(f != LOCK_FILE or Path(root) != folder for f in files):
-            return False
+    walk = list(os.walk(folder))
+    if any(files and (Path(root) != folder or files != [LOCK_FILE]) for root, _, files in walk):
+        return False
     (folder / LOCK_FILE).unlink(missing_ok=True)
-    for root, dirs, _ in sorted(os.walk(folder), key=lambda w: -len(Path(w[0]).parts)):
+    for root, _, _ in sorted(walk, key=lambda w: -len(Path(w[0]).parts)):  # deepest first
         os.rmdir(root)
     return True
 

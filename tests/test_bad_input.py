@@ -103,6 +103,13 @@ CASES = [
         ["export", str(w["run"]), "--out", str(w["export"])])[-1], "README.md"),
     ("sample: --out onto the run's config.yaml", lambda w: [
         "sample", str(w["run"]), "--num", "2", "--out", str(w["run"] / "config.png")], "would overwrite config.yaml"),
+    ("eval: --json onto the run's config.yaml", lambda w: [
+        "eval", str(w["run"]), "--ref", "digits-test", "--num", "2", "--json", str(w["run"] / "config.yaml")],
+     "would overwrite config.yaml"),
+    ("eval: --plot onto a run's preview", lambda w: (
+        (w["run"] / "previews").mkdir(), (w["run"] / "previews" / "step-00000002.png").write_bytes(b"png"),
+        ["eval", str(w["run"]), "--ref", "digits-test", "--num", "2", "--plot",
+         str(w["run"] / "previews" / "step-00000002.png")])[-1], "would overwrite previews/step-00000002.png"),
     ("sample: --out with no image suffix", lambda w: [
         "sample", str(w["teacher"]), "--num", "2", "--out", str(w["tmp"] / "grid.txt")], "is not an image format"),
 ]

@@ -128,3 +128,40 @@ def test_non_square_images_are_refused(tmp_path):
     np.savez(tmp_path / "wide.npz", images=np.zeros((4, 8, 16, 1), np.uint8))
     with pytest.raises(UserError, match="square"):
         pretrain(PretrainConfig(data=str(tmp_path / "wide.npz"), output_dir=str(tmp_path / "t")))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pretrain_never_replaces_a_folder(tmp_path, capsys):
+    np.savez(tmp_path / "rects.npz", images=_other_images())
+    out = tmp_path / "teacher"
+    args = ["pretrain", CONFIG, f"data={tmp_path / 'rects.npz'}", f"output_dir={out}", "max_steps=2", *TINY]
+    assert main(args) == 0
+    written = _files(out)
+    capsys.readouterr()
+    assert main(args) == 2  # the same config again: nothing to do, nothing replaced
+    assert "already holds a teacher pretrained with these settings" in capsys.readouterr().err
+    assert main([*args, "lr=1e-3"]) == 2
+    assert "pretrained with other settings" in capsys.readouterr().err
+    assert _files(out) == written
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main([*args[:3], f"output_dir={mine}", *args[4:]]) == 2
+    assert "is not empty (it holds thesis.tex)" in capsys.readouterr().err
+    assert _files(mine) == {"thesis.tex": b"years of work"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args[:3], f"output_dir={empty}", *args[4:]]) == 0  # an empty folder is fine
+    assert (empty / "unet").is_dir()
+
+
+def test_the_presets_pretrain_line_leaves_the_shipped_teacher_alone(capsys):
+    shipped = Path(CONFIG).parents[2] / "assets" / "teachers" / "digits16"
+    assert OmegaConf.load(CONFIG).output_dir != "assets/teachers/digits16"  # the README's line writes elsewhere
+    before = _files(shipped)
+    assert main(["pretrain", CONFIG, f"output_dir={shipped}"]) == 2  # asked for explicitly: still refused
+    assert "holds a teacher pretrained with" in capsys.readouterr().err
+    assert _files(shipped) == before

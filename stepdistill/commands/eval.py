@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import check_outputs
 
 
 def register(subparsers) -> None:
@@ -70,6 +71,7 @@ def _validate(args) -> None:
         raise UserError(f"--plot {args.plot!r} must end in .png")
     if args.ref.endswith(".npz") and not Path(args.ref).is_file():
         raise UserError(f"--ref {args.ref!r} does not exist; make it with --make-stats or pass a dataset")
+    check_outputs(args.model, {"--json": args.json_out, "--plot": args.plot})
 
 
 def run(args) -> int:
@@ -108,6 +110,7 @@ def run(args) -> int:
                             guidance=args.guidance, device=args.device, console=console, prompts=prompts,
                             clip=clip, resolution=args.resolution, ema=args.ema)
     report["command"] = command
+    report["plot"] = args.plot  # marks the plot as this report's output (outputs.earlier_outputs)
     print_results(report, console)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

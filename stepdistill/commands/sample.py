@@ -57,39 +57,6 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
     return classes
 
 
-SETTINGS_KEYS = {"model", "steps", "sampler", "out"}  # what marks a .yaml as an earlier sample's settings
-
-
-def _sample_outputs(folder: Path) -> set[Path]:
-    """Files earlier ``sample`` runs wrote in ``folder``: their settings .yaml and what each names."""
-    from omegaconf import OmegaConf
-
-    found = set()
-    for y in folder.glob("*.yaml"):
-        try:
-            d = OmegaConf.to_container(OmegaConf.load(y))
-        except Exception:  # noqa: BLE001 -- unreadable: not a settings file of ours
-            continue
-        if isinstance(d, dict) and SETTINGS_KEYS <= set(d):
-            found |= {y.resolve(), *(Path(d[k]).resolve() for k in ("out", "npz") if d.get(k))}
-    return found
-
-
-def check_outputs(model: str, paths: dict[str, Path | None]) -> None:
-    """Outputs never overwrite a file of the model folder (a run's config.yaml, a teacher's weights);
-    a file an earlier ``sample`` wrote there may be written again."""
-    from ..errors import UserError
-
-    root = Path(model).resolve()
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        p = path.resolve()
-        if p.exists() and (p == root or root in p.parents) and p not in _sample_outputs(p.parent):
-            raise UserError(f"{flag} {str(path)!r} would overwrite {p.relative_to(root).as_posix() or '.'}, a file of "
-                            f"{model!r}; write the samples elsewhere or under another name")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -97,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import save_npz
     from ..errors import UserError
     from ..images import image_format, save_grid
+    from ..outputs import check_outputs
     from ..models import load_for_sampling
     from ..pretrain import class_cycle
     from ..sampling import get_sampler
