@@ -54,6 +54,33 @@ def _labels_npz(path: Path, labels) -> Path:
     return path
 
 
+def _pickled_teacher(w) -> Path:
+    """A copy of the tiny teacher whose weights are only a pickle (.bin)."""
+    from conftest import tiny_teacher
+
+    path = w["tmp"] / "pickled"
+    shutil.copytree(w["teacher"], path)
+    (path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    tiny_teacher().backbone.save_pretrained(path / "unet", safe_serialization=False)
+    return path
+
+
+def _replaced_teacher_run(w) -> list[str]:
+    """A run trained on a copy of the teacher, whose weights are then replaced under the same path."""
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file, save_file
+
+    teacher, run = w["tmp"] / "teacher", w["tmp"] / "run-t"
+    shutil.copytree(w["teacher"], teacher)
+    assert main(_train_args(teacher, w["data"], run)) == 0
+    AcceleratorState._reset_state(True)
+    f = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(f)
+    tensors = {k: v + 1e-3 if i == 0 else v for i, (k, v) in enumerate(sorted(tensors.items()))}
+    save_file(tensors, f)
+    return _train_args(teacher, w["data"], run, "max_steps=4")
+
+
 # (case, setup(w) -> argv, what the one line must say); `w` is a dict of paths inside the test's folder
 CASES = [
     ("pretrain into a folder of the user's", lambda w: (
@@ -83,6 +110,9 @@ CASES = [
     ("train: an .npz that is not an npz", lambda w: (
         (w["tmp"] / "fake.npz").write_text("just text"),
         _train_args(w["teacher"], w["tmp"] / "fake.npz", w["new"]))[-1], "is not an .npz file (no zip header)"),
+    ("train: a teacher with only pickled weights", lambda w: _train_args(_pickled_teacher(w), w["data"], w["new"]),
+     "training reads safetensors only"),
+    ("train: resume on a replaced teacher", _replaced_teacher_run, "has changed since checkpoint"),
     ("train: resume with another seed", lambda w: _train_args(w["teacher"], w["data"], w["run"], "seed=5",
                                                               "max_steps=4"), "seed: 0 -> 5"),
     ("train: a folder another process holds", lambda w: (
