@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:  # a run stopped by SIGINT/SIGTERM after writing its checkpoint
         return _say("stopped", err, err.code)
     except KeyboardInterrupt:
-        return _say("stopped", "interrupted (Ctrl-C); files being written are temporary until complete, so "
-                    "nothing half-written is left: re-run the command to resume or start again", 130)
+        return _say("stopped", "interrupted (Ctrl-C); files are written through temporary names and one rename, "
+                    "so nothing half-written is left: re-run the command to resume or start again", 130)
 
 
 def _say(tag: str, message, code: int) -> int:

@@ -105,13 +105,10 @@ def to_dict(cfg: DictConfig) -> dict:
 
 def save_resolved(cfg: DictConfig | dict, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config atomically into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True))
-    os.replace(tmp, out)
-    return out
+    from .fsutil import atomic_write_text
+
+    text = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True)
+    return atomic_write_text(Path(folder) / name, text)
 
 
 def lr_schedules() -> list[str]:

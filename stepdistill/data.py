@@ -235,26 +235,14 @@ def load_images(spec: str, split: str | None = None) -> ImageSet:
 
 def save_npz(path: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
     """Write images (float [-1, 1] or uint8, NCHW) as the ``.npz`` format ``load_images`` reads."""
-    import os
-    import tempfile
+    from .fsutil import atomic_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy().astype(np.int64)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved dataset is a normal file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 # -- training batches -------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ eval harness), so what is scored is bit-for-bit what is saved.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .fsutil import atomic_file
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -79,19 +79,8 @@ def image_format(path: str | os.PathLike) -> str:
 
 def _atomic_save(img, path: Path) -> Path:
     fmt = image_format(path)  # the bytes match the suffix: a .jpg holds JPEG, not PNG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved image is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return path
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text
 from ..outputs import check_outputs
 
 
@@ -113,8 +114,7 @@ def run(args) -> int:
     report["plot"] = args.plot  # marks the plot as this report's output (outputs.earlier_outputs)
     print_results(report, console)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json_out, json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json_out}")
     if args.plot:
         from ..eval.plot import plot_fid_vs_nfe
