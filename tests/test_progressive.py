@@ -100,6 +100,35 @@ def test_target_makes_one_student_step_land_on_two_teacher_steps(kind, gauss):
         torch.testing.assert_close(one_step, two_steps, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_student_samples_with_ddim_and_lands_on_the_teachers_2k_step_chain(kind, k, gauss):
+    """Alg. 2 trains one deterministic DDIM student step to land on two teacher DDIM steps, and the
+    paper samples the student with DDIM (Salimans & Ho, 2022, sec. 3). The K-step student that is the
+    exact two-step map (``ExactTwoStep``), sampled as the trainer resolves its sampler for this
+    objective, must end where the teacher's 2K-step DDIM chain ends: the composition of the
+    hand-derived affine steps ``ddim_affine`` over t_0, t'_0, t_1, ..., t'_{K-1}, clean. A student that
+    re-noises between its steps (fresh noise) does not."""
+    from stepdistill.generator import StudentConfig
+    from stepdistill.train.setup import resolve_sampler
+
+    schedule, (mu, sd) = SCHEDULES[kind](), gauss
+    obj = PD(PD.Config(start_steps=2 * k, final_steps=k))
+    sampler = resolve_sampler(StudentConfig(steps=k), obj)
+    assert sampler == "ddim"
+    grid, mid = grid_with_midpoints(schedule, k)
+    student = Student(ExactTwoStep(schedule, mu, sd, grid, mid), grid[:-1], sampler=sampler)
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = schedule.prior(noise, grid[0])
+    chain = [t for i in range(k) for t in (grid[i], mid[i])] + [grid[-1]]
+    for t, t_next in zip(chain[:-1], chain[1:]):
+        p_, q_ = ddim_affine(schedule, mu, sd, t, t_next)
+        x = p_ * x + q_
+    torch.testing.assert_close(student(noise), x, rtol=0, atol=1e-9)
+    renoised = Student(ExactTwoStep(schedule, mu, sd, grid, mid), grid[:-1], sampler="renoise")
+    assert float((renoised(noise, generator=torch.Generator().manual_seed(1)) - x).abs().max()) > 1e-3
+
+
 def test_vp_student_grids_nest_and_others_use_the_time_midpoint():
     # VP students run the exported LCMScheduler grid t = T-1 - floor(i T / n), which nests at every
     # halving (even where T / n is not an integer, unlike DDIM's rounded trailing grid)

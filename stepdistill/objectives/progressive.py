@@ -159,6 +159,12 @@ class Progressive(Objective):
     def student_steps(self) -> int:
         return int(self.cfg.final_steps)
 
+    def student_sampler(self) -> str:
+        """DDIM: Alg. 2 trains one deterministic DDIM student step to land on two teacher steps, and
+        the student is sampled that way (sec. 3); fresh noise between its steps would leave the
+        trajectory it was trained on."""
+        return "ddim"
+
     def check_budget(self, max_steps: int) -> None:
         if self.cfg.lr_anneal == "linear" and max_steps > self.total_iterations:
             raise UserError(f"progressive: max_steps={max_steps} runs past the last round's share "
