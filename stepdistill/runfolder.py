@@ -1,13 +1,13 @@
 """Claiming an output folder for one writer (``stepdistill train`` and ``pretrain``).
 
-``claim(folder)`` takes an exclusive ``flock`` on ``folder/.lock`` and writes the holder's PID and
+``FolderClaim(folder)`` takes an exclusive ``flock`` on ``folder/.lock`` and writes the holder's PID and
 host into it. A second process on the same folder is refused with that PID. The kernel drops the
 lock when its holder exits, however it exits (SIGKILL included), so a killed run never blocks its
 own resume; the file is left in place (unlinking it would let two processes lock two different
 files of the same name). ``flock`` is advisory and local: it holds between processes of one
 machine and on file systems that support it (most network file systems do through fcntl locks).
 
-A folder that ``claim`` creates is removed again by ``release(failed=True)`` while it holds nothing
+A folder that the claim creates is removed again by ``release(failed=True)`` while it holds nothing
 but empty folders and the lock file, so a start that fails leaves nothing behind; a folder that
 existed before is never removed, and no file in it is touched.
 """
@@ -70,8 +70,4 @@ def remove_if_empty(folder: Path) -> bool:
     return True
 
 
-def claim(folder: str | os.PathLike, what: str = "output_dir") -> FolderClaim:
-    return FolderClaim(folder, what)
-
-
-__all__ = ["FolderClaim", "claim", "remove_if_empty", "LOCK_FILE"]
+__all__ = ["FolderClaim", "remove_if_empty", "LOCK_FILE"]
