@@ -39,6 +39,9 @@ from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
 
+#: where the fake score's DSM times come from ("dm": the DM term's; "train": the teacher's training times)
+FAKE_TIMES = ("dm", "train")
+
 
 # -- shared pieces (also used by SiD and the adversarial objective) ------------------------------
 def student_sample(student, noise: torch.Tensor, cond, *, backward_simulation: bool = True) -> torch.Tensor:
@@ -98,12 +101,19 @@ def target_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x - target).pow(2).flatten(1).mean(1)
 
 
+#: iCT's pseudo-Huber constant per value (Song & Dhariwal, 2023, sec. 3.3: c = 0.00054 sqrt(d))
+HUBER_C = 0.00054
+
+
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
-    """Pseudo-Huber distance (Song & Dhariwal, 2023, sec. 3.3): sqrt(||a-b||^2 + c^2) - c, with
-    c = 0.00054 sqrt(d) by default; a stand-in for LPIPS, whose weights are downloaded at run time."""
-    d = a[0].numel()
-    c = 0.00054 * d**0.5 if c is None else c
-    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+    """Per-pixel pseudo-Huber distance, the stand-in for LPIPS (whose weights are downloaded at run
+    time): sqrt(mean((a-b)^2) + c^2) - c with c = 0.00054 by default. It is iCT's sum form
+    sqrt(||a-b||^2 + c'^2) - c' (Song & Dhariwal, 2023, sec. 3.3; c' = 0.00054 sqrt(d)) divided by
+    sqrt(d), so that, like DMD's mean-reduced LPIPS (Yin et al., 2024, eq. 9) and the mean-reduced
+    DM term, its gradient per pixel scales as 1/d: the regression/DM balance does not change with
+    resolution (the sum form's gradient is a unit vector, sqrt(d) times larger at every size)."""
+    c = HUBER_C if c is None else c
+    return ((a - b).pow(2).flatten(1).mean(1) + c * c).sqrt() - c
 
 
 @dataclass
@@ -111,7 +121,7 @@ class RegressionPairs:
     """Config fields of the regression loss on teacher noise -> image pairs (DMD eq. 9) and its warm-up."""
 
     regression_loss: str = "pseudo_huber"          # "pseudo_huber" | "mse" | "lpips" (needs local weights)
-    huber_c: Optional[float] = None                # None = 0.00054 sqrt(d)
+    huber_c: Optional[float] = None                # per-pixel pseudo-Huber c; None = 0.00054 (iCT's c / sqrt(d))
     cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache)
     cache_num: int = 1000                          # built there if missing: pairs ...
     cache_steps: int = 50                          # ... teacher steps
@@ -135,6 +145,9 @@ class DMD(Objective):
         fake_lora_alpha: Optional[float] = None
         fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
         fake_loss: str = "raw"                         # "raw" (teacher's parameterisation) | "x0" (unweighted)
+        fake_t: str = "dm"                             # fake-score DSM times: "dm" = t_range, as the DM term
+                                                       # queries it (DMD2); "train" = the teacher's training
+                                                       # distribution (EDM's log-normal)
         critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
         backward_simulation: bool = True               # multi-step students (DMD2 sec. 4.5)
         regression_weight: float = 0.25                # DMD eq. 9, lambda_reg; 0 = off (DMD2)
@@ -166,6 +179,9 @@ class DMD(Objective):
                             "(built there on first use) or objective.regression_weight=0 and "
                             "objective.regression_warmup=0")
         gan._check(c.gan_loss)
+        if c.fake_t not in FAKE_TIMES:
+            raise UserError(f"objective.fake_t {c.fake_t!r} is not supported; use 'dm' (the DM term's t_range) or "
+                            "'train' (the teacher's training distribution)")
         self.uses_real_data = c.gan_weight > 0
         self._pairs = None
         self._grid_pos = None
@@ -245,6 +261,15 @@ class DMD(Objective):
     def fake_cond(self, nets, cond):
         return cond
 
+    def fake_times(self, schedule, n: int, device) -> torch.Tensor:
+        """Times of the fake score's DSM updates: by default those the generator phase queries it at
+        (t_range on the 1000-step grid; DMD2 trains its fake score on the DM term's own
+        U[min_step, max_step]), so it is accurate where it is read; "train" = the teacher's training
+        distribution (on EDM its log-normal puts ~4 % of updates above sigma 2.5, DM ~50 %)."""
+        if self.cfg.fake_t == "train":
+            return schedule.sample_t(n).to(device)
+        return sample_times(schedule, n, self.cfg.t_range, device=device)
+
     def dm_terms(self, nets: Nets, x: torch.Tensor, cond) -> tuple[torch.Tensor, dict]:
         """The DMD gradient g w.r.t. the student's samples x (no graph), and what to log."""
         c = self.cfg
@@ -318,14 +343,18 @@ class DMD(Objective):
         n = c.regression_batch or like.shape[0]
         idx = torch.randint(0, len(pairs), (n,))
         out, x_ref, cond = self.regression_pair(nets.student, pairs, idx, like.device)
-        if c.regression_loss == "mse":
-            d = (out - x_ref).pow(2).flatten(1).mean(1)
-        elif c.regression_loss == "lpips":
-            d = self._lpips(out, x_ref).flatten(1).mean(1)
-        else:
-            d = pseudo_huber(out, x_ref, c.huber_c)
+        d = self.regression_distance(out, x_ref)
         # the regression batch may differ in size from the DM batch: spread its mean over [B]
         return weight * d.mean().expand(like.shape[0])
+
+    def regression_distance(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Per-sample regression distance, mean-reduced over pixels like the paper's LPIPS (eq. 9)."""
+        c = self.cfg
+        if c.regression_loss == "mse":
+            return (out - ref).pow(2).flatten(1).mean(1)
+        if c.regression_loss == "lpips":
+            return self._lpips(out, ref).flatten(1).mean(1)
+        return pseudo_huber(out, ref, c.huber_c)
 
     # -- phases ----------------------------------------------------------------------------------
     def critic_loss(self, nets: Nets, batch: dict) -> dict:
@@ -333,7 +362,9 @@ class DMD(Objective):
         with torch.no_grad():
             x = student_sample(nets.student, noise_like_batch(batch), cond,
                                backward_simulation=self.cfg.backward_simulation)
-        out = {"fake_dsm": denoising_loss(nets.fake_score, x, self.fake_cond(nets, cond), space=self.cfg.fake_loss)}
+        t = self.fake_times(nets.fake_score.schedule, x.shape[0], x.device)
+        out = {"fake_dsm": denoising_loss(nets.fake_score, x, self.fake_cond(nets, cond), space=self.cfg.fake_loss,
+                                          t=t)}
         if self.cfg.gan_weight > 0:
             out.update(self.gan_critic_terms(nets, x, batch))
         return out

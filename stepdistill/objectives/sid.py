@@ -68,6 +68,8 @@ class SiD(DMD):
         fake_lora_alpha: Optional[float] = None
         fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
         fake_loss: str = "raw"
+        fake_t: str = "train"                          # fake-score DSM times: the teacher's training distribution
+                                                       # (SiD's sid_loss.py: EDM's log-normal); "dm" = t_range
         critic_repeats: int = 1                        # SiD alternates one fake and one generator update
         backward_simulation: bool = True               # few-step: uniform mixture over the K steps
         gan_weight: float = 0.0                        # GAN add-on through the fake score's features; 0 = off
@@ -132,7 +134,7 @@ class SiD(DMD):
         with torch.no_grad():
             x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
         sched = fs.schedule
-        t = sched.sample_t(x.shape[0]).to(x.device)
+        t = self.fake_times(sched, x.shape[0], x.device)
         eps = torch.randn_like(x)
         x_t = sched.add_noise(x, eps, t)
         mod = find_module(fs, c.feature_module)
