@@ -46,13 +46,18 @@ def sample_times(schedule: Schedule, n: int, t_range: Sequence[float] = (0.02, 0
     """Times drawn uniformly from a fraction of the schedule's 1000-step grid, 0 = least noisy,
     1 = noisiest. On a VP schedule (0.02, 0.98) is DMD's t ~ U[0.02T, 0.98T] (Yin et al., 2024,
     sec. 4.2); on an EDM grid (0, 0.8) is SiD's tmax = 800 of the Karras rho-grid."""
+    i_lo, i_hi = time_indices(schedule, t_range)
+    return noise_grid(schedule)[torch.randint(i_lo, i_hi, (n,))].to(device)
+
+
+def time_indices(schedule: Schedule, t_range: Sequence[float]) -> tuple[int, int]:
+    """[lo, hi) indices of ``noise_grid`` that a time range (fractions of the noise range) covers."""
     lo, hi = float(t_range[0]), float(t_range[1])
     if not 0.0 <= lo < hi <= 1.0:
         raise UserError(f"time range {list(t_range)} must satisfy 0 <= lo < hi <= 1 (fractions of the noise range)")
-    grid = noise_grid(schedule)
-    i_lo, i_hi = int(round(lo * (len(grid) - 1))), int(round(hi * (len(grid) - 1)))
-    idx = torch.randint(i_lo, max(i_hi, i_lo + 1), (n,))
-    return grid[idx].to(device)
+    n = len(noise_grid(schedule)) - 1
+    i_lo, i_hi = int(round(lo * n)), int(round(hi * n))
+    return i_lo, max(i_hi, i_lo + 1)
 
 
 # -- LoRA on a shared backbone ------------------------------------------------------------------------
@@ -386,5 +391,5 @@ def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: t
 
 
 __all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
-           "dsm_weight", "sample_times", "noise_grid", "forward_with_features", "find_module", "DiscHead",
+           "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module", "DiscHead",
            "build_disc_head", "disc_logits", "sample_shape", "feature_shape"]

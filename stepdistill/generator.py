@@ -26,10 +26,10 @@ from .schedules import bcast
 
 class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
-                 sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: int | None = None,
+                 sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: float | None = None,
                  sampler: str | None = "renoise"):
         super().__init__()
-        from .export.scheduler import check_sampler
+        from .export.scheduler import check_first_timestep, check_sampler
 
         self.sampler = check_sampler(sampler, boundary, first_timestep)
         if boundary not in (None, "none", "lcm"):
@@ -42,7 +42,7 @@ class Student(nn.Module):
         self.register_buffer("timesteps", ts, persistent=False)
         self.boundary = None if boundary in (None, "none") else boundary
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
-        self.first_timestep = None if first_timestep is None else int(first_timestep)  # see StudentConfig
+        self.first_timestep = check_first_timestep(denoiser.schedule, first_timestep)  # see StudentConfig
 
     @property
     def steps(self) -> int:
@@ -68,16 +68,40 @@ class Student(nn.Module):
         """Sample with `steps` timesteps (default: the trained ones). Fresh noise between steps is
         drawn from `generator` (or the global generator); a "ddim" student draws none."""
         ts = self.timesteps if steps is None else self.timesteps_for(steps)
+        return self._chain(noise, cond, ts, lambda like: self.fresh_noise(like, generator))
+
+    def sample(self, noise: torch.Tensor, cond: Cond = None, *, grad_at: torch.Tensor | None = None,
+               renoise=None) -> torch.Tensor:
+        """Samples whose graph holds one student evaluation: per sample i the x0 estimate of step
+        ``grad_at[i]`` of its own sampling chain, the steps before it run without gradient (backward
+        simulation, DMD2 sec. 4.5; SiD's uniform mixture over the K steps). ``grad_at=None``: the
+        whole chain with gradient (``forward``). ``renoise(like)`` draws the fresh noise of a
+        re-noising student (default: the global generator)."""
+        renoise = renoise or self.fresh_noise
+        if grad_at is None:
+            return self._chain(noise, cond, self.timesteps, renoise)
+        ts, k = self.timesteps, torch.as_tensor(grad_at).cpu()
+        x = x_at = self.schedule.prior(noise, ts[0])
+        with torch.no_grad():
+            for i in range(int(k.max())):
+                x = self._step(x, self.denoise(x, ts[i], cond), ts[i], ts[i + 1], noise, renoise)
+                x_at = torch.where(bcast(k == i + 1, x).bool(), x, x_at)
+        return self.denoise(x_at, ts[k.to(ts.device)], cond)
+
+    def _chain(self, noise, cond, ts, renoise):
         x = self.schedule.prior(noise, ts[0])
         for i, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
             if i + 1 == len(ts):
                 return x0
-            if self.sampler == "ddim":
-                x = self.ddim_to(x, x0, t, ts[i + 1])
-            else:
-                x = self.schedule.add_noise(x0, self.fresh_noise(noise, generator), ts[i + 1])
+            x = self._step(x, x0, t, ts[i + 1], noise, renoise)
         raise AssertionError("unreachable")
+
+    def _step(self, x, x0, t, t_next, noise, renoise):
+        """From (x, t) with x0 estimate x0 to t_next: DDIM, or x0 re-noised with fresh noise."""
+        if self.sampler == "ddim":
+            return self.ddim_to(x, x0, t, t_next)
+        return self.schedule.add_noise(x0, renoise(noise), t_next)
 
     def ddim_to(self, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
         """Deterministic DDIM step (Song et al., 2021, eq. 12) from (x, t) with x0 estimate x0 to
@@ -137,9 +161,10 @@ from dataclasses import dataclass, field  # noqa: E402
 class StudentConfig:
     steps: Optional[int] = None          # K sampling steps; None = what the objective fixes, else 1
     boundary: Optional[str] = None       # None or "lcm" (consistency boundary condition, LCM eq. 8)
-    first_timestep: Optional[int] = None  # the generator's input timestep (VP teachers): unit noise enters there,
-                                         # as SiD's generator f(sigma_init z, sigma_init) with sigma_init = 2.5
-                                         # (t ~ 625 on SD's schedule); None = the last training timestep
+    first_timestep: Optional[float] = None  # the generator's input time, where noise enters (SiD's generator
+                                         # f(sigma_init z, sigma_init)): a VP training timestep (sigma_init 2.5 is
+                                         # t ~ 625 on SD's schedule), an EDM sigma (2.5), a flow time (t = 1000
+                                         # sigma); None = the noisiest time
     time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
                                          # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
     sampler: Optional[str] = None        # step between timesteps: "renoise" (fresh noise, consistency/DMD2

@@ -250,10 +250,12 @@ class EDMSchedule(Schedule):
         t = self._t(t)
         return torch.ones_like(t), t
 
-    def timesteps(self, n: int, **kw):
+    def timesteps(self, n: int, sigma_max: float | None = None, **kw):
+        """EDM's Karras grid (eq. 5) from sigma_max (default the schedule's) down to sigma_min, then 0."""
         from diffusers import EDMEulerScheduler
 
-        sched = EDMEulerScheduler.from_config(self.config)
+        cfg = self.config if sigma_max is None else {**self.config, "sigma_max": float(sigma_max)}
+        sched = EDMEulerScheduler.from_config(cfg)
         sched.set_timesteps(n)
         return sched.sigmas.to(torch.float64)
 

@@ -9,7 +9,8 @@ from conftest import tiny_teacher
 from stepdistill.errors import UserError
 from stepdistill.generator import build_student
 from stepdistill.objectives.base import Nets
-from stepdistill.objectives.dmd import DMD, DMD2, dmd_gradient, pseudo_huber, student_sample, target_loss
+from stepdistill.objectives.common import Draws, pseudo_huber, sample_student, target_loss
+from stepdistill.objectives.dmd import DMD, DMD2, dmd_gradient
 
 COND = {"class_labels": torch.tensor([0, 1, 0, 1])}
 
@@ -54,7 +55,7 @@ def test_backward_simulation_runs_the_chain():
     calls = []
     student.denoiser.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
     torch.manual_seed(0)
-    x = student_sample(student, torch.randn(16, 1, 8, 8), {"class_labels": torch.arange(16) % 2})
+    x = sample_student(student, {"class_labels": torch.arange(16) % 2}, Draws({"x0": torch.zeros(16, 1, 8, 8)}))
     assert x.requires_grad and calls[-1] is True and not any(calls[:-1]) and len(calls) >= 2
 
 
@@ -68,7 +69,7 @@ def test_backward_simulation_follows_a_ddim_students_own_steps():
     noise, cond = torch.randn(32, 1, 8, 8, generator=g), {"class_labels": torch.arange(32) % 2}
     torch.manual_seed(0)
     with torch.no_grad():
-        out = student_sample(student, noise, cond)
+        out = student.sample(noise, cond, grad_at=torch.randint(0, 4, (32,)))
         ts, x, chain = student.timesteps, student.schedule.prior(noise, student.timesteps[0]), []
         for i, t in enumerate(ts):  # the sampling chain by hand
             chain.append(student.denoise(x, t, cond))
@@ -110,9 +111,9 @@ def test_regression_term_uses_the_cache(tmp_path):
     out = obj.generator_loss(nets, {"x0": torch.zeros(4, 1, 8, 8), "cond": COND})
     assert (tmp_path / "pairs" / "manifest.json").is_file()
     assert out["regression"].shape == (4,) and out["regression"].requires_grad
-    p = obj._pairs
+    p = obj.regression.pairs
     want = 0.25 * pseudo_huber(nets.student(p.noise, p.cond), p.x0).mean()
-    assert 0 < out["regression"][0] < 3 * want  # a random half of the pairs vs all of them
+    assert 0 < out["regression"].mean() < 3 * want  # a random half of the pairs vs all of them
 
 
 def test_regression_warmup_trains_the_generator_alone_first(tmp_path):
@@ -124,24 +125,21 @@ def test_regression_warmup_trains_the_generator_alone_first(tmp_path):
         DMD2(DMD2.Config(regression_warmup=-1, cache=str(tmp_path / "pairs")))
     obj = DMD2(DMD2.Config(regression_warmup=2, gan_weight=0.0, cache=str(tmp_path / "pairs"), cache_num=8,
                            cache_steps=2, regression_batch=4))
-    assert [(p.name, p.start) for p in obj.phases()] == [("critic", 2), ("generator", 0)]
+    assert [(p.name, p.start, p.stop) for p in obj.phases()] == [("warmup", 0, 2), ("critic", 2, None),
+                                                                  ("generator", 2, None)]
     nets = _nets(obj)
     nets.teacher.meta = {"num_classes": 2, "in_channels": 1, "sample_size": 8}
     batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND}
-    out = obj.generator_loss(nets, batch)
+    out = obj.warmup_loss(nets, batch)
     assert set(out) == {"regression"} and out["regression"].shape == (4,) and out["regression"].requires_grad
     torch.manual_seed(0)
     idx = torch.randint(0, 8, (4,))
-    p = obj._pairs
+    p = obj.regression.pairs
     noise, x_ref, cond = p.get(idx)
     torch.manual_seed(0)
     want = pseudo_huber(nets.student(noise, cond), x_ref).mean()  # weight 1, not regression_weight (0)
-    torch.testing.assert_close(obj.generator_loss(nets, batch)["regression"][0], want)
-    obj.on_step_end(nets, 2)
-    restored = DMD2(obj.cfg)
-    restored.load_state_dict(obj.state_dict())
-    assert restored.iteration == 2 and "dmd" in restored.generator_loss(nets, batch)
-    assert "regression" not in restored.generator_loss(nets, batch)
+    torch.testing.assert_close(obj.warmup_loss(nets, batch)["regression"].mean(), want)
+    assert "regression" not in obj.generator_loss(nets, batch) and "dmd" in obj.generator_loss(nets, batch)
 
 
 class OdeEnd(torch.nn.Module):
@@ -182,9 +180,9 @@ def test_multistep_regression_follows_the_teachers_trajectory(sampler, tmp_path,
     for shift in (0.0, 0.1):
         net = OdeEnd(teacher, shift) if sampler == "renoise" else ExactJump(teacher, ts, shift)
         student = Student(net, ts, sampler=sampler)
-        obj._check_cache(student)
+        obj.regression.check(student)
         torch.manual_seed(0)
-        scores.append(float(obj.regression_term(Nets(teacher=teacher, student=student), like).mean()))
+        scores.append(float(obj.regression.term(teacher, student, like, Draws({"x0": like})).mean()))
     # the exact student's score is the 32-step Heun cache's own error (its last step into clean data is Euler)
     assert scores[0] < 0.1 * 0.5 * 0.01 and scores[1] == pytest.approx(0.5 * 0.01 + scores[0], rel=0.15)
 
@@ -217,7 +215,7 @@ def test_regression_to_dm_gradient_ratio_does_not_change_with_resolution():
     for shape in [(1, 16, 16), (4, 64, 64)]:
         ref = torch.zeros(1, *shape, dtype=torch.float64)
         x = (ref + _tiled(err, shape)).requires_grad_(True)
-        obj.regression_distance(x, ref).sum().backward()
+        obj.regression.distance(x, ref).sum().backward()
         reg = x.grad.norm()
         x.grad = None
         dm = dmd_gradient(x.detach(), _tiled(real, shape), _tiled(fake, shape))

@@ -70,9 +70,10 @@ def test_first_timestep_out_of_range_is_refused():
     for bad in (400, 1000, 62.5):
         with pytest.raises(UserError, match=r"first_timestep must be an integer in \[500, 999\]"):
             student_timesteps(vp, 1, first_timestep=bad)
-    for other in (FlowSchedule(), EDMSchedule()):
-        with pytest.raises(UserError, match="first_timestep is for VP"):
-            student_timesteps(other, 1, first_timestep=600)
+    with pytest.raises(UserError, match=r"sigma on EDM teachers and must lie in \(0.002, 80.0\]"):
+        student_timesteps(EDMSchedule(), 1, first_timestep=600)
+    with pytest.raises(UserError, match=r"time in \(0, 1000\]"):
+        student_timesteps(FlowSchedule(), 1, first_timestep=1200)
 
 
 @pytest.mark.parametrize("boundary", [None, "lcm"])

@@ -8,7 +8,9 @@ import torch
 from conftest import tiny_teacher
 from stepdistill.errors import UserError
 from stepdistill.generator import build_student
+from stepdistill.fake_score import find_module, forward_with_features, noise_grid
 from stepdistill.objectives.base import Nets
+from stepdistill.objectives.common import Draws, pseudo_huber
 from stepdistill.objectives.sid import SiD, sid_generator_loss
 
 COND = {"class_labels": torch.tensor([0, 1, 0, 1])}
@@ -40,130 +42,252 @@ def test_gradient_reaches_the_student_only():
     assert all(p.requires_grad for p in nets.fake_score.parameters())
 
 
+def _stream(seed=0, n=4):
+    """The trainer's per-sample stream for a batch of n on one process."""
+    from stepdistill.train.randomness import BatchRandom
+
+    return BatchRandom(seed, n, slice(0, n))
+
+
+def _nets(obj, teacher=None):
+    teacher = teacher or tiny_teacher().requires_grad_(False)
+    student = build_student(teacher)
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    with torch.no_grad():  # a fake score apart from the teacher (and a classifier apart from zero)
+        for n in ("fake_score", "disc"):
+            for p in (nets.get(n).parameters() if nets.get(n) is not None else []):
+                p.add_(0.05 * torch.randn_like(p))
+    return nets
+
+
+def _guided(den, x, t, cond, w):
+    """CFG by hand: D_u + w (D_c - D_u), the two branches as separate calls."""
+    d_u = den(x, t, {"class_labels": torch.full_like(cond["class_labels"], 2)})
+    return d_u + w * (den(x, t, cond) - d_u)
+
+
 def test_guidance_modes_route_conditions():
     teacher = tiny_teacher().requires_grad_(False)
     student = build_student(teacher)
     seen = []
-    for mode in ("cfg", "zero_cfg", "anti_cfg"):
-        obj = SiD(SiD.Config(guidance_mode=mode, guidance=2.0, fake_guidance=-1.0))
+    for mode, fg in (("cfg", 1.0), ("zero_cfg", 1.0), ("anti_cfg", -1.0)):
+        obj = SiD(SiD.Config(guidance_mode=mode, guidance=2.0, fake_guidance=fg))
         nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
         labels = []
         nets.fake_score.register_forward_pre_hook(lambda m, a: labels.append(a[2]["class_labels"].tolist()))
         x = torch.randn(4, 1, 8, 8)
         t = torch.full((4,), 500.0, dtype=torch.float64)
-        obj.scores(nets, x, t, COND)
+        draws = Draws({"x0": x})
+        cond, fc = obj.conds(nets, {"x0": x, "cond": COND}, draws)
+        obj.scores(nets, x, t, cond, fc, draws)
         seen.append(labels)
     assert seen[0] == [[0, 1, 0, 1]]                     # cfg: the fake score sees the condition
     assert seen[1] == [[2, 2, 2, 2]]                     # zero-cfg: only the null class
     assert seen[2] == [[2, 2, 2, 2, 0, 1, 0, 1]]         # anti-cfg: both branches, for its own CFG
 
 
-def test_regression_warmup_option(tmp_path):
-    """SiD takes DMD2's regression initialisation as an option: regression alone first, critic waiting."""
-    from stepdistill.objectives.dmd import pseudo_huber
+def test_lsg_trains_the_fake_score_through_its_own_guidance():
+    """SiD-LSG's cfg_train_fake (kappa_1; SiD-LSG training/sid_training_loop.py, the fake-score
+    update regresses the CFG combination eps_u + kappa_1 (eps_c - eps_u) of the fake network on the
+    target): the DSM loss is mean((raw_u + k1 (raw_c - raw_u) - raw_target)^2) in the teacher's
+    parameterisation, at x_t = x + noise, t from the teacher's training times."""
+    obj = SiD(SiD.Config(fake_train_guidance=2.0, lsg_dropout=0.0))
+    nets = _nets(obj)
+    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND, "rng": _stream(3)}
+    out = obj.critic_loss(nets, batch)
+    rng, sched = _stream(3), nets.fake_score.schedule
+    with torch.no_grad():
+        x = nets.student(rng.randn_like(batch["x0"]), COND)
+        t = rng.sample_t(sched)
+        x_t = sched.add_noise(x, rng.randn_like(x), t)
+        raw = [sched.x0_to_raw(nets.fake_score(x_t, t, c), x_t, t) for c in ({"class_labels": torch.full((4,), 2)},
+                                                                              COND)]
+        want = (raw[0] + 2.0 * (raw[1] - raw[0]) - sched.x0_to_raw(x, x_t, t)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(out["fake_dsm"], want, rtol=1e-5, atol=1e-6)
 
+
+def test_lsg_evaluates_teacher_and_fake_score_with_their_own_scales():
+    """SiD-LSG's generator loss (sid_training_loop.py, the G update): y_real from the teacher with
+    cfg_eval_real (kappa_4 = ``guidance``), y_fake from the fake score with cfg_eval_fake (kappa_2 =
+    ``fake_guidance``), then SiD's loss on them."""
+    obj = SiD(SiD.Config(guidance=3.0, fake_guidance=2.0, lsg_dropout=0.0, alpha=1.0))
+    nets = _nets(obj)
+    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND, "rng": _stream(4)}
+    out = obj.generator_loss(nets, batch)
+    rng, sched = _stream(4), nets.fake_score.schedule
+    with torch.no_grad():
+        x_g = nets.student(rng.randn_like(batch["x0"]), COND)
+        lo, hi = round(0.0 * 999), round(0.8 * 999)
+        t = noise_grid(sched)[rng.randint(lo, hi)]
+        x_t = sched.add_noise(x_g, rng.randn_like(x_g), t)
+        f_phi, f_psi = _guided(nets.teacher, x_t, t, COND, 3.0), _guided(nets.fake_score, x_t, t, COND, 2.0)
+        wf = (x_g - f_phi).abs().flatten(1).mean(1)
+        want = ((f_phi - f_psi) * (f_psi - x_g)).flatten(1).sum(1) / wf  # alpha = 1 (sid_training_loop.py)
+    torch.testing.assert_close(out["sid"].detach(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lsg_drops_conditions_only_with_a_guided_fake_score():
+    """With the fake score guided, lsg_dropout of the conditions become the null one (SiD-LSG replaces
+    10 % of the prompts with the empty one); unguided, none do."""
+    for fg, want in ((2.0, True), (1.0, False)):
+        obj = SiD(SiD.Config(fake_guidance=fg, lsg_dropout=0.5))
+        nets = _nets(obj)
+        labels = torch.arange(256) % 2
+        cond, fc = obj.conds(nets, {"x0": torch.zeros(256, 1), "cond": {"class_labels": labels}},
+                             Draws({"x0": torch.zeros(256, 1), "rng": _stream(0, 256)}))
+        nulls = int((cond["class_labels"] == 2).sum())
+        assert (80 < nulls < 176) if want else nulls == 0
+        assert torch.equal(cond["class_labels"], fc["class_labels"])
+
+
+def test_regression_warmup_option(tmp_path):
+    """SiD takes DMD2's regression initialisation as an option: a warm-up phase of regression alone,
+    the critic and the generator waiting."""
     obj = SiD(SiD.Config(regression_warmup=1, cache=str(tmp_path / "pairs"), cache_num=8, cache_steps=2))
-    assert [(p.name, p.start) for p in obj.phases()] == [("critic", 1), ("generator", 0)]
+    assert [(p.name, p.start, p.stop) for p in obj.phases()] == [("warmup", 0, 1), ("critic", 1, None),
+                                                                  ("generator", 1, None)]
     teacher = tiny_teacher().requires_grad_(False)
     teacher.meta = {"num_classes": 2, "in_channels": 1, "sample_size": 8}
     student = build_student(teacher, steps=1)
     nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
     batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}}
     torch.manual_seed(0)
-    out = obj.generator_loss(nets, batch)
+    out = obj.warmup_loss(nets, batch)
     torch.manual_seed(0)
-    noise, x_ref, cond = obj._pairs.get(torch.randint(0, 8, (4,)))
+    noise, x_ref, cond = obj.regression.pairs.get(torch.randint(0, 8, (4,)))
     assert set(out) == {"regression"}
-    torch.testing.assert_close(out["regression"][0], pseudo_huber(student(noise, cond), x_ref).mean())
-    obj.on_step_end(nets, 1)
+    torch.testing.assert_close(out["regression"], pseudo_huber(student(noise, cond), x_ref))
     assert "sid" in obj.generator_loss(nets, batch)
     with pytest.raises(UserError, match="objective.cache"):
         SiD(SiD.Config(regression_warmup=1))
 
 
-class _Noise:
-    """The trainer's per-sample stream, reduced to the generator noise it hands out."""
-
-    def __init__(self, noise):
-        self.noise = noise
-
-    def randn_like(self, x):
-        return self.noise.clone()
-
-
 def _sida(**kw):
-    obj = SiD(SiD.Config(**{"gan_weight": 1.0, "gan_form": "sida", **kw}))
-    teacher = tiny_teacher().requires_grad_(False)
-    student = build_student(teacher)
-    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
-    with torch.no_grad():  # a fake score apart from the teacher, a classifier apart from zero
-        for p in list(nets.fake_score.parameters()) + list(nets.disc.parameters()):
-            p.add_(0.05 * torch.randn_like(p))
-    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    return obj, nets, noise
+    obj = SiD(SiD.Config(**{"gan_weight": 1e-4, "gan_form": "sida", "alpha": 1.0, **kw}))
+    return obj, _nets(obj)
+
+
+def test_sida_phases_wait_for_the_critic_then_add_the_gan_term():
+    """sida_training_loop.py: no generator update before 100k images, the SiD term alone until 200k,
+    then 0.5 SiD + 0.5 GAN: here generator_start and gan_start in iterations."""
+    obj, _ = _sida(generator_start=3, gan_start=7)
+    assert [(p.name, p.start, p.stop) for p in obj.phases()] == [
+        ("critic", 0, None), ("generator", 3, 7), ("generator_gan", 7, None)]
+    plain, _ = _sida(gan_weight=0.0, generator_start=3)
+    assert [(p.name, p.start) for p in plain.phases()] == [("critic", 0), ("generator", 3)]
 
 
 def test_sida_critic_noises_real_and_fake_alike_and_weights_the_classifier_like_one_dsm_pixel():
-    """SiDA: real images are noised with the DSM's own noise and time. With real images equal to the
-    student's samples both logits agree exactly; the DSM term is the fake score's raw-space error
-    there; the classifier's term is gan_critic_weight * lambda(t) / pixels * BCE / 2, lambda = 1 / sigma^2
-    on this v-prediction teacher."""
-    from stepdistill.fake_score import find_module, forward_with_features
+    """SiDA (sida_loss.py, the discriminator loss): real images are noised with the DSM's own noise
+    and time, at the teacher's training times. With real images equal to the student's samples both
+    logits agree exactly; the DSM term is the fake score's raw-space error there; the classifier's
+    term is lambda * (BCE(real, 1) + BCE(fake, 0)) / 2 with the BCE a batch mean weighted per sample
+    by lambda(sigma): per sample here, each BCE times the batch mean of lambda over the pixel count
+    (the DSM is a pixel mean here, a pixel sum there), lambda = 1 / sigma^2 on this v-prediction teacher."""
     from torch.nn.functional import softplus
 
-    obj, nets, noise = _sida(gan_critic_weight=0.5)
+    obj, nets = _sida(gan_critic_weight=0.5)
+    rng = _stream(1)
     with torch.no_grad():
-        x = nets.student(noise, COND)
-    batch = {"x0": x.clone(), "cond": COND, "rng": _Noise(noise)}
-    torch.manual_seed(1)
-    out = obj.critic_loss(nets, batch)
+        x = nets.student(rng.randn_like(torch.zeros(4, 1, 8, 8)), COND)
+    out = obj.critic_loss(nets, {"x0": x.clone(), "cond": COND, "rng": _stream(1)})
     assert torch.equal(out["_d_real"], out["_d_fake"])
     sched = nets.fake_score.schedule
-    torch.manual_seed(1)  # the same draws, by hand: t from the teacher's training times, then the noise
-    t = sched.sample_t(4)
-    x_t = sched.add_noise(x, torch.randn_like(x), t)
+    t = rng.sample_t(sched)
+    x_t = sched.add_noise(x, rng.randn_like(x), t)
     with torch.no_grad():
         v_pred = sched.x0_to_raw(nets.fake_score(x_t, t, COND), x_t, t)
         _, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)
         logits = nets.disc(feats, COND)
     assert torch.allclose(out["fake_dsm"], (v_pred - sched.x0_to_raw(x, x_t, t)).pow(2).flatten(1).mean(1), atol=1e-6)
     assert torch.allclose(out["_d_fake"], logits, atol=1e-5)
-    lam = 1.0 / sched.alpha_sigma(t)[1] ** 2
+    lam = (1.0 / sched.alpha_sigma(t)[1] ** 2).mean()
     want = 0.5 * lam.float() / 64 * 0.5 * (softplus(-logits) + softplus(logits))
     assert torch.allclose(out["gan_d"], want, rtol=1e-4)
 
 
-def test_sida_generator_term_shares_sids_evaluation_and_normaliser():
-    """The classifier reads the features of the one fake-score evaluation SiD makes at x_t; its loss is
-    gan_weight * pixels / mean|x_g - f_phi| * softplus(-D) per sample; gradients reach the student only."""
-    from stepdistill.fake_score import find_module, forward_with_features, sample_times
+def test_sida_generator_term_is_the_authors_mix_of_sid_and_gan():
+    """sida_loss.py and sida_training_loop.py: the classifier reads the features of the one
+    fake-score evaluation SiD makes at x_t; GAN = BCE(clamp(D, -10, 10), 1) per sample, over mean|x_g -
+    f_phi| and times C*H*W (the batch mean of 1 / wf, as the authors' batch-mean BCE divided per
+    sample); the loss is 0.5 * lsg * SiD + 0.5 * lsg_gan * GAN with lsg_gan / lsg = gan_weight = 1e-4.
+    Before gan_start the generator's loss is SiD's alone; gradients reach the student only."""
     from torch.nn.functional import softplus
 
-    obj, nets, noise = _sida(gan_weight=0.7)
+    obj, nets = _sida()
     calls = []
     nets.fake_score.register_forward_pre_hook(lambda m, a: calls.append(1))
-    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND, "rng": _Noise(noise)}
-    torch.manual_seed(2)
-    out = obj.generator_loss(nets, batch)
+    batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND, "rng": _stream(2)}
+    out = obj.generator_gan_loss(nets, batch)
     assert len(calls) == 1
-    torch.manual_seed(2)
+    rng, sched = _stream(2), nets.fake_score.schedule
     with torch.no_grad():
-        x_g = nets.student(noise, COND)
-        t = sample_times(nets.fake_score.schedule, 4, obj.cfg.t_range)
-        x_t = nets.fake_score.schedule.add_noise(x_g, torch.randn_like(x_g), t)
+        x_g = nets.student(rng.randn_like(batch["x0"]), COND)
+        t = noise_grid(sched)[rng.randint(0, round(0.8 * 999))]
+        x_t = sched.add_noise(x_g, rng.randn_like(x_g), t)
         f_phi = nets.teacher(x_t, t, COND)
-        _, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)
-        want = 0.7 * 64 / (x_g - f_phi).abs().flatten(1).mean(1) * softplus(-nets.disc(feats, COND))
-    assert torch.allclose(out["gan_g"], want, rtol=1e-4)
+        f_psi, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)
+        wf = (x_g - f_phi).abs().flatten(1).mean(1)
+        sid = ((f_phi - f_psi) * (f_psi - x_g)).flatten(1).sum(1) / wf
+        bce = softplus(-nets.disc(feats, COND).clamp(-10, 10))
+        gan_term = 64 * (1 / wf).mean() * bce
+    torch.testing.assert_close(out["sid"].detach(), 0.5 * sid, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["gan_g"].detach(), 0.5 * 1e-4 * gan_term, rtol=1e-4, atol=1e-9)
     (out["sid"] + out["gan_g"]).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student.parameters())
     assert all(p.grad is None for n in ("fake_score", "disc") for p in nets.get(n).parameters())
+    alone = obj.generator_loss(nets, {**batch, "rng": _stream(2)})
+    assert set(alone) == {"sid", "_score_gap"}
+    torch.testing.assert_close(alone["sid"].detach(), sid, rtol=1e-4, atol=1e-6)
 
 
-def test_gan_form_is_checked():
+def test_gan_form_and_guidance_are_checked():
     with pytest.raises(UserError, match="gan_form 'sidx' is not supported"):
         SiD(SiD.Config(gan_weight=1.0, gan_form="sidx"))
-    with pytest.raises(UserError, match="anti_cfg"):
-        SiD(SiD.Config(gan_weight=1.0, gan_form="sida", guidance_mode="anti_cfg"))
+    with pytest.raises(UserError, match="fake_guidance=1"):
+        SiD(SiD.Config(gan_weight=1.0, gan_form="sida", guidance_mode="anti_cfg", fake_guidance=-1.0))
     with pytest.raises(UserError, match="r1_weight=0"):
         SiD(SiD.Config(gan_weight=1.0, gan_form="sida", r1_weight=1e-3))
+    with pytest.raises(UserError, match="fake_guidance below 0"):
+        SiD(SiD.Config(guidance_mode="anti_cfg"))
+    with pytest.raises(UserError, match="zero_cfg"):
+        SiD(SiD.Config(guidance_mode="zero_cfg", fake_guidance=2.0))
+
+
+def test_sigma_init_on_edm_and_flow_teachers():
+    """SiD's generator reads noise at sigma_init = 2.5 (Zhou et al., 2024, sec. 5; sid_train.py
+    init_sigma), on EDM teachers as a sigma: the student's grid is EDM's Karras grid (Karras et al.,
+    2022, eq. 5) from there; on flow teachers a time t (sigma = t / 1000), which the exported
+    FlowMatchEulerDiscreteScheduler cannot start from, so export refuses it in one line."""
+    from conftest import tiny_unet2d
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.export import student_timesteps
+    from stepdistill.export.scheduler import student_scheduler_config
+    from stepdistill.generator import StudentConfig
+    from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+
+    edm = EDMSchedule()
+    rho, lo = 7.0, 0.002
+    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)
+    karras = (2.5 ** (1 / rho) + ramp * (lo ** (1 / rho) - 2.5 ** (1 / rho))) ** rho  # eq. 5 from sigma_max = 2.5
+    torch.testing.assert_close(student_timesteps(edm, 4, first_timestep=2.5), karras)
+    assert student_timesteps(edm, 1, first_timestep=2.5).tolist() == [2.5]
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3, channels=1), edm, null_class=2).requires_grad_(False)
+    student = build_student(teacher, StudentConfig(first_timestep=2.5))
+    seen = []
+    student.denoiser.register_forward_pre_hook(lambda m, a: seen.append(float(torch.as_tensor(a[1]).flatten()[0])))
+    student(torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([0, 1])})
+    assert seen == [2.5]
+    for bad in (0.001, 100.0):
+        with pytest.raises(UserError, match="sigma on EDM teachers"):
+            student_timesteps(edm, 1, first_timestep=bad)
+    flow = FlowSchedule({"shift": 3.0})
+    assert student_timesteps(flow, 1, first_timestep=700.0).tolist() == [700.0]
+    two = student_timesteps(flow, 2)
+    torch.testing.assert_close(student_timesteps(flow, 2, first_timestep=700.0), two * 700.0 / float(two[0]))
+    with pytest.raises(UserError, match="cannot be exported"):
+        student_scheduler_config(flow, steps=1, first_timestep=700.0)
+    vp = VPSchedule({"beta_schedule": "scaled_linear"})
+    assert student_timesteps(vp, 1, first_timestep=625).tolist() == [625.0]
+    with pytest.raises(UserError, match="integer in"):
+        student_timesteps(vp, 1, first_timestep=625.5)

@@ -88,7 +88,7 @@ class BareLoop:
 
     def train_step(self) -> None:
         for ph in self.phases:
-            if self.step < ph.start:
+            if self.step < ph.start or (ph.stop is not None and self.step >= ph.stop):
                 continue
             for r in range(ph.repeats):
                 batch = self.stream.batch(self.draw, step=self.step, phase=ph.name, repeat=r, micro=0)

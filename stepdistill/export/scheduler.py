@@ -57,7 +57,7 @@ def _boundary(boundary: str | None) -> str | None:
     return boundary
 
 
-def check_sampler(sampler: str | None, boundary: str | None = None, first_timestep: int | None = None) -> str:
+def check_sampler(sampler: str | None, boundary: str | None = None, first_timestep: float | None = None) -> str:
     """The sampler name ("renoise" for None), refused where unknown or where the student's other
     options cannot go with it."""
     sampler = sampler or "renoise"
@@ -72,15 +72,32 @@ def check_sampler(sampler: str | None, boundary: str | None = None, first_timest
     return sampler
 
 
-def check_first_timestep(schedule: Schedule, first_timestep: int | None) -> int | None:
-    """A generator input timestep below the last training one (SiD's sigma_init) needs a VP schedule
-    and T/2 <= t < T: LCMScheduler's grid is ``range(1, n + 1) * (T // n) - 1`` for
-    ``original_inference_steps`` n, which ends at n - 1 = t only while T // n == 1."""
+def check_first_timestep(schedule: Schedule, first_timestep: float | None) -> float | int | None:
+    """The generator's input time when it is not the noisiest one (SiD's sigma_init = 2.5: the
+    generator reads sigma_init-scaled noise at sigma_init, Zhou et al., 2024, sec. 5), in the
+    teacher's own time units, refused (one line) where the schedule cannot start there:
+    * VP: a training timestep with T/2 <= t < T: LCMScheduler's grid is ``range(1, n + 1) * (T // n) - 1``
+      for ``original_inference_steps`` n, which ends at n - 1 = t only while T // n == 1;
+    * EDM: a sigma in (sigma_min, sigma_max] (the student's grid is EDM's Karras grid from there);
+    * flow: a time in (0, T] (sigma = t / T; the student's grid is its K-step grid scaled by t / T)."""
     if first_timestep is None:
         return None
+    if isinstance(schedule, EDMSchedule):
+        s = float(first_timestep)
+        if not schedule.sigma_min < s <= schedule.sigma_max:
+            raise UserError(f"student.first_timestep is a sigma on EDM teachers and must lie in "
+                            f"({schedule.sigma_min}, {schedule.sigma_max}], got {first_timestep}; SiD's sigma_init "
+                            "is 2.5")
+        return s
+    if isinstance(schedule, FlowSchedule):
+        t, n = float(first_timestep), schedule.num_train_timesteps
+        if not 0 < t <= n:
+            raise UserError(f"student.first_timestep is a time in (0, {n}] (sigma = t / {n}) on flow teachers, got "
+                            f"{first_timestep}")
+        return t
     if not isinstance(schedule, VPSchedule):
-        raise UserError(f"student.first_timestep is for VP (DDPM-family) teachers; this teacher's schedule is "
-                        f"{type(schedule).__name__}; set student.first_timestep=null")
+        raise UserError(f"student.first_timestep is not supported for {type(schedule).__name__}; set "
+                        "student.first_timestep=null")
     t, n = int(first_timestep), int(schedule.num_train_timesteps)
     if t != first_timestep or not n // 2 <= t <= n - 1:
         raise UserError(f"student.first_timestep must be an integer in [{n // 2}, {n - 1}] (the exported LCMScheduler "
@@ -90,7 +107,7 @@ def check_first_timestep(schedule: Schedule, first_timestep: int | None) -> int 
 
 
 def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
-                             steps: int | None = None, first_timestep: int | None = None,
+                             steps: int | None = None, first_timestep: float | None = None,
                              sampler: str | None = "renoise") -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
     K-step student's timesteps and whose ``step`` is the student's sampling step (K = ``steps``;
@@ -120,6 +137,10 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
         cfg["timestep_scaling"] = LCM_TIMESTEP_SCALING if boundary == "lcm" else NO_BOUNDARY_TIMESTEP_SCALING
         return {"_class_name": "LCMScheduler", **cfg}
     if isinstance(schedule, FlowSchedule):
+        if first_timestep is not None:
+            raise UserError("FlowMatchEulerDiscreteScheduler always starts its grid at sigma 1, so a flow student "
+                            "with student.first_timestep cannot be exported to plain diffusers; sample it with "
+                            "`stepdistill sample RUN_DIR`")
         if boundary is not None:
             raise UserError("boundary='lcm' has no flow-matching scheduler in diffusers; train the flow student "
                             "with student.boundary=null")
@@ -148,15 +169,18 @@ def make_scheduler(config: dict[str, Any]):
 
 
 def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None,
-                      first_timestep: int | None = None, sampler: str | None = "renoise") -> torch.Tensor:
+                      first_timestep: float | None = None, sampler: str | None = "renoise") -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
     ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
     if steps < 1:
         raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
-    check_first_timestep(schedule, first_timestep)  # before EDM's own grid, which has no such option
+    first_timestep = check_first_timestep(schedule, first_timestep)
     sampler = check_sampler(sampler)
-    if isinstance(schedule, EDMSchedule):
-        return schedule.timesteps(steps)[:-1]
+    if isinstance(schedule, EDMSchedule):  # Karras et al., 2022, eq. 5, from sigma_init where given
+        return schedule.timesteps(steps, sigma_max=first_timestep)[:-1]
+    if isinstance(schedule, FlowSchedule) and first_timestep is not None:
+        full = student_timesteps(schedule, steps, sampler=sampler)
+        return full * (first_timestep / float(full[0]))
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
     sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None,
                                                     steps, first_timestep, sampler))

@@ -27,7 +27,7 @@ from ..fake_score import (DiscHead, build_disc_head, disc_logits, find_module, f
 from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
-from .dmd import noise_like_batch, student_sample
+from .common import Draws, sample_student
 
 DISCS = ("teacher", "pixels")
 
@@ -95,9 +95,8 @@ class Adversarial(Objective):
     def disc_loss(self, nets: Nets, batch: dict) -> dict:
         c = self.cfg
         real_x, cond = batch["x0"], batch.get("cond")
-        with torch.no_grad():
-            fake_x = student_sample(nets.student, noise_like_batch(batch), cond,
-                                    backward_simulation=c.backward_simulation)
+        draws = Draws(batch)
+        fake_x = sample_student(nets.student, cond, draws, backward_simulation=c.backward_simulation, grad=False)
         t = sample_times(nets.teacher.schedule, real_x.shape[0], c.t_range, device=real_x.device)
         real_logits = self.logits(nets, real_x, cond, t)
         fake_logits = self.logits(nets, fake_x, cond)
@@ -110,7 +109,7 @@ class Adversarial(Objective):
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c = self.cfg
         cond = batch.get("cond")
-        x = student_sample(nets.student, noise_like_batch(batch), cond, backward_simulation=c.backward_simulation)
+        x = sample_student(nets.student, cond, Draws(batch), backward_simulation=c.backward_simulation)
         with frozen(nets.disc):
             logits = self.logits(nets, x, cond)
         out = {"gan_g": c.gan_weight * gan.g_loss(logits, c.gan_loss)}

@@ -32,6 +32,7 @@ class Phase:
     trains: tuple[str, ...]   # keys of `nets` whose parameters this phase updates
     repeats: int = 1          # updates per outer iteration (DMD2's two time-scale rule: critic 5)
     start: int = 0            # the first outer iteration (0-based) the phase runs in (a critic waiting out a warm-up)
+    stop: int | None = None   # the outer iteration it stops before (a warm-up); None = never
 
 
 class Nets(nn.Module):

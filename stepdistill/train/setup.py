@@ -103,7 +103,7 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     phases = objective.phases()
     need(bool(phases), f"objective {objective.name!r} declares no phases")
     for ph in phases:
-        need(isinstance(ph, Phase) and ph.repeats >= 1 and ph.start >= 0,
+        need(isinstance(ph, Phase) and ph.repeats >= 1 and 0 <= ph.start <= (ph.start if ph.stop is None else ph.stop),
              f"objective {objective.name!r}: bad phase {ph!r}")
         need("teacher" not in ph.trains, f"objective {objective.name!r}: phase {ph.name!r} trains the teacher, "
              "which is frozen; train a copy (e.g. fake_score) instead")

@@ -326,7 +326,7 @@ class Trainer:
         objective's end-of-step hook. No I/O: logging, previews and checkpoints are the loop's."""
         stepped_student = False
         for ph in self.phases:
-            if self.step < ph.start:
+            if self.step < ph.start or (ph.stop is not None and self.step >= ph.stop):
                 continue
             for r in range(ph.repeats):
                 if self._update(ph, r, window) and "student" in ph.trains:

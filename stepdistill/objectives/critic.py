@@ -1,0 +1,166 @@
+"""The fake-score critic shared by DMD, DMD2 and SiD: the fake score (a trainable copy or LoRA of
+the teacher) learnt by denoising score matching on the student's samples, and an optional GAN
+classifier on its features, in one of two forms:
+
+* "dmd2" (Yin et al., 2024b, sec. 4.3; tianweiy/DMD2 guidance.py): a head on the fake score's
+  bottleneck, with passes of its own on real and fake images noised to times from
+  ``disc_t_range``; non-saturating (or hinge) loss, optional approximate R1 (LADD, sec. 3.2).
+* "sida" (Zhou et al., 2025, "Adversarial Score identity Distillation"; mingyuanzhou/SiD, branch
+  sida, sida_loss.py): the head reads the features of the DSM's own evaluation on the noisy fake
+  samples, and of real images noised with the same noise and time; its BCE is weighted by EDM's
+  lambda(sigma), one pixel's worth of the DSM loss.
+
+The networks are built here (``build_critic``) and trained in the objective's "critic" phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..denoisers import guided
+from ..errors import UserError
+from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
+                          forward_with_features, frozen)
+from . import gan
+from .common import Draws
+
+#: where the fake score's DSM times come from ("dm": the DM term's t_range; "train": the teacher's training times)
+FAKE_TIMES = ("dm", "train")
+GAN_FORMS = ("dmd2", "sida")
+
+
+@dataclass
+class CriticConfig:
+    """Config fields of the fake score and its GAN head."""
+
+    fake_lora_rank: int = 0                        # 0 = full copy of the teacher; > 0 = LoRA on its backbone
+    fake_lora_alpha: Optional[float] = None
+    fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    fake_loss: str = "raw"                         # "raw" (teacher's parameterisation) | "x0" (unweighted)
+    fake_t: str = "dm"                             # fake-score DSM times: "dm" = t_range, where the generator
+                                                   # phase reads it (DMD2); "train" = the teacher's training
+                                                   # distribution (EDM's log-normal; SiD's sid_loss.py)
+    critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
+    gan_weight: float = 0.0                        # generator GAN term; 0 = off
+    gan_form: str = "dmd2"                         # "dmd2": passes of its own; "sida": shares the DSM's evaluations
+    gan_critic_weight: float = 1e-2                # classifier term in the critic phase (SiDA: 1)
+    gan_loss: str = "ns"                           # "ns" (DMD2, SiDA) | "hinge"
+    r1_weight: float = 0.0                         # approximate R1 on real logits ("dmd2" form); 0 = off
+    r1_noise: float = 0.01
+    feature_module: str = "auto"                   # the fake score's module the classifier reads
+    disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # "dmd2" form's times
+
+
+def check_critic(c) -> None:
+    """Refuse a critic config that cannot run (UserError, before any compute)."""
+    if c.critic_repeats < 1:
+        raise UserError(f"objective.critic_repeats must be >= 1, got {c.critic_repeats}")
+    if c.fake_t not in FAKE_TIMES:
+        raise UserError(f"objective.fake_t {c.fake_t!r} is not supported; use 'dm' (the DM term's t_range) or "
+                        "'train' (the teacher's training distribution)")
+    if c.gan_form not in GAN_FORMS:
+        raise UserError(f"objective.gan_form {c.gan_form!r} is not supported; use one of {', '.join(GAN_FORMS)}")
+    if c.gan_form == "sida" and c.gan_weight > 0 and c.r1_weight > 0:
+        raise UserError("objective.r1_weight applies to gan_form=dmd2; set r1_weight=0 with gan_form=sida")
+    gan._check(c.gan_loss)
+
+
+def build_critic(c, teacher) -> dict:
+    nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
+                                    target_modules=c.fake_target_modules)}
+    if c.gan_weight > 0:
+        nets["disc"] = build_disc_head(nets["fake_score"], c.feature_module, teacher)
+    return nets
+
+
+def critic_trains(c) -> tuple[str, ...]:
+    return ("fake_score", "disc") if c.gan_weight > 0 else ("fake_score",)
+
+
+def fake_times(c, schedule, draws: Draws) -> torch.Tensor:
+    """Times of the fake score's DSM updates: by default those the generator phase reads it at
+    (t_range on the 1000-step grid; DMD2 trains its fake score on the DM term's own
+    U[min_step, max_step]), so it is accurate where it is read; "train" = the teacher's training
+    distribution (on EDM its log-normal puts ~4 % of updates above sigma 2.5, the DM term ~50 %)."""
+    return draws.train_times(schedule) if c.fake_t == "train" else draws.times(schedule, c.t_range)
+
+
+def dsm_loss(c, fake, x: torch.Tensor, cond, draws: Draws, *, guidance: float = 1.0):
+    """(per-sample DSM loss, x_t, t) of the fake score on detached student samples x, in the
+    teacher's parameterisation (``fake_loss``). ``guidance`` != 1: the fake score is trained through
+    its own CFG combination u + k (c - u) (SiD-LSG's cfg_train_fake, Zhou et al., 2024; SiD-LSG
+    sid_training_loop.py regresses the guided output on the target)."""
+    sched = fake.schedule
+    t = fake_times(c, sched, draws)
+    x_t = draws.noised(sched, x, t)
+    pred = guided(fake, guidance)(x_t, t, cond) if cond is not None else fake(x_t, t, None)
+    return dsm_error(sched, pred, x, x_t, t, c.fake_loss), x_t, t
+
+
+# -- "dmd2" form ------------------------------------------------------------------------------------
+def disc_logits(c, nets, x: torch.Tensor, t: torch.Tensor, cond, draws: Draws) -> torch.Tensor:
+    """The classifier's logits for clean images x seen through the fake score's features at x_t
+    (diffusion GAN: real and fake noised alike, DMD2 sec. 4.3)."""
+    fs = nets.fake_score
+    _, feats = forward_with_features(fs, find_module(fs, c.feature_module), draws.noised(fs.schedule, x, t), t, cond,
+                                     need_x0=False)
+    return nets.disc(feats, cond)
+
+
+def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None, cond, draws: Draws) -> dict:
+    """DMD2's classifier loss on real images against the student's (sec. 4.3, eq. 4), with R1."""
+    if real_x is None:
+        raise UserError("the GAN term needs real images in the batch; set data to an image set or gan_weight=0")
+    fs = nets.fake_score
+    t_r, t_f = draws.times(fs.schedule, c.disc_t_range), draws.times(fs.schedule, c.disc_t_range)
+    real_logits = disc_logits(c, nets, real_x, t_r, cond, draws)
+    fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws)
+    out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
+           "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+    if c.r1_weight > 0:
+        x_t = draws.noised(fs.schedule, real_x, t_r)
+        mod = find_module(fs, c.feature_module)
+
+        def d_of(xt):
+            return nets.disc(forward_with_features(fs, mod, xt, t_r, cond, need_x0=False)[1], cond)
+
+        out["r1"] = c.r1_weight * gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
+    return out
+
+
+def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws) -> torch.Tensor:
+    """DMD2's generator GAN term: gan_weight * softplus(-D(x)) at times from disc_t_range."""
+    t = draws.times(nets.fake_score.schedule, c.disc_t_range)
+    with frozen(nets.fake_score, nets.disc):
+        logits = disc_logits(c, nets, x, t, cond, draws)
+    return c.gan_weight * gan.g_loss(logits, c.gan_loss)
+
+
+# -- "sida" form ------------------------------------------------------------------------------------
+def sida_critic_terms(c, nets, x: torch.Tensor, real_x: torch.Tensor | None, cond, draws: Draws) -> dict:
+    """SiDA's critic update (sida_loss.py, the discriminator loss): the DSM loss on the fake samples
+    and lambda(sigma) (BCE(D(real), 1) + BCE(D(fake), 0)) / 2 from the same evaluation's features,
+    real images noised with the same noise and time. The BCE is a batch mean there, weighted per
+    sample by lambda: here each sample's BCE is weighted by the batch mean of lambda (the same sum),
+    over the pixel count (the DSM loss is a pixel mean here, a pixel sum there)."""
+    if real_x is None:
+        raise UserError("the GAN term needs real images in the batch; set data to an image set or gan_weight=0")
+    fs = nets.fake_score
+    sched = fs.schedule
+    t = fake_times(c, sched, draws)
+    eps = draws.randn_like(x)
+    x_t = sched.add_noise(x, eps, t)
+    mod = find_module(fs, c.feature_module)
+    pred, f_fake = forward_with_features(fs, mod, x_t, t, cond)
+    _, f_real = forward_with_features(fs, mod, sched.add_noise(real_x, eps, t), t, cond, need_x0=False)
+    real_logits, fake_logits = nets.disc(f_real, cond), nets.disc(f_fake, cond)
+    lam = dsm_weight(sched, t, x, c.fake_loss).to(x.dtype).mean() / x[0].numel()
+    return {"fake_dsm": dsm_error(sched, pred, x, x_t, t, c.fake_loss),
+            "gan_d": c.gan_critic_weight * lam * 0.5 * gan.d_loss(real_logits, fake_logits, c.gan_loss),
+            "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+
+
+__all__ = ["CriticConfig", "check_critic", "build_critic", "critic_trains", "fake_times", "dsm_loss",
+           "gan_critic_terms", "gan_generator_term", "sida_critic_terms", "FAKE_TIMES", "GAN_FORMS"]
