@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,24 +50,28 @@ def _labels(teacher: Denoiser, num: int):
     return torch.arange(num) % int(classes)  # balanced classes, deterministic
 
 
-def _attr(teacher, name: str):
-    """An attribute of the teacher, looking through wrappers (a LoRA fake score's adapters-off view)."""
-    return getattr(teacher, name, None) if hasattr(teacher, name) else getattr(getattr(teacher, "_inner", None), name, None)
+@dataclass(frozen=True)
+class CachePrompts:
+    """A text-to-image run's training prompts as a teacher-output cache pairs them with noise:
+    ``rows(idx)`` gives the cached text embeddings of prompts idx, ``count`` how many there are,
+    ``id`` their sha256 (a cache made for other prompts is refused)."""
+
+    rows: Callable[[torch.Tensor], dict]
+    count: int
+    id: str
 
 
-def _conds(teacher: Denoiser, labels, i: int, n: int, device):
+def _conds(prompts: CachePrompts | None, labels, i: int, n: int, device):
     """The conditions of pairs i..i+n: balanced class labels, or for text-to-image teachers the
-    training prompts' cached embeddings in order, cycled (``teacher.prompt_rows``, set by the
-    trainer from its text cache)."""
-    rows = _attr(teacher, "prompt_rows")
-    if rows is not None:
-        count = int(_attr(teacher, "prompt_count"))
-        return {k: v.to(device) for k, v in rows(torch.arange(i, i + n) % count).items()}
+    training prompts' cached embeddings in order, cycled."""
+    if prompts is not None:
+        return {k: v.to(device) for k, v in prompts.rows(torch.arange(i, i + n) % prompts.count).items()}
     return None if labels is None else {"class_labels": labels[i:i + n].to(device)}
 
 
 def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None) -> Path:
+                seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None,
+                prompts: CachePrompts | None = None) -> Path:
     """Sample `num` teacher pairs in `steps` steps of `sampler` (CFG `guidance`) from noise seeded by
     `seed`, and write them to `out_dir` (which must not exist yet)."""
     from safetensors.torch import save_file
@@ -91,7 +96,7 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
         for s, i in enumerate(range(0, num, batch)):
             n = min(batch, num - i)
             noise = torch.randn((n, *shape), generator=gen)
-            cond = _conds(teacher, labels, i, n, device)
+            cond = _conds(prompts, labels, i, n, device)
             res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
                          generator=gen, return_trajectory=trajectory)
             x0, traj = (res if trajectory else (res, None))
@@ -108,7 +113,7 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
                     "guidance": float(guidance), "seed": int(seed), "num": int(num), "shape": list(shape),
                     "trajectory": bool(trajectory), "grid": grid, "shards": shards,
                     "cond_keys": sorted(cond) if cond is not None else [],
-                    "prompts": _attr(teacher, "prompt_id")}
+                    "prompts": None if prompts is None else prompts.id}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
     except BaseException:
@@ -221,17 +226,19 @@ def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> Non
 
 
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                 seed: int = 0, batch: int = 256, trajectory: bool = False) -> TeacherPairs:
-    """Load the cache at `path` if it matches these settings and this teacher (with trajectories,
-    where asked); build it if absent."""
-    prompts = _attr(teacher, "prompt_id")
+                 seed: int = 0, batch: int = 256, trajectory: bool = False, prompts: CachePrompts | None = None,
+                 log=None) -> TeacherPairs:
+    """Load the cache at `path` if it matches these settings, this teacher and these prompts (with
+    trajectories, where asked); build it if absent (saying so through ``log``)."""
     if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                            prompts=prompts, trajectory=trajectory) is None:
+                            prompts=None if prompts is None else prompts.id, trajectory=trajectory) is None:
         if Path(path).exists():
             Path(path).rmdir()  # an empty folder
-        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory)
+        if log is not None:
+            log(f"teacher-output cache: sampling {num} pairs ({sampler}, {steps} steps) into {path}")
+        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory, prompts=prompts)
     return load_cache(path, teacher)
 
 
 __all__ = ["build_cache", "load_cache", "ensure_cache", "check_cache_settings", "check_grid_holds", "teacher_hash",
-           "TeacherPairs", "MANIFEST"]
+           "TeacherPairs", "CachePrompts", "MANIFEST"]

@@ -67,7 +67,7 @@ class ToyCritic(Objective):
     def phases(self):
         return [Phase("critic", ("critic",), self.cfg.critic_repeats), Phase("generator", ("student",))]
 
-    def build(self, teacher, student):
+    def build(self, teacher, student, context=None):
         critic = copy.deepcopy(teacher)
         critic.requires_grad_(True).train()
         return {"critic": critic}

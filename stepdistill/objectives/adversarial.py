@@ -22,8 +22,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import (DiscHead, build_disc_head, disc_logits, find_module, forward_with_features, frozen,
-                          sample_shape, sample_times)
+from ..fake_score import DiscHead, build_disc_head, find_module, forward_with_features, frozen, sample_shape
 from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
@@ -64,7 +63,7 @@ class Adversarial(Objective):
     def phases(self):
         return [Phase("disc", ("disc",)), Phase("generator", ("student",))]
 
-    def build(self, teacher, student):
+    def build(self, teacher, student, context=None):
         c = self.cfg
         if c.disc == "teacher":
             return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden)}
@@ -72,59 +71,62 @@ class Adversarial(Objective):
         return {"disc": DiscHead(sample_shape(teacher), c.disc_hidden, None if null is None else int(null) + 1)}
 
     # -- the discriminator --------------------------------------------------------------------------
-    def logits(self, nets: Nets, x: torch.Tensor, cond, t=None) -> torch.Tensor:
+    def logits(self, nets: Nets, x: torch.Tensor, cond, draws: Draws, t=None) -> torch.Tensor:
+        """The head's logits for clean images x: on the pixels, or on the frozen teacher's features at
+        x_t (LADD sec. 3: real and fake noised alike, t from t_range)."""
         if self.cfg.disc == "pixels":
             return nets.disc(x, cond)
-        t = sample_times(nets.teacher.schedule, x.shape[0], self.cfg.t_range, device=x.device) if t is None else t
-        return disc_logits(nets.teacher, self.cfg.feature_module, nets.disc, x, t, cond)
+        return nets.disc(self.features(nets, draws.noised(nets.teacher.schedule, x, t), t, cond), cond)
 
-    def r1(self, nets, real_x, real_logits, cond, t):
+    def features(self, nets: Nets, x_t: torch.Tensor, t, cond) -> torch.Tensor:
+        mod = find_module(nets.teacher, self.cfg.feature_module)
+        return forward_with_features(nets.teacher, mod, x_t, t, cond, need_x0=False)[1]
+
+    def r1(self, nets, real_x, real_logits, cond, t, draws: Draws):
+        """Approximate R1 (LADD sec. 3.2): the change of D under a small perturbation of its input."""
         c = self.cfg
         if c.disc == "pixels":
             return gan.approx_r1(lambda xx: nets.disc(xx, cond), real_x, real_logits, c.r1_noise)
-        # LADD: perturb the noised input the features are computed from
-        mod = find_module(nets.teacher, c.feature_module)
-        x_t = nets.teacher.schedule.add_noise(real_x, torch.randn_like(real_x), t)
+        x_t = draws.noised(nets.teacher.schedule, real_x, t)  # LADD: perturb the noised input of the features
 
         def d_of(xt):
-            return nets.disc(forward_with_features(nets.teacher, mod, xt, t, cond, need_x0=False)[1], cond)
+            return nets.disc(self.features(nets, xt, t, cond), cond)
 
         return gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
 
     # -- phases ---------------------------------------------------------------------------------------
     def disc_loss(self, nets: Nets, batch: dict) -> dict:
-        c = self.cfg
+        c, draws = self.cfg, Draws(batch)
         real_x, cond = batch["x0"], batch.get("cond")
-        draws = Draws(batch)
         fake_x = sample_student(nets.student, cond, draws, backward_simulation=c.backward_simulation, grad=False)
-        t = sample_times(nets.teacher.schedule, real_x.shape[0], c.t_range, device=real_x.device)
-        real_logits = self.logits(nets, real_x, cond, t)
-        fake_logits = self.logits(nets, fake_x, cond)
+        t_r, t_f = (draws.times(nets.teacher.schedule, c.t_range) for _ in range(2))
+        real_logits = self.logits(nets, real_x, cond, draws, t_r)
+        fake_logits = self.logits(nets, fake_x, cond, draws, t_f)
         out = {"gan_d": gan.d_loss(real_logits, fake_logits, c.gan_loss),
                "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
         if c.r1_weight > 0:
-            out["r1"] = c.r1_weight * self.r1(nets, real_x, real_logits, cond, t)
+            out["r1"] = c.r1_weight * self.r1(nets, real_x, real_logits, cond, t_r, draws)
         return out
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
-        c = self.cfg
+        c, draws = self.cfg, Draws(batch)
         cond = batch.get("cond")
-        x = sample_student(nets.student, cond, Draws(batch), backward_simulation=c.backward_simulation)
+        x = sample_student(nets.student, cond, draws, backward_simulation=c.backward_simulation)
         with frozen(nets.disc):
-            logits = self.logits(nets, x, cond)
+            logits = self.logits(nets, x, cond, draws, draws.times(nets.teacher.schedule, c.t_range))
         out = {"gan_g": c.gan_weight * gan.g_loss(logits, c.gan_loss)}
         if c.distill == "sds":
-            out["distill"] = c.distill_weight * sds_loss(nets.teacher, x, cond, c.distill_t_range, c.guidance)
+            out["distill"] = c.distill_weight * sds_loss(nets.teacher, x, cond, c.distill_t_range, c.guidance, draws)
         return out
 
 
-def sds_loss(teacher, x: torch.Tensor, cond, t_range, guidance: float = 1.0) -> torch.Tensor:
+def sds_loss(teacher, x: torch.Tensor, cond, t_range, guidance: float = 1.0, draws: Draws | None = None):
     """ADD's distillation loss (Sauer et al., 2023, eq. 5): c(t) * mean((x - sg(x0_teacher(x_t)))^2),
     c(t) = alpha_t; its gradient w.r.t. x is c(t) (x - x0_teacher) (score distillation sampling)."""
-    sched = teacher.schedule
-    t = sample_times(sched, x.shape[0], t_range, device=x.device)
+    sched, draws = teacher.schedule, draws or Draws({"x0": x})
+    t = draws.times(sched, t_range)
     with torch.no_grad():
-        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        x_t = draws.noised(sched, x, t)
         target = guided(teacher, guidance)(x_t, t, cond) if cond is not None else teacher(x_t, t, None)
     a, _ = sched.alpha_sigma(t)
     return bcast(a, x).flatten(1)[:, 0] * (x - target).pow(2).flatten(1).mean(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,17 @@ class Phase:
     repeats: int = 1          # updates per outer iteration (DMD2's two time-scale rule: critic 5)
     start: int = 0            # the first outer iteration (0-based) the phase runs in (a critic waiting out a warm-up)
     stop: int | None = None   # the outer iteration it stops before (a warm-up); None = never
+
+
+@dataclass
+class BuildContext:
+    """What ``build`` may use besides the networks. The trainer builds on its main process first and
+    then on the others (accelerate's main_process_first), so what ``build`` writes (a teacher-output
+    cache) is made once and read by the rest."""
+
+    prompts: Any = None        # a text-to-image run's training prompts (``cache.CachePrompts``), else None
+    load_caches: bool = True   # False: a dry run; caches are checked, not built
+    log: Callable[[str], None] = print
 
 
 class Nets(nn.Module):
@@ -65,8 +76,10 @@ class Objective:
     def phases(self) -> list[Phase]:
         return [Phase("generator", ("student",))]
 
-    def build(self, teacher: nn.Module, student: nn.Module) -> dict[str, nn.Module]:
-        """Extra networks this objective needs (trainable ones are named in `phases`)."""
+    def build(self, teacher: nn.Module, student: nn.Module,
+              context: BuildContext | None = None) -> dict[str, nn.Module]:
+        """Extra networks this objective needs (trainable ones are named in `phases`), and what it
+        reads from disk (teacher-output caches: loaded here when a ``context`` says so, else at first use)."""
         return {}
 
     def student_steps(self) -> int | None:

@@ -182,7 +182,7 @@ class Consistency(Objective):
     def student_sampler(self):
         return "ddim" if self.cfg.multistep else None
 
-    def build(self, teacher, student) -> dict:
+    def build(self, teacher, student, context=None) -> dict:
         c = self.cfg
         if c.multistep and getattr(student, "sampler", None) != "ddim":
             raise UserError("consistency: multistep students sample deterministically; set student.sampler=ddim")

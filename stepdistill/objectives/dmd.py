@@ -73,8 +73,10 @@ class DMD(Objective):
         return warm + [Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start=w),
                        Phase("generator", ("student",), start=w)]
 
-    def build(self, teacher, student):
+    def build(self, teacher, student, context=None):
         self.regression.check(student)
+        if context is not None and context.load_caches:  # before a LoRA fake score adds adapters to the teacher
+            self.regression.load(teacher, student, context)
         return build_critic(self.cfg, teacher)
 
     # -- the distribution-matching gradient ------------------------------------------------------

@@ -180,7 +180,7 @@ class Progressive(Objective):
             return 1.0
         return max(0.0, 1.0 - self.iteration / self.cfg.iterations_per_round)
 
-    def build(self, teacher, student) -> dict:
+    def build(self, teacher, student, context=None) -> dict:
         if student.first_timestep is not None:
             raise UserError("progressive: the student's grid is the halved teacher grid, which starts at the last "
                             "training timestep; set student.first_timestep=null")

@@ -73,12 +73,16 @@ class Regression:
         if c.regression_loss == "lpips":
             self._lpips = _load_lpips()
 
-    def load(self, teacher, student) -> None:
+    def load(self, teacher, student, context=None) -> None:
+        """Load the pairs, building them first if the cache is missing (with the context's prompts)."""
         from ..cache import ensure_cache
 
         c = self.cfg
+        if not self.on:
+            return
         self.pairs = ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
-                                  guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1)
+                                  guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1,
+                                  prompts=getattr(context, "prompts", None), log=getattr(context, "log", None))
         if student.steps > 1:  # grid positions of the student's timesteps after its first (whose input
             ts = student.timesteps  # is its own noise) and of each step's end
             pos = torch.cat([torch.zeros(1, dtype=torch.long), self.pairs.grid_index(ts[1:])])
@@ -109,8 +113,8 @@ class Regression:
         return pseudo_huber(out, ref, c.huber_c)
 
     def term(self, teacher, student, like: torch.Tensor, draws: Draws, weight: float | None = None) -> torch.Tensor:
-        """weight * eq. 9 on a random batch of pairs, spread over ``like``'s batch size. ``teacher``
-        builds the pairs if the cache is missing (the teacher without any fake-score adapters)."""
+        """weight * eq. 9 on a random batch of pairs, spread over ``like``'s batch size. Pairs not
+        loaded in ``build`` (no trainer context) load here, ``teacher`` building them if missing."""
         if self.pairs is None:
             self.load(teacher, student)
         n = self.cfg.regression_batch or like.shape[0]

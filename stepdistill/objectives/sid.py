@@ -115,8 +115,10 @@ class SiD(Objective):
         return out + [Phase("generator", ("student",), start=g0, stop=g1),
                       Phase("generator_gan", ("student",), start=g1)]
 
-    def build(self, teacher, student):
+    def build(self, teacher, student, context=None):
         self.regression.check(student)
+        if context is not None and context.load_caches:  # before a LoRA fake score adds adapters to the teacher
+            self.regression.load(teacher, student, context)
         return build_critic(self.cfg, teacher)
 
     # -- conditions and scores ----------------------------------------------------------------------

@@ -33,6 +33,13 @@ class TextToImageData:
         return self.prompts.name
 
     @property
+    def cache_prompts(self):
+        """The prompts as a teacher-output cache pairs them with noise (``cache.CachePrompts``)."""
+        from ..cache import CachePrompts
+
+        return CachePrompts(self.text.rows, len(self.text), self.prompts.sha256)
+
+    @property
     def sha256(self) -> str:
         return self.prompts.sha256
 

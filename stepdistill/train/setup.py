@@ -15,6 +15,7 @@ from ..config import check_optimizer, load, merge, to_dict
 from ..errors import UserError
 from ..generator import Student, StudentConfig, build_student
 from ..objectives import Nets, Objective, Phase, get_objective
+from ..objectives.base import BuildContext
 from .config import TrainConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -212,8 +213,6 @@ def _text_to_image_data(cfg, teacher, objective, device, main_first, log):
         latents = ensure_latent_cache(teacher.info, prompts, cfg.latent_cache or out / "latent_cache",
                                       device=device, log=log) if real else None
     attach_null_text(teacher, text.null)
-    # a teacher-output cache (DMD's regression pairs) pairs noise with these prompts' embeddings
-    teacher.prompt_rows, teacher.prompt_count, teacher.prompt_id = text.rows, len(text), prompts.sha256
     return TextToImageData(prompts, text, latents, teacher.info.latent_shape)
 
 
@@ -224,9 +223,10 @@ class Built:
     teacher: Any
 
 
-def build_nets(cfg: DictConfig, objective: Objective, teacher) -> Built:
+def build_nets(cfg: DictConfig, objective: Objective, teacher, context: BuildContext | None = None) -> Built:
     """Student and the objective's extra networks; seeded by ``cfg.seed`` alone, so every process
-    (and a resumed run) builds identical initial weights."""
+    (and a resumed run) builds identical initial weights. ``context`` reaches ``objective.build``
+    (the trainer's loads teacher-output caches; without one they load at first use)."""
     torch.manual_seed(int(cfg.seed))
     # frozen before the objective builds: a LoRA fake score adds trainable adapters to this very
     # module (one copy of the teacher's weights), which must stay trainable
@@ -234,7 +234,7 @@ def build_nets(cfg: DictConfig, objective: Objective, teacher) -> Built:
     scfg = OmegaConf.to_object(cfg.student)
     assert isinstance(scfg, StudentConfig)
     student = build_student(teacher, scfg)
-    extra = objective.build(teacher, student) or {}
+    extra = objective.build(teacher, student, context) or {}
     for name in ("teacher", "student"):
         if name in extra:
             raise UserError(f"objective {objective.name!r} builds a network named {name!r}, which is reserved")

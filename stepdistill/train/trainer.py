@@ -34,6 +34,7 @@ from ..cache import teacher_hash
 from ..errors import Interrupted, UserError
 from ..runfolder import FolderClaim
 from ..objectives import Objective
+from ..objectives.base import BuildContext
 from . import checkpoint as ckpt
 from .batches import BatchStream
 from .config import RESUME_FIXED, RESUME_FREE
@@ -187,7 +188,10 @@ class Trainer:
         elif data.labels is None:  # a class-conditional teacher on unlabelled data: its null class
             data.labels = torch.full((len(data),), int(teacher.null_class), dtype=torch.long)
         self.data = data
-        built = build_nets(cfg, objective, teacher)
+        context = BuildContext(prompts=getattr(data, "cache_prompts", None),
+                               log=print if self.main else (lambda *a, **k: None))
+        with self.acc.main_process_first():  # what build writes (a teacher-output cache) is made once
+            built = build_nets(cfg, objective, teacher, context)
         self.nets, self.student, self.teacher = built.nets, built.student, built.teacher
         self.nets.to(self.acc.device)
         self.phases = objective.phases()
