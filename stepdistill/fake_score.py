@@ -51,13 +51,14 @@ def sample_times(schedule: Schedule, n: int, t_range: Sequence[float] = (0.02, 0
 
 
 def time_indices(schedule: Schedule, t_range: Sequence[float]) -> tuple[int, int]:
-    """[lo, hi) indices of ``noise_grid`` that a time range (fractions of the noise range) covers."""
+    """[lo, hi) indices of the 1000-step ``noise_grid`` that a time range covers, both ends included:
+    (0.02, 0.98) is DMD2's randint(min_step, max_step + 1) = 20..980 (tianweiy/DMD2 sd_guidance.py,
+    min_step = int(0.02 * 1000)); (0, 1) is the whole grid, 0..999."""
     lo, hi = float(t_range[0]), float(t_range[1])
     if not 0.0 <= lo < hi <= 1.0:
         raise UserError(f"time range {list(t_range)} must satisfy 0 <= lo < hi <= 1 (fractions of the noise range)")
-    n = len(noise_grid(schedule)) - 1
-    i_lo, i_hi = int(round(lo * n)), int(round(hi * n))
-    return i_lo, max(i_hi, i_lo + 1)
+    n = len(noise_grid(schedule))
+    return int(round(lo * n)), min(int(round(hi * n)) + 1, n)
 
 
 # -- LoRA on a shared backbone ------------------------------------------------------------------------

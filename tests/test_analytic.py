@@ -237,9 +237,10 @@ def test_dmd_gradient_matches_kl(schedule):
     want = kl_grad(m0, s0, mu, tau, a, sig)
     assert torch.allclose(got, want, rtol=0.05, atol=0.01 * want.abs().max()), (got, want)
     # (2) the paper's normalised gradient, averaged over DMD's time range, is a descent direction of
-    #     the clean-data KL with the same sign in every coordinate. It is not parallel to it: noise
-    #     hides scale errors more than mean errors (the log-s terms shrink as sigma grows), which
-    #     reweights the coordinates; the exact statement is (1).
+    #     the clean-data KL that moves every mean the right way. It is not parallel to it: noise hides
+    #     scale errors more than mean errors (the log-s terms shrink as sigma grows; on EDM's grid,
+    #     where half the times have sigma > 2.5, one of them is near zero), which reweights the
+    #     coordinates; the exact statement is (1).
     gen.zero_grad()
     obj = DMD(DMD.Config(regression_weight=0.0))
     nets = Nets(teacher=real, student=_StudentOf(gen, schedule), fake_score=fake)
@@ -250,7 +251,7 @@ def test_dmd_gradient_matches_kl(schedule):
     want = kl_grad(m0, s0, mu, tau)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=0).item()
     assert cos > 0.5, (cos, got, want)
-    assert (got.sign() == want.sign()).all(), (got, want)
+    assert (got[:2].sign() == want[:2].sign()).all(), (got, want)
 
 
 class _StudentOf(nn.Module):

@@ -244,12 +244,13 @@ def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
 def test_fake_score_trains_at_the_times_the_dm_term_reads_it(kind):
-    """DMD2 trains its fake score on the DM term's own U[min_step, max_step] (tianweiy/DMD2
-    main/guidance.py, compute_loss_fake and compute_distribution_matching_loss draw timesteps from
-    the same range), so the fake score is accurate where the generator reads it. On EDM the teacher's
-    log-normal training times put ~4 % of updates above sigma 2.5 where the DM term draws ~50 %;
-    here the times seen by the fake score in the critic phase and in the generator phase agree
-    (KS statistic below the 0.1 % critical value for 512 + 512 draws)."""
+    """DMD2 trains its fake score uniformly over the 1000-step grid whose [min_step, max_step] part
+    the DM term draws from (tianweiy/DMD2 sd_guidance.py compute_loss_fake: randint(0, 1000);
+    edm_guidance.py: a uniform index of the Karras grid), so the fake score is accurate where the
+    generator reads it. On EDM the teacher's log-normal training times put ~4 % of updates above
+    sigma 2.5 where the DM term draws ~50 %; here the times seen by the fake score in the critic
+    phase and in the generator phase agree (KS statistic below the 0.1 % critical value for 512 +
+    512 draws; the two differ only on the 4 % of the grid outside [0.02, 0.98])."""
     from conftest import tiny_unet2d
     from stepdistill.denoisers import DiffusersDenoiser
     from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule

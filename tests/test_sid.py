@@ -117,8 +117,7 @@ def test_lsg_evaluates_teacher_and_fake_score_with_their_own_scales():
     rng, sched = _stream(4), nets.fake_score.schedule
     with torch.no_grad():
         x_g = nets.student(rng.randn_like(batch["x0"]), COND)
-        lo, hi = round(0.0 * 999), round(0.8 * 999)
-        t = noise_grid(sched)[rng.randint(lo, hi)]
+        t = noise_grid(sched)[rng.randint(0, 801)]  # t_range [0, 0.8]: grid indices 0..800
         x_t = sched.add_noise(x_g, rng.randn_like(x_g), t)
         f_phi, f_psi = _guided(nets.teacher, x_t, t, COND, 3.0), _guided(nets.fake_score, x_t, t, COND, 2.0)
         wf = (x_g - f_phi).abs().flatten(1).mean(1)
@@ -223,7 +222,7 @@ def test_sida_generator_term_is_the_authors_mix_of_sid_and_gan():
     rng, sched = _stream(2), nets.fake_score.schedule
     with torch.no_grad():
         x_g = nets.student(rng.randn_like(batch["x0"]), COND)
-        t = noise_grid(sched)[rng.randint(0, round(0.8 * 999))]
+        t = noise_grid(sched)[rng.randint(0, 801)]
         x_t = sched.add_noise(x_g, rng.randn_like(x_g), t)
         f_phi = nets.teacher(x_t, t, COND)
         f_psi, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)

@@ -7,7 +7,7 @@ samples, plus an optional score-distillation term towards the teacher:
   gradient flows through the frozen teacher to x.
 * disc="pixels": the head reads the clean images directly (a small conv discriminator).
 Losses come from ``gan`` (hinge by default, as ADD/LADD; non-saturating on request) with the
-approximate R1 penalty of LADD / SANA-Sprint.
+approximate R1 penalty of APT (Lin et al., 2025).
 distill="sds" adds ADD's distillation loss (eq. 4-5): d(x, sg(teacher_x0(x_t))) with the
 exponential weighting c(t) = alpha_t and d the per-pixel squared error.
 
@@ -122,7 +122,8 @@ class Adversarial(Objective):
 
 def sds_loss(teacher, x: torch.Tensor, cond, t_range, guidance: float = 1.0, draws: Draws | None = None):
     """ADD's distillation loss (Sauer et al., 2023, eq. 5): c(t) * mean((x - sg(x0_teacher(x_t)))^2),
-    c(t) = alpha_t; its gradient w.r.t. x is c(t) (x - x0_teacher) (score distillation sampling)."""
+    c(t) = alpha_t; its gradient w.r.t. x is 2 c(t) (x - x0_teacher) / numel(x[0]) (score distillation
+    sampling, mean-reduced over pixels)."""
     sched, draws = teacher.schedule, draws or Draws({"x0": x})
     t = draws.times(sched, t_range)
     with torch.no_grad():

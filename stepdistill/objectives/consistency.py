@@ -132,8 +132,8 @@ class Consistency(Objective):
         huber_c: Optional[float] = None  # pseudo-Huber c; None = 0.00054 * sqrt(values per sample) (iCT)
         guidance: float = 1.0           # teacher CFG scale when w_embedding is off; 1 = plain conditional
         w_embedding: bool = False       # condition the student on w ~ U[w_min, w_max] (LCM, sec. 4.2)
-        w_min: float = 4.0              # CFG scale range (usual convention: LCM's w in [3, 15] is w_min=4, w_max=16)
-        w_max: float = 16.0
+        w_min: float = 6.0              # CFG scale range, usual convention: diffusers' train_lcm_distill_sd_wds.py
+        w_max: float = 16.0             # draws LCM-form w ~ U[5, 15] (--w_min/--w_max), i.e. CFG scale w + 1
         multistep: bool = False         # consistent within each of the student's K segments only (Heek et al., 2024)
         teacher_substeps: int = 1       # solver steps per teacher step t_{n+k} -> t_n (several, as CTM's teacher)
         weighting: str = "none"         # "none": distance between outputs; "truncated_snr" | "snr_plus_one":

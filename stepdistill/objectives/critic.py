@@ -2,9 +2,11 @@
 the teacher) learnt by denoising score matching on the student's samples, and an optional GAN
 classifier on its features, in one of two forms:
 
-* "dmd2" (Yin et al., 2024b, sec. 4.3; tianweiy/DMD2 guidance.py): a head on the fake score's
-  bottleneck, with passes of its own on real and fake images noised to times from
-  ``disc_t_range``; non-saturating (or hinge) loss, optional approximate R1 (LADD, sec. 3.2).
+* "dmd2" (Yin et al., 2024b, sec. 4.3; tianweiy/DMD2 sd_guidance.py compute_cls_logits): a head
+  on the fake score's bottleneck, with passes of its own on real and fake images noised to times
+  from ``disc_t_range`` (DMD2: 0..999); non-saturating (or hinge) loss, optional approximate R1
+  (APT, Lin et al., 2025). The head is a small conv net with a class projection (DMD2's is strided
+  convs to 1x1), and it is trained on fresh student samples (DMD2 reuses the generator step's).
 * "sida" (Zhou et al., 2025, "Adversarial Score identity Distillation"; mingyuanzhou/SiD, branch
   sida, sida_loss.py): the head reads the features of the DSM's own evaluation on the noisy fake
   samples, and of real images noised with the same noise and time; its BCE is weighted by EDM's
@@ -26,8 +28,8 @@ from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, dsm_
 from . import gan
 from .common import Draws
 
-#: where the fake score's DSM times come from ("dm": the DM term's t_range; "train": the teacher's training times)
-FAKE_TIMES = ("dm", "train")
+#: where the fake score's DSM times come from ("grid": the DM term's grid; "train": the teacher's training times)
+FAKE_TIMES = ("grid", "train")
 GAN_FORMS = ("dmd2", "sida")
 
 
@@ -39,9 +41,9 @@ class CriticConfig:
     fake_lora_alpha: Optional[float] = None
     fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     fake_loss: str = "raw"                         # "raw" (teacher's parameterisation) | "x0" (unweighted)
-    fake_t: str = "dm"                             # fake-score DSM times: "dm" = t_range, where the generator
-                                                   # phase reads it (DMD2); "train" = the teacher's training
-                                                   # distribution (EDM's log-normal; SiD's sid_loss.py)
+    fake_t: str = "grid"                           # fake-score DSM times: "grid" = uniform over the 1000-step
+                                                   # grid the DM term draws from (DMD2); "train" = the teacher's
+                                                   # training distribution (EDM's log-normal; SiD's sid_loss.py)
     critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
     gan_weight: float = 0.0                        # generator GAN term; 0 = off
     gan_form: str = "dmd2"                         # "dmd2": passes of its own; "sida": shares the DSM's evaluations
@@ -50,7 +52,7 @@ class CriticConfig:
     r1_weight: float = 0.0                         # approximate R1 on real logits ("dmd2" form); 0 = off
     r1_noise: float = 0.01
     feature_module: str = "auto"                   # the fake score's module the classifier reads
-    disc_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # "dmd2" form's times
+    disc_t_range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # "dmd2" form's times (DMD2: 0..999)
 
 
 def check_critic(c) -> None:
@@ -58,8 +60,8 @@ def check_critic(c) -> None:
     if c.critic_repeats < 1:
         raise UserError(f"objective.critic_repeats must be >= 1, got {c.critic_repeats}")
     if c.fake_t not in FAKE_TIMES:
-        raise UserError(f"objective.fake_t {c.fake_t!r} is not supported; use 'dm' (the DM term's t_range) or "
-                        "'train' (the teacher's training distribution)")
+        raise UserError(f"objective.fake_t {c.fake_t!r} is not supported; use 'grid' (uniform over the DM term's "
+                        "1000-step grid) or 'train' (the teacher's training distribution)")
     if c.gan_form not in GAN_FORMS:
         raise UserError(f"objective.gan_form {c.gan_form!r} is not supported; use one of {', '.join(GAN_FORMS)}")
     if c.gan_form == "sida" and c.gan_weight > 0 and c.r1_weight > 0:
@@ -80,11 +82,13 @@ def critic_trains(c) -> tuple[str, ...]:
 
 
 def fake_times(c, schedule, draws: Draws) -> torch.Tensor:
-    """Times of the fake score's DSM updates: by default those the generator phase reads it at
-    (t_range on the 1000-step grid; DMD2 trains its fake score on the DM term's own
-    U[min_step, max_step]), so it is accurate where it is read; "train" = the teacher's training
-    distribution (on EDM its log-normal puts ~4 % of updates above sigma 2.5, the DM term ~50 %)."""
-    return draws.train_times(schedule) if c.fake_t == "train" else draws.times(schedule, c.t_range)
+    """Times of the fake score's DSM updates. "grid": uniform over the 1000-step grid whose
+    [min_step, max_step] part the DM term draws from, so the fake score is trained where it is read
+    (DMD2 compute_loss_fake: randint(0, 1000) on SD, a uniform index of the 1000-point Karras grid on
+    EDM, sd_guidance.py / edm_guidance.py). "train": the teacher's training distribution (SiD's
+    sid_loss.py: EDM's log-normal, which puts ~4 % of updates above sigma 2.5 where the DM term
+    draws ~50 %)."""
+    return draws.train_times(schedule) if c.fake_t == "train" else draws.times(schedule, (0.0, 1.0))
 
 
 def dsm_loss(c, fake, x: torch.Tensor, cond, draws: Draws, *, guidance: float = 1.0):

@@ -37,8 +37,9 @@ from .regression import Regression, RegressionConfig
 
 def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     """DMD eq. 7-8: (fake - real) normalised per sample by mean|x - real| (the paper's
-    sigma^2/alpha * CS / ||mu_real - x||_1 weight times the score difference alpha(real - fake)/sigma^2)."""
-    return (fake_x0 - real_x0) / per_sample(mean_abs(x - real_x0), x)
+    sigma^2/alpha * CS / ||mu_real - x||_1 weight times the score difference alpha(real - fake)/sigma^2);
+    non-finite entries become 0, as DMD2's nan_to_num (sd_guidance.py compute_distribution_matching_loss)."""
+    return torch.nan_to_num((fake_x0 - real_x0) / per_sample(mean_abs(x - real_x0), x))
 
 
 @register

@@ -4,9 +4,11 @@ Every function maps logits [B] to per-sample losses [B].
 * non-saturating (Goodfellow et al., 2014, sec. 3): D: softplus(-D(real)) + softplus(D(fake));
   G: softplus(-D(fake)) = -log sigmoid(D(fake)). DMD2 (Yin et al., 2024b, eq. 4) uses this form.
 * hinge (Lim & Ye, 2017): D: relu(1 - D(real)) + relu(1 + D(fake)); G: -D(fake). ADD/LADD use it.
-* approximate R1 (LADD, Sauer et al., 2024, sec. 3.2; SANA-Sprint): instead of the gradient
-  penalty ||grad_x D(x)||^2, which needs double backprop through the feature network, penalise
-  the change of D's output under a small Gaussian perturbation of its input: E||D(x) - D(x + s n)||^2.
+* approximate R1 (APT, Lin et al., 2025, "Diffusion Adversarial Post-Training"; NVlabs/FastGen
+  ladd.py): instead of the gradient penalty ||grad_x D(x)||^2 (R1, Mescheder et al., 2018; the exact
+  form SANA-Sprint computes on its heads' inputs), which needs double backprop through the feature
+  network, penalise the change of D's output under a small Gaussian perturbation of its input:
+  E||D(x) - D(x + s n)||^2.
 """
 from __future__ import annotations
 
