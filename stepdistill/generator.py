@@ -255,3 +255,25 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
     return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
                    first_timestep=ft, sampler=sampler)
+
+
+# -- the w input of a guidance-conditioned student (LCM, sec. 4.2) --------------------------------
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance-scale embedding of w - 1, computed by diffusers' own
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` (sinusoids of 1000 (w - 1)),
+    bit for bit what an exported LCM pipeline feeds the student."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).cpu()
+    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1.0, embedding_dim=dim)
+
+
+def cond_proj_dim(student) -> Optional[int]:
+    """The width of the student backbone's ``timestep_cond`` input (diffusers' time_cond_proj_dim)."""
+    backbone = getattr(student.denoiser, "backbone", None)
+    base = getattr(backbone, "base_model", None)
+    for m in (backbone, getattr(base, "model", base)):
+        dim = getattr(getattr(m, "config", None), "time_cond_proj_dim", None)
+        if dim:
+            return int(dim)
+    return None

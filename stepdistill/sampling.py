@@ -165,3 +165,23 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, *, sampler: str 
     ts = denoiser.schedule.timesteps(steps) if ts is None else ts
     x = denoiser.schedule.prior(noise, ts[0])
     return fn(guided(denoiser, guidance), x, ts, cond, generator=generator, **options)
+
+
+def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None, substeps: int = 1) -> torch.Tensor:
+    """The teacher's ODE step from t_{n+k} to t_n (per-sample times): ``substeps`` steps of the named
+    solver, evenly spaced in the schedule's time (1 = LCM's single DDIMSolver step)."""
+    ts = [t_from] + [t_from + (t_to - t_from) * (j / substeps) for j in range(1, substeps)] + [t_to]
+    return get_sampler(solver)(teacher, x, ts, cond)
+
+
+def implied_x0(schedule, z_end: torch.Tensor, x_t: torch.Tensor, t, t_end) -> torch.Tensor:
+    """The x0 whose DDIM jump from (x_t, t) lands on z_end at t_end: z_end = a_e x0 + s_e (x_t - a x0) / s
+    solved for x0 (Heek et al., 2024, Alg. 1; the same inversion as progressive distillation's target,
+    Salimans & Ho, 2022, Alg. 2). At a clean end (s_e = 0, or the schedule's t_clean, where the
+    consistency function is the x0 estimate itself) z_end is returned."""
+    (a, s), (a_e, s_e) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=x_t.device))
+                          for u in (t, t_end))
+    clean = schedule.is_clean_end(torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device))
+    # at a clean end, (a_e, s_e) = (1, 0) turns the inversion into the identity
+    a_e, s_e = torch.where(clean, torch.ones_like(a_e), a_e), torch.where(clean, torch.zeros_like(s_e), s_e)
+    return ddim_x0(x_t, z_end, a, s, a_e, s_e)

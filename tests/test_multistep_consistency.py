@@ -337,7 +337,7 @@ def test_cached_links_lie_on_the_teachers_ode_and_score_the_exact_consistency_fu
         x_t, t, t_end, target, cond = obj.cached_links(nets, batch)
         assert torch.equal(t, ts[n]) and cond is None
         assert torch.equal(t_end, torch.cat([ts[1:], ts.new_tensor([sched.t_clean])])[n])
-        noise = obj._trajectories[0].noise[j].double()
+        noise = obj.links.pairs.noise[j].double()
         errors[steps] = max(float((x_t.double() - teacher.exact(noise, 999.0, t)).abs().max()),
                             float((target.double() - teacher.exact(x_t.double(), t, t_end)).abs().max()))
         batch["rng"] = QueuedRng(j, n)

@@ -31,8 +31,8 @@ class FixedRng:
     def randn_like(self, x):
         return self.noise.to(x.dtype)
 
-    def rand(self):
-        return self.u
+    def rand(self, dtype=None):
+        return self.u if dtype is None else self.u.to(dtype)
 
 
 def coefs(schedule, t):

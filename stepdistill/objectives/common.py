@@ -115,5 +115,35 @@ def per_sample(w, like: torch.Tensor) -> torch.Tensor:
     return bcast(torch.as_tensor(w, dtype=torch.float64, device=like.device), like)
 
 
+#: Salimans & Ho (2022), sec. 4: weights on an x0 error
+WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+def snr_weight(schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Salimans & Ho (2022), sec. 4, as a weight on the x0 error: "truncated_snr" max(SNR, 1)
+    (= max(||x - x^||^2, ||eps - eps^||^2)) or "snr_plus_one" SNR + 1 (the v-loss)."""
+    snr = schedule.snr(t)
+    return snr.clamp_min(1.0) if weighting == "truncated_snr" else snr + 1.0
+
+
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, mu: float) -> None:
+    """average <- mu average + (1 - mu) model, parameter by parameter; buffers copied (a consistency
+    target network, Song et al., 2023, Alg. 2; a progressive round's average)."""
+    for p_a, p_m in zip(average.parameters(), model.parameters(), strict=True):
+        p_a.mul_(mu).add_(p_m.detach(), alpha=1.0 - mu)
+    for b_a, b_m in zip(average.buffers(), model.buffers(), strict=True):
+        b_a.copy_(b_m)
+
+
+@torch.no_grad()
+def copy_into(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """dst's parameters and buffers := src's (same architecture)."""
+    for a, b in zip(dst.parameters(), src.parameters(), strict=True):
+        a.copy_(b)
+    for a, b in zip(dst.buffers(), src.buffers(), strict=True):
+        a.copy_(b)
+
+
 __all__ = ["Draws", "sample_student", "guidance_scales", "guides", "mean_abs", "target_loss", "pseudo_huber",
-           "per_sample", "HUBER_C"]
+           "per_sample", "HUBER_C", "WEIGHTINGS", "snr_weight", "ema_update", "copy_into"]

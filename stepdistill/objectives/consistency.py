@@ -19,32 +19,21 @@ a time it was not trained on.
 
 Distance. Pseudo-Huber sqrt(||f - f_target||^2 + c^2) - c with c = 0.00054 sqrt(d) (iCT, sec. 3.3;
 d = values per sample), or the mean squared error (LCM's l2). With ``weighting`` "none" it is taken
-between the consistency outputs themselves (at an inner segment's end, latents at that time). With
-"truncated_snr" or "snr_plus_one" it is taken between the x0 estimates that one DDIM jump from (x_t, t)
-carries to the output and to the target, times w(t) (multistep consistency models, Heek et al., 2024,
-Alg. 1, which measure the loss in x-space; w(t) as progressive distillation's, Salimans & Ho, 2022,
-sec. 4). Measured in latents at the segment's end, the x0 error of a high-noise segment is scaled by
-(alpha_s - sigma_s alpha_t / sigma_t)^2: 0.03, 0.10, 0.22 and 1 on the 4 segments of the digits
-teacher, so the segment that lays out the sample is trained least, while the x0 form weights every
-segment at least 1 (on digits the latent form scored better: configs/digits/consistency.yaml). On a
-single segment (ending at clean data) both forms compare x0 estimates.
+between the consistency outputs themselves; with "truncated_snr" or "snr_plus_one" between the x0
+estimates that one DDIM jump from (x_t, t) carries to the output and to the target, times w(t)
+(multistep consistency models, Heek et al., 2024, Alg. 1; w(t) of Salimans & Ho, 2022, sec. 4), which
+weights every segment at least 1 where the latent form scales a high-noise segment's x0 error down
+(by 0.03 on the digits teacher's first; there the latent form scored better: configs/digits/consistency.yaml).
 
 Guidance. With ``w_embedding`` the student is conditioned on a CFG scale w ~ U[w_min, w_max] through
 LCM's guidance-scale embedding (sec. 4.2) passed as ``timestep_cond``, while the teacher uses CFG at
 that w. w is the usual CFG scale (1 = no guidance); the embedding is of w - 1, as diffusers'
 LatentConsistencyModelPipeline computes it from its guidance_scale, so an exported pipeline agrees.
 
-Cached trajectories. With ``cache`` the links come from teacher ODE trajectories sampled once from
-noise (``stepdistill.cache``, built on first use in that folder: ``cache_num`` trajectories of
-``cache_steps`` ``solver`` steps): x_t is a trajectory's state at a teacher-grid time and the target
-its state at the segment's end (at clean data, the teacher's sample), so every target is the
-teacher's many-step ODE solution and training calls no teacher at all; the trajectories' x_t lie
-where the student's own samples do (the trajectory-sampled pairs of TBCM, "Image-Free Timestep
-Distillation via Continuous-Time Consistency with Trajectory-Sampled Pairs", 2025). The cache's grid
-must hold every teacher-grid time and segment end.
+Cached trajectories. With ``cache`` the links come from ``cache_num`` teacher ODE trajectories of
+``cache_steps`` ``solver`` steps (``trajectories.TrajectoryLinks``, TBCM): no teacher call in training.
 
-Sampling. The student (``stepdistill.generator.Student``) samples as multi-step consistency models
-do (Song et al., 2023, Alg. 1): f at the first of its K times, then re-noise to the next and repeat.
+Sampling. As multi-step consistency models (Song et al., 2023, Alg. 1): f, then re-noise to the next time.
 
 Multistep. With ``multistep`` the student's K timesteps cut the time axis into K segments and the
 student only has to be consistent within each (multistep consistency models, Heek et al., 2024;
@@ -68,54 +57,15 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..sampling import SAMPLERS, ddim_x0, get_sampler
+from ..generator import cond_proj_dim, guidance_embedding
+from ..sampling import SAMPLERS, implied_x0, teacher_step
 from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
-from .progressive import WEIGHTINGS, _randint, _randn_like, snr_weight
+from .common import WEIGHTINGS, Draws, ema_update, snr_weight
+from .trajectories import TrajectoryLinks
 
 LOSSES = ("pseudo_huber", "l2")
 ICT_HUBER_C = 0.00054  # times sqrt(d) (Song & Dhariwal, 2023, sec. 3.3)
-
-
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """LCM's guidance-scale embedding of w - 1, computed by diffusers' own
-    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` (sinusoids of 1000 (w - 1)),
-    bit for bit what an exported LCM pipeline feeds the student."""
-    from diffusers import LatentConsistencyModelPipeline
-
-    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).cpu()
-    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1.0, embedding_dim=dim)
-
-
-def cond_proj_dim(student) -> Optional[int]:
-    """The width of the student backbone's ``timestep_cond`` input (diffusers' time_cond_proj_dim)."""
-    backbone = getattr(student.denoiser, "backbone", None)
-    base = getattr(backbone, "base_model", None)
-    for m in (backbone, getattr(base, "model", base)):
-        dim = getattr(getattr(m, "config", None), "time_cond_proj_dim", None)
-        if dim:
-            return int(dim)
-    return None
-
-
-def teacher_step(solver: str, teacher, x: torch.Tensor, t_from, t_to, cond=None, substeps: int = 1) -> torch.Tensor:
-    """The teacher's ODE step from t_{n+k} to t_n (per-sample times): ``substeps`` steps of the named
-    solver, evenly spaced in the schedule's time (1 = LCM's single DDIMSolver step)."""
-    ts = [t_from] + [t_from + (t_to - t_from) * (j / substeps) for j in range(1, substeps)] + [t_to]
-    return get_sampler(solver)(teacher, x, ts, cond)
-
-
-def implied_x0(schedule: Schedule, z_end: torch.Tensor, x_t: torch.Tensor, t, t_end) -> torch.Tensor:
-    """The x0 whose DDIM jump from (x_t, t) lands on z_end at t_end: z_end = a_e x0 + s_e (x_t - a x0) / s
-    solved for x0 (Heek et al., 2024, Alg. 1; the same inversion as progressive distillation's target,
-    Salimans & Ho, 2022, Alg. 2). At a clean end (s_e = 0, or the schedule's t_clean, where the
-    consistency function is the x0 estimate itself) z_end is returned."""
-    (a, s), (a_e, s_e) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=x_t.device))
-                          for u in (t, t_end))
-    clean = schedule.is_clean_end(torch.as_tensor(t_end, dtype=torch.float64, device=x_t.device))
-    # at a clean end, (a_e, s_e) = (1, 0) turns the inversion into the identity
-    a_e, s_e = torch.where(clean, torch.ones_like(a_e), a_e), torch.where(clean, torch.zeros_like(s_e), s_e)
-    return ddim_x0(x_t, z_end, a, s, a_e, s_e)
 
 
 @register
@@ -177,7 +127,8 @@ class Consistency(Objective):
         self.uses_real_data = not c.cache  # cached links need no data
         self._grids: dict[int, torch.Tensor] = {}
         self._w_dim: Optional[int] = None
-        self._trajectories = None
+        self.links = TrajectoryLinks(c.cache, num=c.cache_num, steps=c.cache_steps, solver=c.solver,
+                                     guidance=c.guidance, seed=c.cache_seed) if c.cache else None
 
     def student_sampler(self):
         return "ddim" if self.cfg.multistep else None
@@ -195,7 +146,11 @@ class Consistency(Objective):
                                 "student.time_cond_proj_dim=256 (LCM) on a UNet2DConditionModel teacher, or "
                                 "w_embedding=false")
         if c.cache:
-            self._check_cache(student)
+            self.links.check(student.schedule, *self._link_times(student),
+                             f"consistency: set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} "
+                             f"whose grid holds them (e.g. {8 * c.teacher_steps})")
+            if context is not None and context.load_caches:  # on the trainer's main process first
+                self.links.load(teacher, *self._link_times(student), context)
         if c.target_ema == 0.0 or c.cache:  # cached links end at segment ends: no target network is asked
             return {}
         return {"target": copy.deepcopy(student).requires_grad_(False).eval()}
@@ -208,29 +163,13 @@ class Consistency(Objective):
             return starts, student.segment_end(starts).cpu()
         return starts, torch.full_like(starts, float(schedule.t_clean))
 
-    def _check_cache(self, student) -> None:
-        """Before any compute: the cache's grid (built or not) holds every link's start and end, and an
-        existing cache matches these settings."""
-        from ..cache import check_cache_settings, check_grid_holds
-
-        c = self.cfg
-        check_grid_holds(student.schedule, c.cache_steps, torch.cat(self._link_times(student)),
-                         f"consistency: set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} "
-                         f"whose grid holds them (e.g. {8 * c.teacher_steps})")
-        check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.solver, guidance=c.guidance,
-                             seed=c.cache_seed, trajectory=True)
-
     @torch.no_grad()
     def on_step_end(self, nets: Nets, step: int) -> None:
         target = nets.get("target")
         if target is None:
             return
-        mu = float(self.cfg.target_ema)
-        # theta^- <- mu theta^- + (1 - mu) theta (Song et al., 2023, Alg. 2, last line)
-        for p_t, p_s in zip(target.parameters(), nets.student.parameters(), strict=True):
-            p_t.mul_(mu).add_(p_s.detach(), alpha=1.0 - mu)
-        for b_t, b_s in zip(target.buffers(), nets.student.buffers(), strict=True):
-            b_t.copy_(b_s)
+        ema_update(target, nets.student, float(self.cfg.target_ema))  # theta^- <- mu theta^- + (1 - mu) theta
+                                                                     # (Song et al., 2023, Alg. 2, last line)
 
     # -- loss -------------------------------------------------------------------------------------
     def _grid(self, schedule: Schedule, device) -> torch.Tensor:
@@ -244,9 +183,7 @@ class Consistency(Objective):
         c = self.cfg
         if not c.w_embedding:
             return c.guidance
-        rng = batch.get("rng")
-        u = rng.rand() if rng is not None else torch.rand(n)
-        return (c.w_min + (c.w_max - c.w_min) * u.to(torch.float64)).to(device)
+        return (c.w_min + (c.w_max - c.w_min) * Draws(batch).rand()).to(device)
 
     def distance(self, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         sq = (f - target).square().flatten(1)
@@ -256,24 +193,10 @@ class Consistency(Objective):
         return (sq.sum(1) + c**2).sqrt() - c
 
     def cached_links(self, nets: Nets, batch: dict):
-        """(x_t, t, t_end, target, cond) from cached trajectories: per sample a trajectory and a
-        teacher-grid start, the state there and the state at its segment's end."""
-        from ..cache import ensure_cache
-
-        c = self.cfg
-        device = batch["x0"].device
-        if self._trajectories is None:
-            pairs = ensure_cache(nets.teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.solver,
-                                 guidance=c.guidance, seed=c.cache_seed, trajectory=True)
-            starts, ends = self._link_times(nets.student)
-            self._trajectories = (pairs, starts, ends, pairs.grid_index(starts), pairs.grid_index(ends))
-        pairs, starts, ends, pos, pos_end = self._trajectories
-        b = batch["x0"].shape[0]
-        j = _randint(batch, len(pairs), b, "cpu")
-        n = _randint(batch, len(starts), b, "cpu")
-        _, _, cond = pairs.get(j, device=device)
-        return (pairs.states(j, pos[n], device), starts[n].to(device), ends[n].to(device),
-                pairs.states(j, pos_end[n], device), cond)
+        """(x_t, t, t_end, target, cond) from the cached trajectories (``TrajectoryLinks``)."""
+        if self.links.pairs is None:
+            self.links.load(nets.teacher, *self._link_times(nets.student))
+        return self.links.draw(Draws(batch), batch["x0"].device)
 
     def loss(self, schedule: Schedule, f, target, x_t, t, t_end) -> dict[str, torch.Tensor]:
         """The distance between the student's jump f and its target (see Distance)."""
@@ -293,9 +216,10 @@ class Consistency(Objective):
         x = batch["x0"]
         cond = batch.get("cond")
         grid = self._grid(schedule, x.device)
-        n = _randint(batch, self.cfg.teacher_steps, x.shape[0], x.device)
+        draws = Draws(batch)
+        n = draws.randint(0, self.cfg.teacher_steps).to(x.device)
         t, t_prev = grid[n], grid[n + 1]                       # t_{n+k}, t_n
-        x_t = schedule.add_noise(x, _randn_like(batch, x), t)
+        x_t = draws.noised(schedule, x, t)
         w = self._scales(batch, x.shape[0], x.device)
         s_cond = cond
         if self.cfg.w_embedding:

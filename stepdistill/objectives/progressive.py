@@ -42,8 +42,8 @@ from ..errors import UserError
 from ..sampling import ddim_step, ddim_x0
 from ..schedules import Schedule, bcast
 from .base import Nets, Objective, register
+from .common import WEIGHTINGS, Draws, copy_into, ema_update, snr_weight
 
-WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 LR_ANNEALS = ("linear", "none")
 
 
@@ -73,33 +73,6 @@ def grid_with_midpoints(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch
     if len(g2) == 2 * n + 1 and torch.equal(g2[::2], g):
         return g, g2[1::2]
     return g, 0.5 * (g[:-1] + g[1:])
-
-
-def snr_weight(schedule: Schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
-    """Salimans & Ho (2022), sec. 4, as a weight on the x0 error: "truncated_snr" max(SNR, 1)
-    (= max(||x - x^||^2, ||eps - eps^||^2)) or "snr_plus_one" SNR + 1 (the v-loss)."""
-    snr = schedule.snr(t)
-    return snr.clamp_min(1.0) if weighting == "truncated_snr" else snr + 1.0
-
-
-def _copy_into(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """dst's parameters and buffers := src's (same architecture)."""
-    with torch.no_grad():
-        for a, b in zip(dst.parameters(), src.parameters(), strict=True):
-            a.copy_(b)
-        for a, b in zip(dst.buffers(), src.buffers(), strict=True):
-            a.copy_(b)
-
-
-def _randint(batch: dict, high: int, n: int, device) -> torch.Tensor:
-    rng = batch.get("rng")
-    idx = rng.randint(0, high) if rng is not None else torch.randint(0, high, (n,))
-    return idx.to(device)
-
-
-def _randn_like(batch: dict, x: torch.Tensor) -> torch.Tensor:
-    rng = batch.get("rng")
-    return rng.randn_like(x) if rng is not None else torch.randn_like(x)
 
 
 @register
@@ -201,15 +174,13 @@ class Progressive(Objective):
         self.iteration += 1
         average = nets.get("pd_average")
         if average is not None:
-            mu = float(self.cfg.round_ema)
-            for p_a, p_s in zip(average.parameters(), nets.student.parameters(), strict=True):
-                p_a.mul_(mu).add_(p_s.detach(), alpha=1.0 - mu)
+            ema_update(average, nets.student, float(self.cfg.round_ema))
         if self.iteration >= self.cfg.iterations_per_round and self.round + 1 < len(self.rounds):
             # Alg. 2, outer loop: this round's student (or its average) is the next round's (frozen)
             # teacher, and the next student starts from it
-            _copy_into(nets.pd_teacher, nets.student if average is None else average)
+            copy_into(nets.pd_teacher, nets.student if average is None else average)
             if average is not None:
-                _copy_into(nets.student, average)
+                copy_into(nets.student, average)
             self.round += 1
             self.iteration = 0
 
@@ -246,9 +217,10 @@ class Progressive(Objective):
         cond = batch.get("cond")
         schedule = nets.student.schedule
         grid, mid = self._grid(schedule, x.device)
-        i = _randint(batch, self.steps, x.shape[0], x.device)  # Alg. 2: t on the student's grid
+        draws = Draws(batch)
+        i = draws.randint(0, self.steps).to(x.device)  # Alg. 2: t on the student's grid
         t, t_mid, t_next = grid[i], mid[i], grid[i + 1]
-        z = schedule.add_noise(x, _randn_like(batch, x), t)
+        z = draws.noised(schedule, x, t)
         with torch.no_grad():
             x_tilde = pd_target(self.teacher_denoiser(nets), schedule, z, t, t_mid, t_next, cond)
         x_hat = nets.student.denoise(z, t, cond)
