@@ -46,5 +46,5 @@ def test_watchdog_warns_when_every_sample_is_the_same(tmp_path):
     one = tr.data.rows(torch.tensor([0]))[0]
     tr.student.denoise = lambda x, t, cond=None: one.expand_as(x)  # a collapsed student: always the same digit
     with pytest.warns(RuntimeWarning, match="mode collapse"):
-        res = tr.watch_collapse()
+        res = tr.monitors.watch_collapse()
     assert res["collapsed"] and res["diversity_ratio"] < 0.2

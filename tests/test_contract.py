@@ -110,3 +110,18 @@ def test_state_round_trips_through_a_checkpoint(name, tmp_path):
     for net in {n for ph in obj.phases() for n in ph.trains}:
         f = obj.lr_factor(net)
         assert isinstance(f, float) and 0.0 <= f <= 1.0 and fresh.lr_factor(net) == f, (net, f)
+
+
+def test_no_objective_module_imports_another():
+    """Objectives are built from shared parts (common, critic, regression, trajectories, gan); none
+    imports or inherits from another objective's module."""
+    import ast
+    from pathlib import Path
+
+    from stepdistill.objectives import FAMILIES
+
+    root = Path(__file__).resolve().parents[1] / "stepdistill" / "objectives"
+    for fam in FAMILIES:
+        tree = ast.parse((root / f"{fam}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert not imported & set(FAMILIES), f"{fam}.py imports {imported & set(FAMILIES)}"

@@ -205,10 +205,10 @@ def test_load_run_gives_the_ema_student(tiny_teacher_dir, tiny_data_npz, tmp_pat
     assert meta["step"] == 2 and meta["steps"] == 1 and meta["ema"]
     for name, v in trainer.ema.shadow().items():
         assert torch.equal(dict(student.named_parameters())[name], v), name
-    noise, cond = trainer._fixed_inputs(4)
+    noise, cond = trainer.monitors.fixed_inputs(4)
     with torch.no_grad():
         x = student(noise, cond)
-    torch.testing.assert_close(x, trainer.sample_student(noise, cond), rtol=0, atol=0)
+    torch.testing.assert_close(x, trainer.monitors.sample_student(noise, cond), rtol=0, atol=0)
     with pytest.raises(UserError, match="not a run folder"):
         load_run(tmp_path)
 

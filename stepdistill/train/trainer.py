@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from .batches import BatchStream
 from .config import RESUME_FIXED, RESUME_FREE
 from .ema import StudentEMA
 from .logging import MetricsLog, Progress, Window
+from .monitors import Monitors
 from .randomness import derive_seed
 from .signals import StopSignals
 from .setup import build_nets, load_teacher_and_data, optim_for, trained_nets
@@ -180,7 +180,6 @@ class Trainer:
         self.meta = dict(getattr(teacher, "meta", {}) or {})
         self.teacher_hash = teacher_hash(teacher) if self.main else None  # before any adapter is added
         self.text_to_image = self.meta.get("kind") == "text-to-image"
-        self._vae = None
         if self.text_to_image:
             pass  # conditions come from the text cache
         elif getattr(teacher, "null_class", None) is None:
@@ -242,8 +241,7 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.jsonl", self.step, self.main)
         if cfg.log_with:
             self.acc.init_trackers("stepdistill", config=_flat(to_dict(cfg)))
-        self._eval_warned = self._collapse_warned = False
-        self._detector = None
+        self.monitors = Monitors(self)
 
     # -- one update ------------------------------------------------------------------------------
     def _only_training(self, phase):
@@ -366,11 +364,11 @@ class Trainer:
                 else:
                     bar.update(self.step)
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
-                    self.preview()
+                    self.monitors.preview()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.evaluate()
+                    self.monitors.evaluate()
                 if cfg.collapse_every and self.step % cfg.collapse_every == 0:
-                    self.watch_collapse()
+                    self.monitors.watch_collapse()
                 due = due or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
                 if due and self.checkpoint():
                     due, last_saved = False, self.step
@@ -431,144 +429,6 @@ class Trainer:
             flat.update({f"lr/{n}": v for n, v in rec["lr"].items()}, it_s=rec["it_s"], skipped=rec["skipped"])
             self.acc.log(flat, step=self.step)
         return rec
-
-    # -- previews and eval -------------------------------------------------------------------------
-    def _fixed_inputs(self, n: int):
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "preview"))
-        noise = torch.randn((n, *self.data.sample_shape), generator=g)
-        cond = None
-        if self.text_to_image:  # the first prompts of the data, the same at every preview
-            cond = self.data.rows(torch.arange(n) % len(self.data))[1]
-        elif getattr(self.teacher, "null_class", None) is not None:
-            k = int(self.meta.get("num_classes") or self.teacher.null_class)
-            cond = {"class_labels": torch.arange(n) % max(k, 1)}
-        return noise, cond
-
-    @torch.no_grad()
-    def sample_student(self, noise, cond) -> torch.Tensor:
-        dev = self.acc.device
-        cond = None if cond is None else {k: v.to(dev) for k, v in cond.items()}
-        g = torch.Generator(device=dev).manual_seed(derive_seed(self.cfg.seed, "preview-steps"))
-        ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        with ctx, self.acc.autocast():
-            was = self.student.training
-            self.student.eval()
-            x = self.student(noise.to(dev), cond, generator=g)
-            self.student.train(was)
-        return x.float().cpu()
-
-    def preview(self) -> None:
-        if not self.main:
-            return
-        from ..images import save_grid
-
-        noise, cond = self._fixed_inputs(self.cfg.preview_n)
-        x = self.to_pixels(self.sample_student(noise, cond))
-        save_grid(x, self.out / "previews" / f"{ckpt.folder_name(self.step)}.png",
-                  nrow=int(math.ceil(math.sqrt(len(x)))))
-        if self.nets.get("fake_score") is not None:  # rows: student | teacher x0 | fake-score x0
-            from ..diagnostics import score_preview
-
-            dev = self.acc.device
-            cond = None if cond is None else {k: v.to(dev) for k, v in cond.items()}
-            score_preview(self.nets, noise.to(dev), cond,
-                          self.out / "previews" / f"{ckpt.folder_name(self.step)}-scores.png",
-                          decode=self.to_pixels if self.text_to_image else None, generator=torch.Generator(device=dev).manual_seed(int(self.cfg.seed)))
-
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples as images: latents of text-to-image teachers go through the VAE decoder (loaded
-        on first use in the teacher's dtype, on the accelerator only while it decodes)."""
-        if not self.text_to_image:
-            return x
-        if self._vae is None:  # kept in host memory between previews: the accelerator holds only training state
-            from ..t2i.pipeline import load_vae
-
-            self._vae = load_vae(self.teacher.info, device="cpu", dtype=self.teacher.dtype)
-        from ..t2i.pipeline import decode_latents
-
-        try:
-            return decode_latents(self._vae.to(self.acc.device), x)
-        finally:
-            self._vae.to("cpu")
-
-    def evaluate(self) -> None:
-        if not self.main:
-            return
-        if self.text_to_image:
-            if not self._eval_warned:
-                warnings.warn("eval_every: in-training FID is for pixel-space teachers; score a text-to-image student "
-                              "with `stepdistill eval` (CLIP score, FID against your reference images)")
-                self._eval_warned = True
-            return
-        try:
-            from ..eval.harness import evaluate_generator
-        except ImportError as err:
-            if not self._eval_warned:
-                warnings.warn(f"eval_every is set but the eval harness is unavailable ({err}); skipping eval")
-                self._eval_warned = True
-            return
-        dev = self.acc.device
-
-        def generate(noise, labels):
-            cond = None if labels is None else {"class_labels": labels.to(dev)}
-            return self.student(noise.to(dev), cond, generator=torch.Generator(device=dev).manual_seed(0)).float()
-
-        nc = int(self.meta.get("num_classes") or 0) if getattr(self.teacher, "null_class", None) is not None else 0
-        with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
-            if self.ema is not None:
-                stack.enter_context(self.ema.applied())
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(self.acc.autocast())
-            np_state, py_state = np.random.get_state(), random.getstate()
-            self.student.eval()
-            try:
-                result = evaluate_generator(generate, self.cfg.eval_samples, self.cfg.eval_detector, self.cfg.eval_ref,
-                                            seed=self.cfg.seed, sample_shape=tuple(self.data.sample_shape),
-                                            num_classes=nc, device=dev)
-            finally:
-                self.student.train()
-                np.random.set_state(np_state)
-                random.setstate(py_state)
-        rec = {"step": self.step, "eval": {k: float(v) for k, v in result.items()
-                                            if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-        self.log.write(rec)
-        if self.cfg.log_with:
-            self.acc.log({f"eval/{k}": v for k, v in rec["eval"].items()}, step=self.step)
-
-    def watch_collapse(self) -> dict | None:
-        """Mode-collapse watchdog (issue of DMD without its regression term, Yin et al., 2024, sec. 3.3):
-        the student's samples and as many real images with the same conditions, compared by mean
-        pairwise distance in the eval detector's features (latents for text-to-image teachers);
-        logged as ``collapse`` in metrics.jsonl, with a warning below ``collapse_min_ratio``."""
-        if not self.main:
-            return None
-        from ..diagnostics import collapse_check
-
-        n = min(int(self.cfg.collapse_samples), len(self.data))
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "collapse"))
-        real, cond = self.data.rows(torch.randperm(len(self.data), generator=g)[:n])
-        if self.text_to_image and not self.data.has_images:
-            if not self._collapse_warned:
-                warnings.warn("collapse_every: a prompt list has no real latents to compare with; give image-text pairs")
-                self._collapse_warned = True
-            return None
-        noise = torch.randn((n, *self.data.sample_shape), generator=g)
-        with torch.random.fork_rng(devices=[]):
-            fake = self.sample_student(noise, cond)
-        if self.text_to_image:
-            f_fake, f_real = fake.flatten(1), real.flatten(1)
-        else:
-            from ..eval.detectors import get_detector
-            from ..images import to_uint8
-
-            if self._detector is None:
-                self._detector = get_detector(self.cfg.eval_detector, device=str(self.acc.device))
-            f_fake = self._detector.features(to_uint8(fake))
-            f_real = self._detector.features(to_uint8(real))
-        res = collapse_check(f_fake, f_real, self.cfg.collapse_min_ratio)
-        self.log.write({"step": self.step, "collapse": {"diversity_ratio": float(res["diversity_ratio"]),
-                                                       "collapsed": bool(res["collapsed"]), "samples": n}})
-        return res
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _teacher_tensors(self) -> set[int]:
