@@ -1,18 +1,16 @@
-"""Anything that can generate images, behind one call: ``load_for_sampling(path).generate(...)``.
+"""Anything that can generate images, behind one call: ``generate(...)`` (``loaders.load_for_sampling``
+builds one from a folder).
 
 A teacher folder (sampled with the teacher samplers), a trained student's run folder, or a folder
 written by ``stepdistill export`` (the student rebuilt from its weights and JSON configs).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .denoisers import Denoiser
-from .errors import UserError
 
 
 class SampleableModel:
@@ -89,40 +87,4 @@ class TeacherModel(SampleableModel):
                       generator=generator)
 
 
-def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
-                      resolution: int | None = None, ema: bool = True) -> TeacherModel:
-    """The sampleable model stored at ``path`` (a teacher, run or exported folder). ``resolution``
-    (pixels) picks a text-to-image teacher's sampling size (default: its pipeline's). ``ema=False``
-    takes a run's raw student weights instead of their EMA."""
-    from .teachers import META_FILE, load_teacher
-
-    p = Path(path)
-    from .train.run import is_run_dir, load_run_model
-
-    from .export import is_export_dir, load_exported_model
-
-    student = is_run_dir(p) or is_export_dir(p)
-    if resolution is not None and student:
-        raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size, "
-                        "drop --resolution")
-    if not ema and not is_run_dir(p):
-        raise UserError(f"--no-ema applies to a run folder (the output_dir of `stepdistill train`); {str(p)!r} "
-                        "is not one, drop --no-ema")
-    if is_run_dir(p):  # a `stepdistill train` output_dir: its newest checkpoint's EMA (or raw) student
-        return load_run_model(p, ema=ema)
-    if is_export_dir(p):  # a `stepdistill export` folder: the student rebuilt from weights + JSON
-        return load_exported_model(p, trust_pickle=trust_pickle)
-    if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
-        raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
-                        f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")
-    den = load_teacher(p, trust_pickle=trust_pickle, resolution=resolution)
-    if resolution is not None and den.meta.get("kind") != "text-to-image":
-        raise UserError(f"--resolution applies to text-to-image teachers; {str(p)!r} has a fixed sample size, "
-                        "drop --resolution")
-    meta = dict(den.meta)
-    if getattr(den, "info", None) is not None:
-        meta["t2i"] = den.info
-    return TeacherModel(den, meta)
-
-
-__all__ = ["TeacherModel", "load_for_sampling"]
+__all__ = ["SampleableModel", "TeacherModel"]

@@ -125,3 +125,15 @@ def test_no_objective_module_imports_another():
         tree = ast.parse((root / f"{fam}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
         assert not imported & set(FAMILIES), f"{fam}.py imports {imported & set(FAMILIES)}"
+
+
+def test_the_folder_loaders_sit_below_train_export_and_eval():
+    """``stepdistill.loaders`` (run and export folders back into models) imports none of the trainer,
+    export or eval packages, which all import it: no loop between them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stepdistill.loaders; print(sorted(m for m in sys.modules if m.startswith("
+            "('stepdistill.train', 'stepdistill.export', 'stepdistill.eval', 'stepdistill.commands'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -37,7 +37,7 @@ def test_eval_text_to_image_reports_fid_and_clip_score(tmp_path, clip_dir):  # n
     from stepdistill.eval.clip import CLIPDetector
     from stepdistill.eval.harness import seeded_noise
     from stepdistill.images import to_uint8
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     model = load_for_sampling(pipe, resolution=16)
     text = model.text_cond(PROMPTS)
@@ -57,7 +57,7 @@ def test_resolution_is_refused_where_it_cannot_apply(tmp_path):
     import pytest
 
     from stepdistill.errors import UserError
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     with pytest.raises(UserError, match="drop --resolution"):
         load_for_sampling("assets/teachers/digits16", resolution=32)

@@ -127,7 +127,7 @@ def test_deterministic_students_export_ddim_schedulers(tmp_path):
 
     from stepdistill.denoisers import DiffusersDenoiser
     from stepdistill.export.pipeline import StepDistillPipeline
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     vp = _vp()
     for k in (1, 2, 4, 8):
@@ -236,7 +236,7 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
     """Class-conditional full, LoRA fused and unconditional students in diffusers' own
     ConsistencyModelPipeline (no custom code), and LoRA adapters through the shipped pipeline's
     load_lora_weights: each reproduces the student's own sample for the same noise."""
-    from stepdistill.train.run import load_run
+    from stepdistill.loaders import load_run
 
     full_dir = export_run(runs["full"], tmp_path / "full")
     lora_dir = export_run(runs["lora"], tmp_path / "lora", lora=True)
@@ -290,8 +290,8 @@ def test_exported_students_load_and_match_in_plain_diffusers(runs, tmp_path, tin
 def test_stepdistill_loads_exports_for_sample_and_eval(runs, tmp_path):
     """``load_for_sampling`` (used by ``stepdistill eval`` and ``sample``) rebuilds the student from an
     exported folder, LoRA included, without importing its pipeline.py."""
-    from stepdistill.models import load_for_sampling
-    from stepdistill.train.run import load_run
+    from stepdistill.loaders import load_for_sampling
+    from stepdistill.loaders import load_run
 
     for name, kw in (("full", {}), ("lora", {"lora": True})):
         out = export_run(runs[name], tmp_path / name, **kw)
@@ -306,7 +306,7 @@ def test_stepdistill_loads_exports_for_sample_and_eval(runs, tmp_path):
 def test_sample_defaults_to_the_trained_step_count(runs, tmp_path):
     """`stepdistill sample RUN_DIR` with no --steps samples the student with its trained K steps."""
     from stepdistill.cli import main
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     model = load_for_sampling(runs["full"])
     assert model.default_steps == model.student.steps
@@ -370,9 +370,9 @@ def test_bad_input_stops_with_a_clear_message(runs, tmp_path):
 def test_no_ema_takes_the_raw_student_weights(runs, tmp_path):
     """`--no-ema` (sample, eval, export): the checkpoint's raw student weights, not their EMA; the
     exported UNet holds them and the card does not call them EMA."""
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
     from stepdistill.train import checkpoint as ckpt
-    from stepdistill.train.run import load_run
+    from stepdistill.loaders import load_run
 
     raw, meta_raw = load_run(runs["full"], ema=False)
     ema, meta_ema = load_run(runs["full"])

@@ -147,7 +147,7 @@ def _student(run, w: float | None = None):
     """(student, its prompts' condition) as stepdistill samples it; ``w``: the CFG scale for a
     w-embedding student (its timestep_cond)."""
     from stepdistill.objectives.consistency import guidance_embedding
-    from stepdistill.train.run import StudentModel, load_run
+    from stepdistill.loaders import StudentModel, load_run
 
     student, meta = load_run(run)
     cond = StudentModel(student, meta).text_cond(PROMPTS)
@@ -240,7 +240,7 @@ def test_export_folder_is_the_teachers_pipeline(exported):
 def test_stepdistill_loads_t2i_exports(kind, mode, exported, noise):
     """``load_for_sampling`` (``stepdistill sample|eval``) rebuilds the student from the export:
     same condition from the copied text encoders, same timesteps, same sample."""
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     model = load_for_sampling(exported[kind][mode])
     student, cond = _student(exported[kind]["run"])
@@ -274,7 +274,7 @@ def test_model_card_says_how_to_run_it(exported):
 def test_bad_input_stops_with_a_clear_message(exported, tmp_path):
     from stepdistill.export import export_student
     from stepdistill.export.t2i import check_lora_base
-    from stepdistill.train.run import load_run
+    from stepdistill.loaders import load_run
 
     with pytest.raises(UserError, match="full weights, so it has no LoRA"):
         export_run(exported["sd3"]["run"], tmp_path / "x", lora=True)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from stepdistill.cli import main
 from stepdistill.images import to_uint8
-from stepdistill.models import load_for_sampling
+from stepdistill.loaders import load_for_sampling
 from stepdistill.sampling import sample
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdistill.train.run import load_run
+from stepdistill.loaders import load_run
 from stepdistill.train.setup import resolve
 from stepdistill.train.trainer import Trainer
 from tiny_pipelines import build_tiny_pipeline
@@ -132,7 +132,7 @@ def test_teacher_denoiser_matches_the_pipeline(kind, pipelines, tmp_path):
 
     from diffusers import DiffusionPipeline
 
-    from stepdistill.models import load_for_sampling
+    from stepdistill.loaders import load_for_sampling
 
     folder = tmp_path / kind
     shutil.copytree(pipelines[kind], folder)

@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     from stepdistill.fake_score import FakeScore, build_disc_head, find_module
     from stepdistill.teachers import load_teacher
     from stepdistill.train import checkpoint as ckpt
-    from stepdistill.train.run import load_run
+    from stepdistill.loaders import load_run
 
     torch.manual_seed(0)
     student, meta = load_run(args.run)

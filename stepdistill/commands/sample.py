@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..images import image_format, save_grid
     from ..outputs import check_outputs
-    from ..models import load_for_sampling
+    from ..loaders import load_for_sampling
     from ..pretrain import class_cycle
     from ..sampling import get_sampler
 

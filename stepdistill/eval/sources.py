@@ -2,7 +2,7 @@
 
 A source is either a fixed set of images (a folder, an ``.npz``, a dataset spec: no generation) or
 something that generates from noise in a given number of steps: whatever
-``stepdistill.models.load_for_sampling`` loads (a teacher folder, a run folder, an exported
+``stepdistill.loaders.load_for_sampling`` loads (a teacher folder, a run folder, an exported
 pipeline). Supporting a new kind of model is one more branch there.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _is_image_set(path: Path) -> bool:
 
 
 def _is_run_dir(path: Path) -> bool:
-    from ..train.run import is_run_dir
+    from ..loaders import is_run_dir
 
     return bool(is_run_dir(path))
 
@@ -95,7 +95,7 @@ def _model_source(model, path: Path, sampler: str, guidance: float, prompts: lis
 
 
 def _load_model(path: Path, sampler: str, guidance: float, prompts=None, resolution=None, ema=True) -> Source:
-    from ..models import load_for_sampling
+    from ..loaders import load_for_sampling
 
     return _model_source(load_for_sampling(str(path), resolution=resolution, ema=ema), path, sampler, guidance,
                          prompts)

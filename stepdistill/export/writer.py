@@ -26,13 +26,12 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_folder
+from ..loaders import EXPORT_META, FORMAT_VERSION
 from .card import model_card
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
 
-EXPORT_META = "stepdistill_student.json"
-FORMAT_VERSION = 1
 PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
 PIPELINE_CLASS = "StepDistillPipeline"
 #: with no boundary condition the scheduler's c_skip must vanish (and c_out be 1) to this tolerance
@@ -57,7 +56,7 @@ def _mode(student, lora: bool, fuse: bool) -> str:
 def check_exportable(student, meta: dict | None = None) -> dict:
     """The scheduler config for ``student``, after checking that the exported scheduler runs exactly
     the student's sampling rule: same timesteps (as the exported pipeline sets them), same boundary
-    condition. ``meta`` (from ``train.run.load_run``) marks text-to-image students."""
+    condition. ``meta`` (from ``loaders.load_run``) marks text-to-image students."""
     info = (meta or {}).get("t2i") if (meta or {}).get("kind") == "text-to-image" else None
     backbone = student.denoiser.backbone
     if info is not None:
@@ -110,7 +109,7 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool) -> Non
 
 def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool = False,
                    eval_report: dict | None = None) -> Path:
-    """Write ``student`` (with ``meta`` from ``train.run.load_run``) to the folder ``out``, atomically."""
+    """Write ``student`` (with ``meta`` from ``loaders.load_run``) to the folder ``out``, atomically."""
     mode = _mode(student, lora, fuse)
     cfg = check_exportable(student, meta)
     out = Path(out)
@@ -185,7 +184,7 @@ def export_run(run_dir, out, *, lora: bool = False, fuse: bool = False, checkpoi
     """Export the newest (or the named) checkpoint's EMA student (``ema=False``: its raw weights) of a
     ``stepdistill train`` run."""
     from ..train import checkpoint as ckpt
-    from ..train.run import is_run_dir, load_run
+    from ..loaders import is_run_dir, load_run
 
     run = Path(run_dir)
     if not is_run_dir(run):

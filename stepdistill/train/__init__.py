@@ -3,7 +3,7 @@ accumulation and checkpointing, EMA, atomic checkpoints and exact resume, NaN/In
 progress bars and preview grids (``Trainer``); run folders back into a sampling student
 (``load_run``)."""
 from .config import EMAConfig, OptimConfig, TrainConfig
-from .run import load_run
+from ..loaders import load_run
 
 __all__ = ["TrainConfig", "OptimConfig", "EMAConfig", "load_run", "train", "resolve"]
 
