@@ -86,3 +86,29 @@ def test_gan_add_on_for_dmd2_reuses_the_losses():
     out = obj.critic_loss(nets, {"x0": torch.rand(4, 1, 8, 8), "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}})
     assert torch.allclose(out["gan_d"], 1e-2 * gan.d_loss(out["_d_real"], out["_d_fake"], "hinge"))
     assert "r1" in out
+
+
+def test_add_student_denoises_real_images_noised_to_its_timesteps():
+    """ADD (Sauer et al., 2023, sec. 3.1): the student sees x_s = alpha_s x0 + sigma_s eps, x0 a real
+    training image and s uniform over its own timesteps, and the discriminator judges x^_theta(x_s, s);
+    with student_input "noise" it runs its own chain from pure noise instead."""
+    from stepdistill.train.randomness import BatchRandom
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, steps=2)
+    obj = Adversarial(Adversarial.Config(disc="pixels", distill="none"))
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    seen = []
+    student.denoiser.register_forward_pre_hook(lambda m, a: seen.append((a[0].detach().clone(), a[1])))
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = {"x0": x0, "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}, "rng": BatchRandom(5, 4, slice(0, 4))}
+    obj.generator_loss(nets, batch)
+    rng = BatchRandom(5, 4, slice(0, 4))
+    s = student.timesteps[rng.randint(0, 2)]
+    x_s = student.schedule.add_noise(x0, rng.randn_like(x0), s)
+    assert len(seen) == 1 and torch.equal(torch.as_tensor(seen[0][1]), s)
+    torch.testing.assert_close(seen[0][0], x_s)
+    assert set(s.tolist()) == set(student.timesteps.tolist())  # both of its timesteps drawn here
+    seen.clear()
+    Adversarial(Adversarial.Config(disc="pixels", distill="none", student_input="noise")).generator_loss(nets, batch)
+    assert float(torch.as_tensor(seen[0][1]).flatten()[0]) == float(student.timesteps[0])  # the chain's first step

@@ -50,12 +50,18 @@ class Adversarial(Objective):
         distill_weight: float = 2.5         # ADD's lambda
         distill_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
         guidance: float = 1.0               # teacher CFG scale in the distillation term
-        backward_simulation: bool = True    # multi-step students
+        student_input: str = "data"         # "data": real images noised to one of the student's timesteps (ADD
+                                            # sec. 3.1, x_s = alpha_s x0 + sigma_s eps); "noise": the student's own
+                                            # sampling chain from pure noise
+        backward_simulation: bool = True    # multi-step students with student_input "noise"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         if self.cfg.disc not in DISCS:
             raise UserError(f"objective.disc {self.cfg.disc!r} is not supported; use one of {', '.join(DISCS)}")
+        if self.cfg.student_input not in ("data", "noise"):
+            raise UserError(f"objective.student_input {self.cfg.student_input!r} is not supported; use 'data' (ADD: "
+                            "noised real images) or 'noise' (the student's own chain)")
         if self.cfg.distill not in ("sds", "none"):
             raise UserError(f"objective.distill {self.cfg.distill!r} is not supported; use 'sds' or 'none'")
         gan._check(self.cfg.gan_loss)
@@ -94,11 +100,22 @@ class Adversarial(Objective):
 
         return gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
 
+    def student_output(self, nets: Nets, batch: dict, draws: Draws, grad: bool = True) -> torch.Tensor:
+        """ADD (Sauer et al., 2023, sec. 3.1): x^_theta(x_s, s) with x_s a real image noised to s ~ U(T_student);
+        with student_input "noise" the student's own samples (backward simulation for K steps)."""
+        c, student, cond = self.cfg, nets.student, batch.get("cond")
+        if c.student_input == "noise":
+            return sample_student(student, cond, draws, backward_simulation=c.backward_simulation, grad=grad)
+        s = student.timesteps[draws.randint(0, student.steps).to(student.timesteps.device)]
+        x_s = draws.noised(student.schedule, batch["x0"], s)
+        with torch.set_grad_enabled(grad):
+            return student.denoise(x_s, s, cond)
+
     # -- phases ---------------------------------------------------------------------------------------
     def disc_loss(self, nets: Nets, batch: dict) -> dict:
         c, draws = self.cfg, Draws(batch)
         real_x, cond = batch["x0"], batch.get("cond")
-        fake_x = sample_student(nets.student, cond, draws, backward_simulation=c.backward_simulation, grad=False)
+        fake_x = self.student_output(nets, batch, draws, grad=False)
         t_r, t_f = (draws.times(nets.teacher.schedule, c.t_range) for _ in range(2))
         real_logits = self.logits(nets, real_x, cond, draws, t_r)
         fake_logits = self.logits(nets, fake_x, cond, draws, t_f)
@@ -111,7 +128,7 @@ class Adversarial(Objective):
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c, draws = self.cfg, Draws(batch)
         cond = batch.get("cond")
-        x = sample_student(nets.student, cond, draws, backward_simulation=c.backward_simulation)
+        x = self.student_output(nets, batch, draws)
         with frozen(nets.disc):
             logits = self.logits(nets, x, cond, draws, draws.times(nets.teacher.schedule, c.t_range))
         out = {"gan_g": c.gan_weight * gan.g_loss(logits, c.gan_loss)}
