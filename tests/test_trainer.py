@@ -325,3 +325,15 @@ def test_a_phase_waits_for_its_start(tiny_teacher_dir, tiny_data_npz, tmp_path):
                           "objective.gan_weight": 0.0, "objective.cache": str(tmp_path / "pairs"),
                           "objective.cache_num": 8, "objective.cache_steps": 2, "max_steps": 3})
     assert res["step"] == 3 and trainer.updates == {"fake_score": 2, "student": 3}
+
+
+def test_progress_off_a_terminal_is_a_plain_line_per_log_step(tiny_teacher_dir, tiny_data_npz, tmp_path, capsys):
+    """Where stdout is not a terminal (nohup, SLURM, pytest's capture) training prints one line per log
+    step: the step, the window's losses, it/s and the ETA."""
+    import re
+
+    run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", max_steps=4, log_every=2, progress="true")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
+    assert all(re.search(r"generator/mse=\S+ .* \S+ it/s eta \d+:\d\d:\d\d$", ln) for ln in lines), lines
+    assert lines[-1].endswith("eta 0:00:00")

@@ -1,5 +1,5 @@
-"""Run logs: ``metrics.jsonl`` (one JSON line per log step), accelerate trackers and a rich
-progress bar (only on a TTY, only on the main process)."""
+"""Run logs: ``metrics.jsonl`` (one JSON line per log step), accelerate trackers and progress (a rich
+bar on a terminal, plain lines elsewhere; only on the main process)."""
 from __future__ import annotations
 
 import json
@@ -45,12 +45,16 @@ def _finite_or_str(v):
 
 
 class Progress:
-    """A rich progress bar with loss and it/s; a no-op when disabled."""
+    """Training progress on the main process: a rich bar with losses and it/s on a terminal; where
+    stdout is not a terminal (nohup, SLURM, a pipe) a plain line per log step instead (step, losses,
+    it/s, ETA), flushed as it is written; nothing when disabled."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled = bool(enabled and sys.stdout.isatty())
+    def __init__(self, total: int, start: int, enabled: bool, stream=None):
+        self.stream = stream or sys.stdout
+        self.enabled = bool(enabled)
+        self.total, self.start, self.t0 = int(total), int(start), time.perf_counter()
         self._bar = None
-        if self.enabled:
+        if self.enabled and self.stream.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
                 TimeRemainingColumn
 
@@ -62,6 +66,12 @@ class Progress:
     def update(self, step: int, info: str = "") -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
+        elif self.enabled and info:  # a log step, off a terminal
+            done, dt = step - self.start, time.perf_counter() - self.t0
+            eta = (self.total - step) * dt / done if done > 0 else float("nan")
+            when = f"{int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "-:--:--"
+            self.stream.write(f"step {step}/{self.total} {info} eta {when}\n")
+            self.stream.flush()
 
     def close(self) -> None:
         if self._bar is not None:
