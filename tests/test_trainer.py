@@ -337,3 +337,22 @@ def test_progress_off_a_terminal_is_a_plain_line_per_log_step(tiny_teacher_dir, 
     assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
     assert all(re.search(r"generator/mse=\S+ .* \S+ it/s eta \d+:\d\d:\d\d$", ln) for ln in lines), lines
     assert lines[-1].endswith("eta 0:00:00")
+
+
+def test_curves_are_drawn_from_the_runs_log(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """``stepdistill plot RUN`` and the PNG the trainer refreshes at each checkpoint: a panel per phase
+    with its losses, the gradient norm of each trained network per phase, skipped updates."""
+    from stepdistill.cli import main
+    from stepdistill.plots import curves, read_metrics
+
+    run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", max_steps=3, **{"objective.name": "toy-critic"})
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = curves(read_metrics(tmp_path / "run"))
+    assert {"critic losses", "generator losses", "gradient norm", "skipped updates"} <= set(panels)
+    assert {"critic (critic)", "student (generator)"} <= set(panels["gradient norm"])
+    assert [s for s, _ in panels["skipped updates"]["total"]] == [1, 2, 3]
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "d.png")]) == 2  # not a run: one line, exit 2
+    assert not (tmp_path / "d.png").exists()

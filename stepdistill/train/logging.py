@@ -69,7 +69,8 @@ class Progress:
         elif self.enabled and info:  # a log step, off a terminal
             done, dt = step - self.start, time.perf_counter() - self.t0
             eta = (self.total - step) * dt / done if done > 0 else float("nan")
-            when = f"{int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "-:--:--"
+            when = (f"{int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta)
+                    else "-:--:--")
             self.stream.write(f"step {step}/{self.total} {info} eta {when}\n")
             self.stream.flush()
 

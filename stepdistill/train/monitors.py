@@ -161,3 +161,15 @@ class Monitors:
         self.tr.log.write({"step": self.tr.step, "collapse": {"diversity_ratio": float(res["diversity_ratio"]),
                                                        "collapsed": bool(res["collapsed"]), "samples": n}})
         return res
+
+    def plot(self) -> None:
+        """Refresh RUN/curves.png from metrics.jsonl (``stepdistill plot``); a failure only warns."""
+        if not self.tr.main or not (self.tr.out / "metrics.jsonl").is_file():
+            return
+        from ..errors import UserError
+        from ..plots import plot_run
+
+        try:
+            plot_run(self.tr.out)
+        except (UserError, OSError, ValueError) as err:
+            warnings.warn(f"curves.png not refreshed: {err}")

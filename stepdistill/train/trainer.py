@@ -286,6 +286,7 @@ class Trainer:
         for n in phase.trains:
             norm = torch.nn.utils.clip_grad_norm_(self.params[n], self.clip[n])
             bad_grad = torch.maximum(bad_grad, (~torch.isfinite(norm)).float())
+            window.add(f"{phase.name}/_grad_norm/{n}", norm.detach())  # before clipping (logged only)
         flags = torch.stack([bad_loss, bad_grad])
         if self.world > 1:
             flags = self.acc.reduce(flags, reduction="sum")
@@ -412,7 +413,9 @@ class Trainer:
                 print(f"step {self.step}: no checkpoint while updates are skipped or weights are non-finite",
                       flush=True)
             return False
-        return self.save() or True
+        saved = self.save() or True
+        self.monitors.plot()
+        return saved
 
     def _log(self, window: Window) -> dict:
         means = window.means()
