@@ -142,6 +142,12 @@ CASES = [
          str(w["run"] / "previews" / "step-00000002.png")])[-1], "would overwrite previews/step-00000002.png"),
     ("sample: --out with no image suffix", lambda w: [
         "sample", str(w["teacher"]), "--num", "2", "--out", str(w["tmp"] / "grid.txt")], "is not an image format"),
+    ("train: xformers where it cannot run (no package or no CUDA)", lambda w: _train_args(
+        w["teacher"], w["data"], w["new"], "attention=xformers"), "attention=xformers"),
+    ("train: unknown attention kernel", lambda w: _train_args(w["teacher"], w["data"], w["new"], "attention=flash"),
+     "attention 'flash' is not one of auto, sdpa, xformers"),
+    ("plot: a folder that is not a run", lambda w: ["plot", str(w["tmp"]), "--out", str(w["tmp"] / "c.png")],
+     "has no metrics.jsonl"),
 ]
 
 

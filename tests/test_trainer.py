@@ -356,3 +356,24 @@ def test_curves_are_drawn_from_the_runs_log(tiny_teacher_dir, tiny_data_npz, tmp
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "d.png")]) == 2  # not a run: one line, exit 2
     assert not (tmp_path / "d.png").exists()
+
+
+def test_attention_switch_goes_through_diffusers_processors(monkeypatch):
+    """attention=auto is SDPA without CUDA (diffusers' default processors, left as they are); xformers
+    calls enable_xformers_memory_efficient_attention on every diffusers model of the run."""
+    from diffusers import ModelMixin
+
+    from stepdistill.attention import apply_attention, resolve_attention
+    from stepdistill.objectives.base import Nets
+
+    assert resolve_attention("auto", cpu=True) == "sdpa" and resolve_attention("sdpa") == "sdpa"
+    teacher = tiny_teacher()
+    nets = Nets(teacher=teacher, student=build_student(teacher))
+    procs = [m.processor for m in nets.modules() if hasattr(m, "processor")]
+    assert procs and {type(p).__name__ for p in procs} == {"AttnProcessor2_0"}  # diffusers' SDPA default
+    assert apply_attention(nets, "sdpa") == 0
+    assert [m.processor for m in nets.modules() if hasattr(m, "processor")] == procs
+    called = []
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", lambda self: called.append(self))
+    assert apply_attention(nets, "xformers") == 2
+    assert {id(m) for m in called} == {id(teacher.backbone), id(nets.student.denoiser.backbone)}

@@ -66,6 +66,8 @@ class TrainConfig:
     grad_accum: int = 1              # micro-steps per update
     mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses loss scaling)
     gradient_checkpointing: bool = False
+    attention: str = "auto"          # "auto" (xformers where CUDA and xformers are present, else SDPA) | "sdpa" |
+                                     # "xformers"
     cpu: bool = False                # force CPU even when an accelerator is present
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint_every: int = 500      # steps; a checkpoint is also written at the end
@@ -95,4 +97,4 @@ RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "stu
 #: report, none of which changes what an update computes
 RESUME_FREE = ("max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "preview_every",
                "preview_n", "eval_every", "eval_samples", "eval_detector", "eval_ref", "collapse_every",
-               "collapse_samples", "collapse_min_ratio", "log_with", "max_nonfinite_in_a_row", "progress")
+               "collapse_samples", "collapse_min_ratio", "log_with", "max_nonfinite_in_a_row", "progress", "attention")

@@ -80,6 +80,9 @@ def check(cfg: DictConfig, objective: Objective) -> None:
         if not ok:
             raise UserError(msg)
 
+    from ..attention import resolve_attention
+
+    resolve_attention(cfg.attention, cfg.cpu)  # one line if the asked kernel cannot run here
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}")

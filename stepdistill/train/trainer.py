@@ -197,6 +197,10 @@ class Trainer:
         self.trained = trained_nets(objective)
         for name in self.trained:
             self.nets.get(name).train()
+        from ..attention import apply_attention, resolve_attention
+
+        self.attention = resolve_attention(cfg.attention, cfg.cpu)
+        apply_attention(self.nets, self.attention)
         if cfg.gradient_checkpointing:  # every backbone: frozen ones too are backpropagated through (SiD's
             for m in self.nets.modules():  # teacher and fake score in the generator phase, LADD's teacher)
                 if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
