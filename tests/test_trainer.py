@@ -377,3 +377,24 @@ def test_attention_switch_goes_through_diffusers_processors(monkeypatch):
     monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", lambda self: called.append(self))
     assert apply_attention(nets, "xformers") == 2
     assert {id(m) for m in called} == {id(teacher.backbone), id(nets.student.denoiser.backbone)}
+
+
+def test_the_budget_counts_the_objectives_setup(tiny_teacher_dir, tiny_data_npz, tmp_path, monkeypatch):
+    """A teacher-output cache sampled in build() is paid from max_minutes (as one sampled inside the
+    first step was) and logged as setup_seconds, outside every it/s window."""
+    import json
+    import time
+
+    import stepdistill.train.trainer as trainer_mod
+
+    real = trainer_mod.build_nets
+
+    def slow_build(*a, **k):
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "build_nets", slow_build)
+    _, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", max_steps=1000, max_minutes=0.02)
+    assert res["step"] == 0  # 1.5 s of setup already spent the 1.2 s budget
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["setup_seconds"] >= 1.5
