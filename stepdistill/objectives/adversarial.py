@@ -16,17 +16,19 @@ DMD2 and SiD take the same GAN terms as an add-on through their fake score (``ga
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import List
 
 import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import DiscHead, build_disc_head, find_module, forward_with_features, frozen, sample_shape
+from ..fake_score import DiscHead, build_disc_head, frozen, sample_shape
 from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
 from .common import Draws, sample_student
+from .critic import gan_critic_terms, gan_generator_term
 
 DISCS = ("teacher", "pixels")
 
@@ -77,28 +79,24 @@ class Adversarial(Objective):
         return {"disc": DiscHead(sample_shape(teacher), c.disc_hidden, None if null is None else int(null) + 1)}
 
     # -- the discriminator --------------------------------------------------------------------------
-    def logits(self, nets: Nets, x: torch.Tensor, cond, draws: Draws, t=None) -> torch.Tensor:
-        """The head's logits for clean images x: on the pixels, or on the frozen teacher's features at
-        x_t (LADD sec. 3: real and fake noised alike, t from t_range)."""
-        if self.cfg.disc == "pixels":
-            return nets.disc(x, cond)
-        return nets.disc(self.features(nets, draws.noised(nets.teacher.schedule, x, t), t, cond), cond)
-
-    def features(self, nets: Nets, x_t: torch.Tensor, t, cond) -> torch.Tensor:
-        mod = find_module(nets.teacher, self.cfg.feature_module)
-        return forward_with_features(nets.teacher, mod, x_t, t, cond, need_x0=False)[1]
-
-    def r1(self, nets, real_x, real_logits, cond, t, draws: Draws):
-        """Approximate R1 (LADD sec. 3.2): the change of D under a small perturbation of its input."""
+    @property
+    def critic_view(self) -> SimpleNamespace:
+        """This objective's discriminator settings as the shared critic reads them (critic.py): a head on
+        the frozen teacher's features at x_t, real and fake noised alike at t from t_range (LADD sec. 3)."""
         c = self.cfg
-        if c.disc == "pixels":
-            return gan.approx_r1(lambda xx: nets.disc(xx, cond), real_x, real_logits, c.r1_noise)
-        x_t = draws.noised(nets.teacher.schedule, real_x, t)  # LADD: perturb the noised input of the features
+        return SimpleNamespace(feature_module=c.feature_module, disc_t_range=c.t_range, gan_critic_weight=1.0,
+                               gan_loss=c.gan_loss, gan_weight=c.gan_weight, r1_weight=c.r1_weight,
+                               r1_noise=c.r1_noise)
 
-        def d_of(xt):
-            return nets.disc(self.features(nets, xt, t, cond), cond)
-
-        return gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
+    def pixel_terms(self, nets: Nets, real_x, fake_x, cond) -> dict:
+        """disc="pixels": the head reads the clean images (ADD's discriminator without a feature network)."""
+        c = self.cfg
+        real_logits, fake_logits = nets.disc(real_x, cond), nets.disc(fake_x, cond)
+        out = {"gan_d": gan.d_loss(real_logits, fake_logits, c.gan_loss),
+               "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+        if c.r1_weight > 0:
+            out["r1"] = c.r1_weight * gan.approx_r1(lambda xx: nets.disc(xx, cond), real_x, real_logits, c.r1_noise)
+        return out
 
     def student_output(self, nets: Nets, batch: dict, draws: Draws, grad: bool = True) -> torch.Tensor:
         """ADD (Sauer et al., 2023, sec. 3.1): x^_theta(x_s, s) with x_s a real image noised to s ~ U(T_student);
@@ -113,25 +111,22 @@ class Adversarial(Objective):
 
     # -- phases ---------------------------------------------------------------------------------------
     def disc_loss(self, nets: Nets, batch: dict) -> dict:
-        c, draws = self.cfg, Draws(batch)
+        draws = Draws(batch)
         real_x, cond = batch["x0"], batch.get("cond")
         fake_x = self.student_output(nets, batch, draws, grad=False)
-        t_r, t_f = (draws.times(nets.teacher.schedule, c.t_range) for _ in range(2))
-        real_logits = self.logits(nets, real_x, cond, draws, t_r)
-        fake_logits = self.logits(nets, fake_x, cond, draws, t_f)
-        out = {"gan_d": gan.d_loss(real_logits, fake_logits, c.gan_loss),
-               "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
-        if c.r1_weight > 0:
-            out["r1"] = c.r1_weight * self.r1(nets, real_x, real_logits, cond, t_r, draws)
-        return out
+        if self.cfg.disc == "pixels":
+            return self.pixel_terms(nets, real_x, fake_x, cond)
+        return gan_critic_terms(self.critic_view, nets, fake_x, real_x, cond, draws, net=nets.teacher)
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c, draws = self.cfg, Draws(batch)
         cond = batch.get("cond")
         x = self.student_output(nets, batch, draws)
-        with frozen(nets.disc):
-            logits = self.logits(nets, x, cond, draws, draws.times(nets.teacher.schedule, c.t_range))
-        out = {"gan_g": c.gan_weight * gan.g_loss(logits, c.gan_loss)}
+        if c.disc == "pixels":
+            with frozen(nets.disc):
+                out = {"gan_g": c.gan_weight * gan.g_loss(nets.disc(x, cond), c.gan_loss)}
+        else:
+            out = {"gan_g": gan_generator_term(self.critic_view, nets, x, cond, draws, net=nets.teacher)}
         if c.distill == "sds":
             out["distill"] = c.distill_weight * sds_loss(nets.teacher, x, cond, c.distill_t_range, c.guidance, draws)
         return out

@@ -104,23 +104,26 @@ def dsm_loss(c, fake, x: torch.Tensor, cond, draws: Draws, *, guidance: float = 
 
 
 # -- "dmd2" form ------------------------------------------------------------------------------------
-def disc_logits(c, nets, x: torch.Tensor, t: torch.Tensor, cond, draws: Draws) -> torch.Tensor:
-    """The classifier's logits for clean images x seen through the fake score's features at x_t
-    (diffusion GAN: real and fake noised alike, DMD2 sec. 4.3)."""
-    fs = nets.fake_score
+def disc_logits(c, nets, x: torch.Tensor, t: torch.Tensor, cond, draws: Draws, net=None) -> torch.Tensor:
+    """The classifier's logits for clean images x seen through a denoiser's features at x_t (diffusion
+    GAN: real and fake noised alike): the fake score's (DMD2 sec. 4.3) or, as ``net``, the frozen
+    teacher's (LADD, Sauer et al., 2024, sec. 3)."""
+    fs = net if net is not None else nets.fake_score
     _, feats = forward_with_features(fs, find_module(fs, c.feature_module), draws.noised(fs.schedule, x, t), t, cond,
                                      need_x0=False)
     return nets.disc(feats, cond)
 
 
-def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None, cond, draws: Draws) -> dict:
-    """DMD2's classifier loss on real images against the student's (sec. 4.3, eq. 4), with R1."""
+def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None, cond, draws: Draws,
+                     net=None) -> dict:
+    """The classifier's loss on real images against the student's (DMD2 sec. 4.3, eq. 4; LADD with the
+    teacher as ``net``), with approximate R1."""
     if real_x is None:
         raise UserError("the GAN term needs real images in the batch; set data to an image set or gan_weight=0")
-    fs = nets.fake_score
+    fs = net if net is not None else nets.fake_score
     t_r, t_f = draws.times(fs.schedule, c.disc_t_range), draws.times(fs.schedule, c.disc_t_range)
-    real_logits = disc_logits(c, nets, real_x, t_r, cond, draws)
-    fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws)
+    real_logits = disc_logits(c, nets, real_x, t_r, cond, draws, fs)
+    fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws, fs)
     out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
            "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
     if c.r1_weight > 0:
@@ -134,11 +137,12 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
     return out
 
 
-def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws) -> torch.Tensor:
-    """DMD2's generator GAN term: gan_weight * softplus(-D(x)) at times from disc_t_range."""
-    t = draws.times(nets.fake_score.schedule, c.disc_t_range)
-    with frozen(nets.fake_score, nets.disc):
-        logits = disc_logits(c, nets, x, t, cond, draws)
+def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws, net=None) -> torch.Tensor:
+    """The generator's GAN term: gan_weight * g_loss(D(x)) at times from disc_t_range (DMD2: softplus(-D))."""
+    fs = net if net is not None else nets.fake_score
+    t = draws.times(fs.schedule, c.disc_t_range)
+    with frozen(fs, nets.disc):
+        logits = disc_logits(c, nets, x, t, cond, draws, fs)
     return c.gan_weight * gan.g_loss(logits, c.gan_loss)
 
 
