@@ -383,14 +383,6 @@ def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hid
     return DiscHead(shape, hidden, n_embed)
 
 
-def disc_logits(denoiser: Denoiser, module_name: str, head: DiscHead, x_clean: torch.Tensor, t, cond: Cond):
-    """Discriminator logits of clean images seen through `denoiser`'s features at x_t (diffusion
-    GAN: both real and fake are noised to the same kind of t, DMD2 sec. 4.3; LADD sec. 3)."""
-    x_t = denoiser.schedule.add_noise(x_clean, torch.randn_like(x_clean), t)
-    _, feats = forward_with_features(denoiser, find_module(denoiser, module_name), x_t, t, cond, need_x0=False)
-    return head(feats, cond)
-
-
 __all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
            "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module", "DiscHead",
-           "build_disc_head", "disc_logits", "sample_shape", "feature_shape"]
+           "build_disc_head", "sample_shape", "feature_shape"]

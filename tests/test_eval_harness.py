@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from stepdistill import cli
 from stepdistill.errors import UserError

@@ -18,7 +18,7 @@ from stepdistill.errors import UserError
 from stepdistill.export import export_run, export_student, student_scheduler_config, student_timesteps
 from stepdistill.export.scheduler import make_scheduler
 from stepdistill.generator import StudentConfig, build_student
-from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+from stepdistill.schedules import EDMSchedule, FlowSchedule
 
 LABELS = [0, 1, 1]
 SEED = 5

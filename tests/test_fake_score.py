@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_teacher
-from stepdistill.fake_score import (FakeScore, build_disc_head, denoising_loss, disc_logits, frozen, real_score,
+from stepdistill.fake_score import (FakeScore, build_disc_head, denoising_loss, frozen, real_score,
                                     sample_times)
 from stepdistill.objectives.base import Nets
 
@@ -68,8 +68,14 @@ def test_disc_head_on_bottleneck_features_and_frozen():
     fake = FakeScore(teacher)
     head = build_disc_head(fake, "mid_block", teacher)
     x = X.clone().requires_grad_(True)
+    from types import SimpleNamespace
+
+    from stepdistill.objectives.common import Draws
+    from stepdistill.objectives.critic import disc_logits
+
     with frozen(fake, head):
-        logits = disc_logits(fake, "mid_block", head, x, T, COND)
+        logits = disc_logits(SimpleNamespace(feature_module="mid_block"), Nets(disc=head), x, T, COND,
+                             Draws({"x0": x}), net=fake)
     assert logits.shape == (4,)
     logits.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -75,9 +75,7 @@ class DMD(Objective):
                        Phase("generator", ("student",), start=w)]
 
     def build(self, teacher, student, context=None):
-        self.regression.check(student)
-        if context is not None and context.load_caches:  # before a LoRA fake score adds adapters to the teacher
-            self.regression.load(teacher, student, context)
+        self.regression.prepare(teacher, student, context)
         return build_critic(self.cfg, teacher)
 
     # -- the distribution-matching gradient ------------------------------------------------------

@@ -73,6 +73,13 @@ class Regression:
         if c.regression_loss == "lpips":
             self._lpips = _load_lpips()
 
+    def prepare(self, teacher, student, context=None) -> None:
+        """In ``build``: check the settings, and load the pairs when the trainer's context says so
+        (on its main process first), before a LoRA fake score adds adapters to the teacher."""
+        self.check(student)
+        if context is not None and context.load_caches:
+            self.load(teacher, student, context)
+
     def load(self, teacher, student, context=None) -> None:
         """Load the pairs, building them first if the cache is missing (with the context's prompts)."""
         from ..cache import ensure_cache
