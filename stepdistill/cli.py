@@ -1,4 +1,4 @@
-"""``stepdistill pretrain | train | sample | eval | export | plot``.
+"""``stepdistill pretrain | train | sample | eval | export | plot | presets``.
 
 Each subcommand lives in ``stepdistill/commands/<name>.py`` and exposes ``register(subparsers)``,
 which adds its parser and sets ``func`` (called with the parsed args; returns an exit code).
@@ -11,7 +11,7 @@ import sys
 
 from .errors import Interrupted, UserError
 
-COMMANDS = ["pretrain", "sample", "train", "eval", "export", "plot"]
+COMMANDS = ["pretrain", "sample", "train", "eval", "export", "plot", "presets"]
 
 
 def build_parser() -> argparse.ArgumentParser:

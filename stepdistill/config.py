@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from . import resources
 from .errors import UserError
 
 
@@ -79,9 +80,10 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
-    p = Path(path)
+    p = resources.preset(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/digits/teacher.yaml")
+        raise UserError(f"config file {str(path)!r} does not exist; pass a YAML file or a shipped preset's name "
+                        "such as digits/dmd2 (`stepdistill presets` lists them)")
     try:
         cfg = OmegaConf.load(p)
     except Exception as err:  # yaml syntax errors come in several types

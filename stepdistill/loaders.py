@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from . import resources
 from .errors import UserError
 from .models import SampleableModel, TeacherModel
 
@@ -185,7 +186,7 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
     takes a run's raw student weights instead of their EMA."""
     from .teachers import META_FILE, load_teacher
 
-    p = Path(path)
+    p = Path(resources.teacher(path))  # a shipped teacher by name (digits16) from any working directory
     student = is_run_dir(p) or is_export_dir(p)
     if resolution is not None and student:
         raise UserError("--resolution applies to text-to-image teachers; a student samples at its trained size, "
@@ -199,7 +200,7 @@ def load_for_sampling(path: str | os.PathLike, *, trust_pickle: bool = False,
         return StudentModel(*load_exported(p, trust_pickle=trust_pickle))
     if p.is_dir() and not (p / META_FILE).is_file() and not (p / "model_index.json").is_file():
         raise UserError(f"{str(p)!r} is not a model folder this command can sample; pass a teacher folder "
-                        f"(with {META_FILE}, unet/ and scheduler/), e.g. assets/teachers/digits16")
+                        f"(with {META_FILE}, unet/ and scheduler/), e.g. digits16 (the shipped teacher)")
     den = load_teacher(p, trust_pickle=trust_pickle, resolution=resolution)
     if resolution is not None and den.meta.get("kind") != "text-to-image":
         raise UserError(f"--resolution applies to text-to-image teachers; {str(p)!r} has a fixed sample size, "

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .denoisers import BACKBONE_CALLS, DiffusersDenoiser
+from . import resources
 from .errors import UserError
 from .fsutil import atomic_folder
 from .schedules import schedule_from_config
@@ -164,15 +165,15 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype | None = None, *,
     ``resolution`` (pixels) applies to text-to-image teachers only."""
     from .t2i.pipeline import is_hub_name, is_text_to_image, load_t2i_teacher
 
-    raw = str(path)
-    path = Path(path).expanduser()
+    raw = resources.teacher(path)  # a shipped teacher by name (digits16) from any working directory
+    path = Path(raw).expanduser()
     if not path.exists() and is_hub_name(raw):  # e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
         return load_t2i_teacher(raw, dtype, resolution=resolution, trust_pickle=trust_pickle)
     if is_text_to_image(path):
         return load_t2i_teacher(path, dtype, resolution=resolution, trust_pickle=trust_pickle)
     if not path.exists():
         raise UserError(f"teacher {str(path)!r} does not exist; pass a teacher folder such as "
-                        "assets/teachers/digits16 (or train one: stepdistill pretrain configs/digits/teacher.yaml)")
+                        "digits16, the shipped one (or train one: stepdistill pretrain digits/teacher)")
     if not path.is_dir():
         raise UserError(f"teacher {str(path)!r} is a file; pass the teacher folder that holds unet/, scheduler/ "
                         f"and {META_FILE}")

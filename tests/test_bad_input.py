@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import trainer_toy  # noqa: F401  (registers the toy objectives)
+from stepdistill.resources import PRESETS
 from stepdistill.cli import main
 from stepdistill.runfolder import FolderClaim
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "teacher.yaml")
+CONFIG = str(PRESETS / "digits" / "teacher.yaml")
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import load_tool
+from stepdistill.resources import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_objectives_are_the_distillation_presets():
     names = load_tool("benchmark").distill_presets()
-    configs = {p.stem: OmegaConf.load(p) for p in (ROOT / "configs" / "digits").glob("*.yaml")}
+    configs = {p.stem: OmegaConf.load(p) for p in (PRESETS / "digits").glob("*.yaml")}
     assert names == sorted(k for k, c in configs.items() if "objective" in c)
     assert "dmd2_4step" in names and "teacher" not in names  # teacher.yaml is the pretrain config
 
@@ -32,13 +33,15 @@ def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lif
     with pytest.raises(SystemExit):
         tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
     (cmd,) = seen
-    assert f"configs/digits/{name}.yaml" in cmd and f"max_minutes={tool.BUDGET.get(name, tool.DEFAULT_BUDGET)}" in cmd
+    assert f"digits/{name}" in cmd and f"max_minutes={tool.BUDGET.get(name, tool.DEFAULT_BUDGET)}" in cmd
     assert ("max_steps=1000000" in cmd) == lifted
     assert not any(a.startswith("max_steps=") for a in cmd) or lifted  # progressive keeps its preset's rounds
     # a preset's teacher-output cache is built in the run's own folder, charged to its budget
-    has_cache = bool(OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml").objective.get("cache"))
-    assert (f"objective.cache={tmp_path / f'run_{name}' / 'teacher_cache'}" in cmd) == has_cache
-    assert has_cache or name != "dmd2"  # the DMD2 preset's cache exercises the override
+    from stepdistill.train.setup import resolve
+
+    cfg, _ = resolve(cmd[cmd.index("train") + 1], [a for a in cmd if a.startswith("output_dir=")])
+    cache = cfg.objective.get("cache")
+    assert cache == (None if name == "progressive" else str(tmp_path / f"run_{name}" / "teacher_cache"))
 
 
 def _fake_measurements(tool, monkeypatch, fid):
@@ -118,15 +121,18 @@ def test_a_finished_run_of_other_preset_values_is_refused(tmp_path):
 
 def test_preset_id_reads_values_not_comments(tmp_path, monkeypatch):
     tool = load_tool("benchmark")
-    (tmp_path / "configs" / "digits").mkdir(parents=True)
-    monkeypatch.setattr(tool, "ROOT", tmp_path)
-    f = tmp_path / "configs" / "digits" / "x.yaml"
+    monkeypatch.setattr(tool, "DIGITS", tmp_path)
+    f = tmp_path / "x.yaml"
     f.write_text("objective:\n  name: dmd\nbatch_size: 64\n")
     first = tool.preset_id("x")
     f.write_text("# a comment\nbatch_size: 64   # same value\nobjective: {name: dmd}\n")
     assert tool.preset_id("x") == first
     f.write_text("objective:\n  name: dmd\nbatch_size: 32\n")
     assert tool.preset_id("x") != first
+    # where things are (teacher folder, run folder, cache folder) is not how the run trains
+    f.write_text("teacher: digits16\noutput_dir: runs/x\nobjective:\n  name: dmd\n  cache: ${output_dir}/c\n"
+                 "batch_size: 64\n")
+    assert tool.preset_id("x") == first
 
 
 def test_plot_point_reads_the_inception_cell():
@@ -156,12 +162,11 @@ def test_teacher_rows_are_carried_only_for_the_same_teacher_files_and_steps(tmp_
 
 def test_teacher_id_follows_the_weights_not_the_preview(tmp_path, monkeypatch):
     tool = load_tool("benchmark")
-    monkeypatch.setattr(tool, "ROOT", tmp_path)
     (tmp_path / "t" / "unet").mkdir(parents=True)
     (tmp_path / "t" / "unet" / "w.safetensors").write_bytes(b"abc")
     (tmp_path / "t" / "samples.png").write_bytes(b"x")
-    first = tool.teacher_id("t")
+    first = tool.teacher_id(str(tmp_path / "t"))
     (tmp_path / "t" / "samples.png").write_bytes(b"y")
-    assert tool.teacher_id("t") == first
+    assert tool.teacher_id(str(tmp_path / "t")) == first
     (tmp_path / "t" / "unet" / "w.safetensors").write_bytes(b"abd")
-    assert tool.teacher_id("t") != first
+    assert tool.teacher_id(str(tmp_path / "t")) != first

@@ -11,7 +11,7 @@ import trainer_toy  # noqa: F401  (registers the toy objectives)
 from stepdistill.train import resolve
 from stepdistill.train.trainer import Trainer
 
-TEACHER = "assets/teachers/digits16"
+TEACHER = "digits16"
 
 
 @pytest.fixture(autouse=True)

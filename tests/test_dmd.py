@@ -35,8 +35,9 @@ def test_phases_and_defaults():
     assert [(p.name, p.trains, p.repeats) for p in DMD2().phases()] == [
         ("critic", ("fake_score", "disc"), 5), ("generator", ("student",), 1)]
     assert DMD(DMD.Config(regression_weight=0.0)).phases()[0].repeats == 1
-    with pytest.raises(UserError, match="objective.cache"):
-        DMD()
+    assert DMD().needs_cache() and not DMD(DMD.Config(regression_weight=0.0)).needs_cache()
+    with pytest.raises(UserError, match="objective.cache"):  # no folder (`train` fills in the run folder's)
+        DMD().regression.check(None)
     with pytest.raises(UserError, match="guidance_range"):
         DMD2(DMD2.Config(guidance_range=[3.0, 1.0]))
 
@@ -119,8 +120,7 @@ def test_regression_term_uses_the_cache(tmp_path):
 def test_regression_warmup_trains_the_generator_alone_first(tmp_path):
     """DMD2's one-step recipe: regression pretraining on teacher pairs, the critic waiting, then DMD2;
     the clock survives a checkpoint."""
-    with pytest.raises(UserError, match="objective.cache"):
-        DMD2(DMD2.Config(regression_warmup=3))
+    assert DMD2(DMD2.Config(regression_warmup=3)).needs_cache() and not DMD2().needs_cache()
     with pytest.raises(UserError, match="regression_warmup must be >= 0"):
         DMD2(DMD2.Config(regression_warmup=-1, cache=str(tmp_path / "pairs")))
     obj = DMD2(DMD2.Config(regression_warmup=2, gan_weight=0.0, cache=str(tmp_path / "pairs"), cache_num=8,

@@ -109,13 +109,13 @@ def test_bad_input_is_refused_with_one_message(argv, message, capsys):
 @pytest.mark.slow
 def test_shipped_teacher_fid_falls_with_steps_and_stays_above_real_data():
     """The acceptance run: digits FID of the shipped teacher at 1, 4, 50 DDIM steps (N = 1,000)."""
-    from pathlib import Path
 
     from stepdistill.eval.report import evaluate_model
+    from stepdistill.resources import TEACHERS
 
-    teacher = Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits16"
+    teacher = TEACHERS / "digits16"
     if not (teacher / "stepdistill.json").is_file():
-        pytest.skip("the digits teacher is not in assets/")
+        pytest.skip("the shipped digits teacher is missing from the package")
     det = get_detector("digits")
     fids = [r["fid"] for r in evaluate_model(str(teacher), steps=[1, 4, 50], num=1000, detector=det,
                                              ref="digits-test")["results"]]

@@ -60,7 +60,7 @@ def test_resolution_is_refused_where_it_cannot_apply(tmp_path):
     from stepdistill.loaders import load_for_sampling
 
     with pytest.raises(UserError, match="drop --resolution"):
-        load_for_sampling("assets/teachers/digits16", resolution=32)
+        load_for_sampling("digits16", resolution=32)
     run = tmp_path / "run"  # a run folder's shape is enough: the refusal comes before loading
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("seed: 0\n")

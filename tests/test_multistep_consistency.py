@@ -185,7 +185,7 @@ def test_teacher_as_student_with_one_link_per_segment_has_zero_loss(setup):
 def test_multistep_configs_are_checked():
     from stepdistill.train import resolve
 
-    preset = str(ROOT / "configs/digits/consistency.yaml")  # multistep, no boundary condition
+    preset = "digits/consistency"  # multistep, no boundary condition
     cfg, obj = resolve(preset, [])
     assert cfg.student.sampler == "ddim" and obj.student_sampler() == "ddim"
     with pytest.raises(UserError, match="boundary"):

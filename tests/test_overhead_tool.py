@@ -27,11 +27,11 @@ def test_timed_configs_are_the_presets_without_io():
     from stepdistill.train import resolve
 
     tool = load_tool("trainer_overhead")
-    path, over = tool.config_args("progressive", 64, "assets/teachers/digits16", "/tmp/never-written")
+    path, over = tool.config_args("progressive", 64, "digits16", "/tmp/never-written")
     cfg, obj = resolve(path, over)
     assert obj.name == "progressive" and cfg.ema.decay is None and cfg.preview_every is None
     assert cfg.checkpoint_every >= 10**9 and cfg.log_every >= 10**9
-    cfg, obj = resolve(*tool.config_args("sid", 64, "assets/teachers/digits16", "/tmp/never-written"))
+    cfg, obj = resolve(*tool.config_args("sid", 64, "digits16", "/tmp/never-written"))
     assert obj.cfg.regression_warmup == 0 and [ph.start for ph in obj.phases()] == [0, 0]  # the main iterations
     _, over = tool.config_args("no-such-preset", 64, "t", "o")
     assert "objective.name=no-such-preset" in over

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_teacher
 from omegaconf import OmegaConf
 
+from stepdistill.resources import PRESETS, TEACHERS
 from stepdistill.cli import main
 from stepdistill.data import save_npz
 from stepdistill.denoisers import DiffusersDenoiser
@@ -20,7 +21,7 @@ from stepdistill.pretrain import (ModelConfig, PretrainConfig, build_backbone, d
 from stepdistill.schedules import VPSchedule
 from stepdistill.teachers import load_teacher
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "teacher.yaml")
+CONFIG = str(PRESETS / "digits" / "teacher.yaml")
 TINY = ["model.block_out_channels=[8,16]", "model.attention=[false,true]", "model.norm_num_groups=4",
         "batch_size=8", "grid_num=4", "grid_steps=2"]
 
@@ -159,8 +160,8 @@ def test_pretrain_never_replaces_a_folder(tmp_path, capsys):
 
 
 def test_the_presets_pretrain_line_leaves_the_shipped_teacher_alone(capsys):
-    shipped = Path(CONFIG).parents[2] / "assets" / "teachers" / "digits16"
-    assert OmegaConf.load(CONFIG).output_dir != "assets/teachers/digits16"  # the README's line writes elsewhere
+    shipped = TEACHERS / "digits16"
+    assert Path(OmegaConf.load(CONFIG).output_dir).resolve() != shipped  # the README's line writes elsewhere
     before = _files(shipped)
     assert main(["pretrain", CONFIG, f"output_dir={shipped}"]) == 2  # asked for explicitly: still refused
     assert "holds a teacher pretrained with" in capsys.readouterr().err

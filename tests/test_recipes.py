@@ -1,22 +1,21 @@
-"""The text-to-image recipes under configs/ load against the training config schema and name modules
+"""The text-to-image presets (stepdistill/presets/) load against the training config schema and name modules
 that exist in their teacher's architecture (built on the meta device from the published config: no
 download, no weights)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import load_tool
+from stepdistill.resources import preset
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # recipe -> (objective, student steps, backbone in tools/memory_table.py)
-    "configs/sd15/dmd2_1step.yaml": ("dmd2", 1, "sd15"),
-    "configs/sd15/lcm_lora.yaml": ("consistency", 4, "sd15"),
-    "configs/sdxl/dmd2_4step_lora.yaml": ("dmd2", 4, "sdxl"),
-    "configs/sd3/sid_1step.yaml": ("sid", 1, "sd3"),
-    "configs/flux/dmd2_4step_lora.yaml": ("dmd2", 4, "flux"),
+    "sd15/dmd2_1step": ("dmd2", 1, "sd15"),
+    "sd15/lcm_lora": ("consistency", 4, "sd15"),
+    "sdxl/dmd2_4step_lora": ("dmd2", 4, "sdxl"),
+    "sd3/sid_1step": ("sid", 1, "sd3"),
+    "flux/dmd2_4step_lora": ("dmd2", 4, "flux"),
 }
 
 
@@ -38,7 +37,7 @@ def backbones():
 def test_recipe_resolves(path):
     from stepdistill.train.setup import resolve
 
-    cfg, obj = resolve(str(ROOT / path))
+    cfg, obj = resolve(path)  # a shipped preset by name
     name, steps, _ = RECIPES[path]
     assert obj.name == name
     assert cfg.student.steps == steps
@@ -54,7 +53,7 @@ def _matches(names: set[str], target: str) -> bool:
 
 @pytest.mark.parametrize("path", sorted(RECIPES))
 def test_recipe_modules_exist_in_the_teacher(path, backbones):
-    raw = OmegaConf.load(ROOT / path)
+    raw = OmegaConf.load(preset(path))
     model = backbones(RECIPES[path][2])
     names = {n for n, _ in model.named_modules()}
     targets = list(raw.student.get("lora_target_modules") or []) + list(raw.objective.get("fake_target_modules") or [])

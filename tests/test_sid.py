@@ -157,8 +157,9 @@ def test_regression_warmup_option(tmp_path):
     assert set(out) == {"regression"}
     torch.testing.assert_close(out["regression"], pseudo_huber(student(noise, cond), x_ref))
     assert "sid" in obj.generator_loss(nets, batch)
+    assert SiD(SiD.Config(regression_warmup=1)).needs_cache() and not SiD().needs_cache()
     with pytest.raises(UserError, match="objective.cache"):
-        SiD(SiD.Config(regression_warmup=1))
+        SiD(SiD.Config(regression_warmup=1)).regression.check(None)
 
 
 def _sida(**kw):

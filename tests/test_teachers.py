@@ -3,16 +3,16 @@ clear errors, and the shipped digits teacher."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_teacher, tiny_unet2d
 
+from stepdistill.resources import TEACHERS
 from stepdistill.errors import UserError
 from stepdistill.teachers import META_FILE, load_teacher, save_teacher
 
-DIGITS16 = Path(__file__).resolve().parents[1] / "assets" / "teachers" / "digits16"
+DIGITS16 = TEACHERS / "digits16"
 
 
 def _probe(den):

@@ -33,8 +33,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from stepdistill.resources import PRESETS
+from stepdistill.resources import teacher as teacher_folder
+
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER = "assets/teachers/digits16"
+TEACHER = "digits16"  # the shipped teacher (stepdistill/assets/teachers)
+DIGITS = PRESETS / "digits"
 REF = "digits"  # all 1,797 real digits (--ref overrides)
 #: CPU-minute budgets the issues set: trajectory objectives 10, score-based and adversarial 15
 BUDGET = {"progressive": 10.0, "consistency": 10.0}
@@ -45,9 +49,9 @@ FIXED_LENGTH = {"progressive"}
 
 
 def distill_presets() -> list[str]:
-    """Names of the distillation presets: configs/digits/*.yaml with an objective (teacher.yaml is
+    """Names of the distillation presets: the digits/*.yaml presets with an objective (teacher.yaml is
     the pretrain config)."""
-    return sorted(x.stem for x in (ROOT / "configs" / "digits").glob("*.yaml")
+    return sorted(x.stem for x in DIGITS.glob("*.yaml")
                   if "\nobjective:" in "\n" + x.read_text())
 
 
@@ -108,17 +112,31 @@ def grid(model: str, out: Path, work: Path, steps: int | None = None) -> None:
 
 def preset_id(name: str) -> str:
     """A fingerprint of a preset's values (comments and layout aside): a row is carried over only while
-    its preset still holds the values it was measured with."""
-    values = OmegaConf.to_yaml(OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml"), sort_keys=True)
+    its preset still holds the values it was measured with. Locations are left out: the teacher's files
+    have their own fingerprint (teacher_id), and the benchmark sets output_dir, where caches are built."""
+    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{name}.yaml"), resolve=False)
+    for key in LOCATIONS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    values = OmegaConf.to_yaml(OmegaConf.create(cfg), sort_keys=True)
     return hashlib.sha256(values.encode()).hexdigest()[:12]
+
+
+#: preset keys that say where things are, not how a run trains (left out of preset_id)
+LOCATIONS = ("teacher", "output_dir", "objective.cache")
 
 
 def teacher_id(folder: str = TEACHER) -> str:
     """A fingerprint of the teacher's files (weights, configs; its preview image aside): teacher rows are
     carried over only while the teacher is the one they were measured on."""
     h = hashlib.sha256()
-    for f in sorted(x for x in (ROOT / folder).rglob("*") if x.is_file() and x.suffix != ".png"):
-        h.update(f.relative_to(ROOT / folder).as_posix().encode() + b"\0" + f.read_bytes())
+    root = Path(teacher_folder(folder))  # a folder, or a shipped teacher by name
+    for f in sorted(x for x in root.rglob("*") if x.is_file() and x.suffix != ".png"):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -187,17 +205,15 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     if record.is_file():
         info = json.loads(record.read_text())
         if info.get("preset") != preset_id(name):  # the run would resume under other values
-            raise SystemExit(f"{run_dir} was trained with other values of configs/digits/{name}.yaml than the "
+            raise SystemExit(f"{run_dir} was trained with other values of preset digits/{name} than the "
                              f"preset holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
-    # a teacher-output cache is built inside the run's own folder, so its sampling is charged to the
-    # run's budget (a preset's shared cache folder would let a later preset reuse it for free)
-    preset = OmegaConf.load(ROOT / "configs" / "digits" / f"{name}.yaml")
-    cache = [f"objective.cache={run_dir / 'teacher_cache'}"] if preset.get("objective", {}).get("cache") else []
-    cmd = [sys.executable, "-m", "stepdistill", "train", f"configs/digits/{name}.yaml", f"output_dir={run_dir}",
-           f"max_minutes={minutes}", *length, *cache, "preview_every=null", "eval_every=null", "progress=false"]
+    # a teacher-output cache is built inside the run's own folder (the presets' default), so its sampling
+    # is charged to the run's budget (a cache shared between presets would let a later one reuse it for free)
+    cmd = [sys.executable, "-m", "stepdistill", "train", f"digits/{name}", f"output_dir={run_dir}",
+           f"max_minutes={minutes}", *length, "preview_every=null", "eval_every=null", "progress=false"]
     wall, peak = run(cmd, work / "log.txt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [x["it_s"] for x in lines if x.get("it_s")]
@@ -213,7 +229,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objectives", default=",".join(distill_presets()), help="presets of configs/digits/ (default: all)")
+    p.add_argument("--objectives", default=",".join(distill_presets()), help="digits presets (default: all)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget per objective in wall minutes (default: 10 for progressive and consistency, "
                         "15 for the others); a finished run (bench.json) is reused")
@@ -255,8 +271,8 @@ def main() -> None:
 
     chosen = [o for o in args.objectives.split(",") if o]
     for name in chosen:
-        if not (ROOT / f"configs/digits/{name}.yaml").exists():
-            print(f"skipping {name}: no preset configs/digits/{name}.yaml")
+        if not (DIGITS / f"{name}.yaml").exists():
+            print(f"skipping {name}: no preset digits/{name}")
             continue
         run_dir, k, info = train(name, args, work)
         inc = evaluate(run_dir, [k], "inception", args, work, name)
@@ -274,7 +290,7 @@ def main() -> None:
 
     lines = [
         "# Digits benchmark", "",
-        "Teacher `assets/teachers/digits16` distilled with each preset in `configs/digits/` for a fixed wall-clock",
+        "Teacher `digits16` (shipped) distilled with each `digits/` preset (`stepdistill presets`) for a fixed wall-clock",
         "budget (listed below the table), then sampled with its trained step count. FID is the mean over sampling",
         f"{protocol_sentence(args)}",
         "(`digits` = all 1,797 real digits); images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",

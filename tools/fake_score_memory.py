@@ -41,7 +41,7 @@ def child(size: str, rank: int) -> dict:
     if SIZES[size] is None:
         from stepdistill.teachers import load_teacher
 
-        teacher = load_teacher(ROOT / "assets/teachers/digits16")
+        teacher = load_teacher("digits16")
     else:
         from diffusers import UNet2DModel
 

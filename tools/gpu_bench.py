@@ -20,7 +20,7 @@ calls; the peak is ``torch.cuda.max_memory_allocated`` over them (reset before),
 CUDA context and the allocator's cache (the reserved column includes the latter).
 
 Rows: SD1.5 (512 px, 4x64x64 latents, 77 tokens of 768) for every objective at ``--batch``, and SDXL
-(1024 px, 4x128x128, 77 tokens of 2048, added conditions) with DMD2 as configs/sdxl/dmd2_4step_lora.yaml
+(1024 px, 4x128x128, 77 tokens of 2048, added conditions) with DMD2 as the sdxl/dmd2_4step_lora preset
 but with a LoRA fake score, both LoRAs rank 64, batch 1, gradient checkpointing on every UNet; its
 peak is printed next to the prediction of tools/memory_table.py.
 
@@ -47,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from memory_table import SD15, SDXL  # noqa: E402  (the published UNet configs)
+from stepdistill.resources import PRESETS  # noqa: E402
 
 GIB = 2**30
 ATTENTION = ("sdpa", "xformers")
@@ -55,7 +56,7 @@ ATTENTION = ("sdpa", "xformers")
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
 SDXL_SCHEDULER = dict(SD_SCHEDULER, timestep_spacing="leading")
-SDXL_RECIPE = ROOT / "configs" / "sdxl" / "dmd2_4step_lora.yaml"
+SDXL_RECIPE = PRESETS / "sdxl" / "dmd2_4step_lora.yaml"
 
 _TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8),
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -1,6 +1,6 @@
-"""Train the digits detector shipped in assets/detectors/ (a few minutes on a laptop CPU).
+"""Train the digits detector shipped in stepdistill/assets/detectors/ (a few minutes on a laptop CPU).
 
-    python tools/train_digits_detector.py [--epochs 40] [--seed 0] [--out assets/detectors/digits]
+    python tools/train_digits_detector.py [--epochs 40] [--seed 0] [--out stepdistill/assets/detectors/digits]
 
 Trains ``stepdistill.eval.digits_detector.DigitsNet`` on digits-train with +-1 pixel shifts and
 Gaussian input noise of random std (half the batches clean), minimising cross-entropy on the class
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-noise", type=float, default=0.3, help="largest noise std, [-1, 1] units")
     p.add_argument("--noise-weight", type=float, default=10.0, help="weight of the noise-std loss")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="assets/detectors/digits")
+    p.add_argument("--out", default="stepdistill/assets/detectors/digits")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)

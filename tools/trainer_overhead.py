@@ -14,7 +14,7 @@ phase's forward, backward, NaN/Inf guard, gradient clipping, optimizer and LR-sc
 bookkeeping and the objective's end-of-step hook; its periodic I/O (log lines, previews,
 checkpoints) is configurable and left out of both sides. EMA is off in both.
 
-The teacher is assets/teachers/digits16 when present, else a random teacher of the same
+The teacher is the shipped digits16 when present, else a random teacher of the same
 architecture (timing does not depend on the weights); data: digits-train.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from stepdistill.resources import PRESETS, TEACHERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def config_args(objective: str, batch: int, teacher, out) -> tuple[str | None, l
     (every phase) rather than the warm-up's regression-only ones."""
     from omegaconf import OmegaConf
 
-    preset = ROOT / "configs" / "digits" / f"{objective}.yaml"
+    preset = PRESETS / "digits" / f"{objective}.yaml"
     path, base = (str(preset), []) if preset.is_file() else (None, [f"objective.name={objective}"])
     if path and OmegaConf.load(path).get("objective", {}).get("regression_warmup"):
         base = base + ["objective.regression_warmup=0"]
@@ -174,7 +176,7 @@ def verdict(row: dict, bound: float) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default="progressive,consistency,dmd,sid",
-                   help="presets of configs/digits/ (or registered objective names), comma-separated")
+                   help="digits presets (or registered objective names), comma-separated")
     p.add_argument("--pairs", type=int, default=20, help="trainer/bare block pairs per objective")
     p.add_argument("--block", type=int, default=4, help="iterations per timed block")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations of each loop first")
@@ -186,7 +188,7 @@ def main() -> int:
         raise SystemExit("--pairs must be >= 6 for a 95 % confidence interval of the median")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # before this tool's threads
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    teacher = ROOT / "assets" / "teachers" / "digits16"
+    teacher = TEACHERS / "digits16"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not teacher.is_dir():
@@ -198,7 +200,7 @@ def main() -> int:
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU; 1-minute load average "
             f"before the measurement {load:.2f}. Batch {args.batch}; teacher "
-            f"{'assets/teachers/digits16' if teacher == ROOT / 'assets' / 'teachers' / 'digits16' else 'a random digits-size UNet'}.\n\n"
+            f"{'digits16 (shipped)' if teacher == TEACHERS / 'digits16' else 'a random digits-size UNet'}.\n\n"
             f"Paired and interleaved in one process: {args.pairs} pairs of {args.block}-iteration blocks per objective "
             f"(ABBA order) after {args.warmup} warm-up iterations of each loop; the overhead is the median of the "
             "per-pair ratios with its distribution-free 95 % confidence interval. The Trainer's iteration is "

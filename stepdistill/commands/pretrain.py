@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         description="Train a diffusion teacher (UNet2DModel) and write it as a teacher folder: unet/, "
                     "scheduler/, stepdistill.json, the resolved config.yaml and a preview grid samples.png. "
                     "output_dir must be new or empty: nothing there is ever replaced.")
-    p.add_argument("config", help="YAML preset, e.g. configs/digits/teacher.yaml")
+    p.add_argument("config", help="YAML file or shipped preset, e.g. digits/teacher")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 data=my.npz")
     p.add_argument("--dry-run", action="store_true", help="validate the config and data, print it, train nothing")
     p.set_defaults(func=run)

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         description="Generate images with a teacher sampler and save a PNG grid (nearest-neighbour upscaled "
                     "when small), optionally an .npz (images uint8 NHWC, labels), and the resolved settings "
                     "as <out> with the suffix .yaml.")
-    p.add_argument("model", help="teacher folder, e.g. assets/teachers/digits16")
+    p.add_argument("model", help="teacher folder (or digits16, the shipped one), run folder or export")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: 50 for a teacher, the trained step count for a student)")
     p.add_argument("--sampler", default="ddim", help="ddim | euler | heun | dpmpp2m (default ddim)")

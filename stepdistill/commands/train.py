@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="distil a teacher into a few-step student",
                               description="Train a student with an objective. Re-running the same command "
                                           "resumes from the newest checkpoint in output_dir.")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/); omit to use only overrides")
+    p.add_argument("config", nargs="?", default=None, help="YAML file or shipped preset (e.g. digits/dmd2; `stepdistill presets` lists them); omit to use only overrides")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 objective.name=dmd")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
     p.add_argument("--allow-changes", action="store_true",

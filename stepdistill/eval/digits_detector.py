@@ -1,5 +1,5 @@
 """The digits detector: a small CNN trained on digits-train (``tools/train_digits_detector.py``),
-shipped as ``assets/detectors/digits.safetensors`` + ``digits.json`` (architecture, held-out accuracy
+shipped as ``stepdistill/assets/detectors/digits.safetensors`` + ``digits.json`` (architecture, held-out accuracy
 on digits-test, the command that trained it).
 
 Its logits give class accuracy. Its FID/KID features are the penultimate layer *concatenated with
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..resources import DETECTORS
 from .detectors import CLEAN_RESIZE, Detector, clean_resize, file_sha256
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "detectors"
+ASSET_DIR = DETECTORS
 DEFAULT_WEIGHTS = ASSET_DIR / "digits.safetensors"
 
 

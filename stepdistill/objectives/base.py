@@ -86,6 +86,11 @@ class Objective:
         """The step count the student is trained for, if the objective fixes it."""
         return None
 
+    def needs_cache(self) -> bool:
+        """Whether ``objective.cache`` must name a teacher-output cache folder; when unset, the trainer
+        fills in the run folder's ``teacher_cache`` (built there on first use)."""
+        return False
+
     def student_sampler(self) -> str | None:
         """The student's step between timesteps ("renoise" or "ddim"), if the objective fixes it."""
         return None

@@ -23,7 +23,7 @@ between the consistency outputs themselves; with "truncated_snr" or "snr_plus_on
 estimates that one DDIM jump from (x_t, t) carries to the output and to the target, times w(t)
 (multistep consistency models, Heek et al., 2024, Alg. 1; w(t) of Salimans & Ho, 2022, sec. 4), which
 weights every segment at least 1 where the latent form scales a high-noise segment's x0 error down
-(by 0.03 on the digits teacher's first; there the latent form scored better: configs/digits/consistency.yaml).
+(by 0.03 on the digits teacher's first; there the latent form scored better: the digits/consistency preset).
 
 Guidance. With ``w_embedding`` the student is conditioned on a CFG scale w ~ U[w_min, w_max] through
 LCM's guidance-scale embedding (sec. 4.2) passed as ``timestep_cond``, while the teacher uses CFG at

@@ -68,6 +68,9 @@ class DMD(Objective):
         self.uses_real_data = c.gan_weight > 0
 
     # -- contract -------------------------------------------------------------------------------
+    def needs_cache(self) -> bool:
+        return self.regression.on
+
     def phases(self):
         w = self.cfg.regression_warmup
         warm = [Phase("warmup", ("student",), stop=w)] if w else []

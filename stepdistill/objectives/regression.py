@@ -29,7 +29,8 @@ class RegressionConfig:
 
     regression_loss: str = "pseudo_huber"          # "pseudo_huber" | "mse" | "lpips" (needs local weights)
     huber_c: Optional[float] = None                # per-pixel pseudo-Huber c; None = 0.00054 (iCT's c / sqrt(d))
-    cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache)
+    cache: Optional[str] = None                    # teacher-output cache folder (stepdistill.cache); None = the
+                                                   # run folder's teacher_cache
     cache_num: int = 1000                          # built there if missing: pairs ...
     cache_steps: int = 50                          # ... teacher steps
     cache_sampler: str = "ddim"
@@ -49,10 +50,6 @@ class Regression:
         if self.on and cfg.regression_loss not in DISTANCES:
             raise UserError(f"objective.regression_loss {cfg.regression_loss!r} is not supported; use "
                             f"{', '.join(DISTANCES)}")
-        if self.on and not cfg.cache:
-            raise UserError("the regression loss needs teacher noise->image pairs: set objective.cache to a folder "
-                            "(built there on first use) or objective.regression_weight=0 and "
-                            "objective.regression_warmup=0")
         self.pairs = self._grid_pos = self._lpips = None
 
     def check(self, student) -> None:
@@ -63,6 +60,10 @@ class Regression:
         c = self.cfg
         if not self.on:
             return
+        if not c.cache:  # `stepdistill train` fills in the run folder's teacher_cache
+            raise UserError("the regression loss needs teacher noise->image pairs: set objective.cache to a folder "
+                            "(built there on first use) or objective.regression_weight=0 and "
+                            "objective.regression_warmup=0")
         if student.steps > 1:
             check_grid_holds(student.schedule, c.cache_steps, student.timesteps[1:],
                              f"a {student.steps}-step student regresses each step onto teacher trajectories; set "

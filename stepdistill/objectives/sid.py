@@ -103,6 +103,9 @@ class SiD(Objective):
     def sida(self) -> bool:
         return self.cfg.gan_weight > 0 and self.cfg.gan_form == "sida"
 
+    def needs_cache(self) -> bool:
+        return self.regression.on
+
     def phases(self):
         c = self.cfg
         w = c.regression_warmup

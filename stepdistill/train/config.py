@@ -46,7 +46,7 @@ class TextConfig:
 
 @dataclass
 class TrainConfig:
-    teacher: str = "assets/teachers/digits16"   # teacher folder (not copied into checkpoints)
+    teacher: str = "digits16"   # teacher folder, hub name, or a shipped teacher (digits16); not copied into checkpoints
     data: str = "digits-train"       # any stepdistill.data.load_images spec; for text-to-image teachers a prompt
                                      # list (.txt/.csv/.jsonl) or image-text pairs (stepdistill.t2i.prompts)
     resolution: Optional[int] = None # text-to-image: training resolution in pixels; None = the teacher's default

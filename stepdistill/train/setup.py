@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ def resolve(path: str | None, overrides=()) -> tuple[DictConfig, Objective]:
     cfg = load(TrainConfig, path, overrides)
     objective = make_objective(cfg.objective)
     cfg.objective = {"name": objective.name, **to_dict(OmegaConf.structured(objective.cfg))}
+    if objective.needs_cache() and not cfg.objective.cache:  # teacher outputs live with the run that made them
+        cfg.objective.cache = str(Path(cfg.output_dir) / "teacher_cache")
+        objective = make_objective(cfg.objective)
     fixed = objective.student_steps()
     steps = cfg.student.steps
     if steps is None:

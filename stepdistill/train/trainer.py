@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import save_resolved, to_dict
 from ..cache import teacher_hash
+from .. import resources
 from ..errors import Interrupted, UserError
 from ..runfolder import FolderClaim
 from ..objectives import Objective
@@ -121,6 +122,13 @@ def check_resume(out: Path, cfg: DictConfig, allow_changes: bool = False) -> lis
                         "under settings its config.yaml does not show. Use a new output_dir, or pass "
                         "--allow-changes to continue with the new values (the old config is kept beside it)")
     return changes
+
+
+def _teacher_location(name: str) -> str:
+    """Where the teacher was read from: an absolute folder (a shipped teacher's inside the package),
+    or a hub name unchanged."""
+    where = resources.teacher(name)
+    return os.path.abspath(where) if os.path.exists(where) else where
 
 
 def check_teacher(folder: Path, fingerprint: str | None, teacher: str) -> None:
@@ -485,7 +493,7 @@ class Trainer:
                              "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
                              "train_seconds": self.seconds,
                              "ema": self.ema.scalars() if self.ema is not None else None,
-                             "teacher": os.path.abspath(self.cfg.teacher), "teacher_hash": self.teacher_hash,
+                             "teacher": _teacher_location(self.cfg.teacher), "teacher_hash": self.teacher_hash,
                              "objective": self.objective.name,
                              "student_steps": self.student.steps, "world_size": self.world},
                             tmp / "trainer.json")
