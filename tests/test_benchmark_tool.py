@@ -170,3 +170,52 @@ def test_teacher_id_follows_the_weights_not_the_preview(tmp_path, monkeypatch):
     assert tool.teacher_id(str(tmp_path / "t")) == first
     (tmp_path / "t" / "unet" / "w.safetensors").write_bytes(b"abd")
     assert tool.teacher_id(str(tmp_path / "t")) != first
+
+
+def test_other_teacher_kinds_take_the_same_presets_with_their_teacher(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    seen = []
+
+    def fake_run(cmd, log):
+        seen.append(cmd)
+        raise SystemExit("stop before training")
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    for kind in ("vp", "edm", "flow"):
+        monkeypatch.setattr(tool, "TEACHER", tool.KINDS[kind][0])
+        with pytest.raises(SystemExit):
+            tool.train("dmd2", type("Args", (), {"minutes": None})(), tmp_path / kind)
+    vp, edm, flow = seen
+    assert not any(a.startswith("teacher=") for a in vp)
+    assert "teacher=digits16_edm" in edm and "teacher=digits16_flow" in flow and "digits/dmd2" in edm
+
+
+def test_evaluations_stay_with_the_model_they_scored(tmp_path):
+    """A new run of a preset in the same work folder is evaluated anew: an earlier run's scores are
+    kept in that run's own folder and never reused for another model."""
+    import json
+
+    tool = load_tool("benchmark")
+    calls = []
+
+    def fake_run(cmd, log):
+        if "--make-stats" in cmd:
+            Path(cmd[cmd.index("--out") + 1]).write_text("stats")
+            return 0.0, 0.0
+        calls.append(cmd[4])  # python -m stepdistill eval MODEL ...
+        fid = 10.0 * len(calls)
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"results": [{"steps": 1, "fid": fid}]}))
+        return 0.0, 0.0
+
+    tool.run = fake_run
+    args = type("Args", (), {"ref": "digits", "seeds": [0], "num": 10})()
+    work = tmp_path / "work"
+    work.mkdir()
+    first, second = work / "run_dmd", work / "run_dmd_again"
+    for d in (first, second):
+        d.mkdir()
+        (d / "bench.json").write_text("{}")
+    assert tool.evaluate(str(first), [1], "digits", args, work, "dmd")[1]["fid"] == [10.0]
+    assert tool.evaluate(str(first), [1], "digits", args, work, "dmd")[1]["fid"] == [10.0]  # reused: same model
+    assert tool.evaluate(str(second), [1], "digits", args, work, "dmd")[1]["fid"] == [20.0]  # a new model: scored
+    assert calls == [str(first), str(second)] and (first / "bench_digits_s0.json").is_file()

@@ -1,11 +1,13 @@
 """Digits benchmark: distil the shipped digits teacher with every preset under a fixed CPU budget
 and score teacher and students on one protocol.
 
-    python tools/benchmark.py [--objectives progressive,consistency,...] [--minutes 10] [--num 1000]
-                              [--seeds 0,1,2] [--out assets/benchmarks]
+    python tools/benchmark.py [--teacher vp|edm|flow] [--objectives progressive,consistency,...] [--minutes 10]
+                              [--num 1000] [--seeds 0,1,2] [--out assets/benchmarks]
 
 Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
-into --out. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
+into --out; ``--teacher edm`` / ``flow`` distil the shipped EDM / flow-matching digits teacher with the
+same presets (``teacher=`` on the command line) into ``digits_edm.md`` / ``digits_flow.md``, working in
+``runs/benchmark_<kind>``. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
 with the date it was measured, when that table used the same protocol (sample count, seeds, reference)
 and the preset still holds the values it was measured with (its fingerprint, preset_id); the teacher's
 rows likewise, while the teacher's files (teacher_id) and step counts are the same. Each FID
@@ -37,7 +39,11 @@ from stepdistill.resources import PRESETS
 from stepdistill.resources import teacher as teacher_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER = "digits16"  # the shipped teacher (stepdistill/assets/teachers)
+TEACHER = "digits16"  # the shipped teacher (stepdistill/assets/teachers); --teacher picks another kind
+#: teacher kind -> (shipped teacher, table name, title)
+KINDS = {"vp": ("digits16", "digits", "VP teacher, v-prediction"),
+         "edm": ("digits16_edm", "digits_edm", "EDM teacher"),
+         "flow": ("digits16_flow", "digits_flow", "flow-matching teacher")}
 DIGITS = PRESETS / "digits"
 REF = "digits"  # all 1,797 real digits (--ref overrides)
 #: CPU-minute budgets the issues set: trajectory objectives 10, score-based and adversarial 15
@@ -79,12 +85,16 @@ def reference(detector: str, work: Path, ref: str) -> str:
 
 
 def evaluate(model: str, steps: list[int], detector: str, args, work: Path, tag: str) -> dict[int, dict]:
-    """{steps: {"fid": [per seed], "acc": [per seed]}} for one model and detector."""
+    """{steps: {"fid": [per seed], "acc": [per seed]}} for one model and detector. Each evaluation is
+    kept with the model it scored (a student's in its run folder, the teacher's under its files'
+    fingerprint), so a re-run reuses it only for that same model, never for a new run of a preset."""
     out: dict[int, dict] = {k: {"fid": [], "acc": []} for k in steps}
     ref = reference(detector, work, args.ref)
+    where = Path(model) if Path(model).is_dir() and (Path(model) / "bench.json").is_file() else work
+    name = "bench" if where != work else f"{tag}_{teacher_id(model)}"
     for seed in args.seeds:
-        js = work / f"{tag}_{detector}_s{seed}.json"
-        if not js.exists():  # a re-run of the benchmark reuses finished evaluations
+        js = where / f"{name}_{detector}_s{seed}.json"
+        if not js.exists():  # a re-run of the benchmark reuses finished evaluations of this model
             run([sys.executable, "-m", "stepdistill", "eval", model, "--steps", ",".join(map(str, steps)),
                  "--num", str(args.num), "--detector", detector, "--ref", ref, "--seed", str(seed),
                  "--json", str(js)], work / "log.txt")
@@ -130,11 +140,11 @@ def preset_id(name: str) -> str:
 LOCATIONS = ("teacher", "output_dir", "objective.cache")
 
 
-def teacher_id(folder: str = TEACHER) -> str:
+def teacher_id(folder: str | None = None) -> str:
     """A fingerprint of the teacher's files (weights, configs; its preview image aside): teacher rows are
     carried over only while the teacher is the one they were measured on."""
     h = hashlib.sha256()
-    root = Path(teacher_folder(folder))  # a folder, or a shipped teacher by name
+    root = Path(teacher_folder(folder or TEACHER))  # a folder, or a shipped teacher by name
     for f in sorted(x for x in root.rglob("*") if x.is_file() and x.suffix != ".png"):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
@@ -214,6 +224,8 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     # is charged to the run's budget (a cache shared between presets would let a later one reuse it for free)
     cmd = [sys.executable, "-m", "stepdistill", "train", f"digits/{name}", f"output_dir={run_dir}",
            f"max_minutes={minutes}", *length, "preview_every=null", "eval_every=null", "progress=false"]
+    if TEACHER != KINDS["vp"][0]:  # one preset serves every kind: the teacher comes from the command line
+        cmd.append(f"teacher={TEACHER}")
     wall, peak = run(cmd, work / "log.txt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [x["it_s"] for x in lines if x.get("it_s")]
@@ -229,6 +241,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", choices=sorted(KINDS), default="vp", help="which shipped digits teacher (default vp)")
     p.add_argument("--objectives", default=",".join(distill_presets()), help="digits presets (default: all)")
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget per objective in wall minutes (default: 10 for progressive and consistency, "
@@ -237,13 +250,16 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--teacher-steps", default="1,4,50")
     p.add_argument("--out", default="assets/benchmarks")
-    p.add_argument("--work", default="runs/benchmark")
+    p.add_argument("--work", default=None, help="run folder (default runs/benchmark, runs/benchmark_<kind>)")
     p.add_argument("--ref", default=REF, help="reference data spec (default: all 1,797 real digits)")
     p.add_argument("--remeasure-teacher", action="store_true",
                    help="evaluate the teacher again even where the earlier table holds its rows for the same "
                         "teacher files, steps and protocol")
     args = p.parse_args()
-    out, work = ROOT / args.out, ROOT / args.work
+    global TEACHER
+    TEACHER, table, title = KINDS[args.teacher]
+    work = ROOT / (args.work or ("runs/benchmark" if args.teacher == "vp" else f"runs/benchmark_{args.teacher}"))
+    out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     torch_threads = os.environ.get("OMP_NUM_THREADS", "default")
@@ -256,8 +272,9 @@ def main() -> None:
     teacher_rows, student_rows = [], {}  # student_rows: {preset: table row}
     measured = {}  # {preset: budget, torch threads, 5-min load average at the end of its run (2 cores: above 2 means contention), date}
     tsteps = [int(x) for x in args.teacher_steps.split(",")]
+    grids = "grids" if args.teacher == "vp" else f"grids_{args.teacher}"
     t0 = time.perf_counter()
-    kept_teacher = None if args.remeasure_teacher else carried_teacher(out / "digits.md", tsteps, protocol_sentence(args))
+    kept_teacher = None if args.remeasure_teacher else carried_teacher(out / f"{table}.md", tsteps, protocol_sentence(args))
     if kept_teacher:
         teacher_rows, teacher_measured = kept_teacher
     else:
@@ -267,7 +284,7 @@ def main() -> None:
             teacher_rows.append(row("teacher", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"]))
         teacher_measured = teacher_line(tsteps, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     teacher_eval_wall = time.perf_counter() - t0
-    grid(TEACHER, out / "grids" / f"teacher_{max(tsteps)}step.png", work, max(tsteps))
+    grid(TEACHER, out / grids / f"teacher_{max(tsteps)}step.png", work, max(tsteps))
 
     chosen = [o for o in args.objectives.split(",") if o]
     for name in chosen:
@@ -277,20 +294,20 @@ def main() -> None:
         run_dir, k, info = train(name, args, work)
         inc = evaluate(run_dir, [k], "inception", args, work, name)
         dig = evaluate(run_dir, [k], "digits", args, work, name)
-        grid(run_dir, out / "grids" / f"{name}.png", work)
+        grid(run_dir, out / grids / f"{name}.png", work)
         student_rows[name] = row(f"{name} ({info['iters']} it)", k, inc[k]["fid"], dig[k]["fid"], dig[k]["acc"],
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
                           f"preset {info['preset']}, {info['date']}")
-    carried = carried_rows(out / "digits.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
+    carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
     for name, (r, m) in carried.items():
         student_rows[name], measured[name] = r, m
     order = sorted(student_rows)
 
     lines = [
-        "# Digits benchmark", "",
-        "Teacher `digits16` (shipped) distilled with each `digits/` preset (`stepdistill presets`) for a fixed wall-clock",
+        "# Digits benchmark" + ("" if args.teacher == "vp" else f" ({title})"), "",
+        f"Teacher `{TEACHER}` (shipped, {title}) distilled with each `digits/` preset (`stepdistill presets`) for a fixed wall-clock",
         "budget (listed below the table), then sampled with its trained step count. FID is the mean over sampling",
         f"{protocol_sentence(args)}",
         "(`digits` = all 1,797 real digits); images are quantized to uint8 first, resized with PIL bicubic for Inception (clean-fid's default).",
@@ -314,7 +331,7 @@ def main() -> None:
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
-    (out / "digits.md").write_text("\n".join(lines))
+    (out / f"{table}.md").write_text("\n".join(lines))
 
     import matplotlib
 
@@ -329,7 +346,7 @@ def main() -> None:
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("NFE"), ax.set_ylabel("FID (Inception)"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "digits_fid_vs_nfe.png", dpi=120)
+    fig.savefig(out / f"{table}_fid_vs_nfe.png", dpi=120)
     print("\n".join(lines))
 
 
