@@ -71,10 +71,13 @@ def _conds(prompts: CachePrompts | None, labels, i: int, n: int, device):
 
 def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                 seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None,
-                prompts: CachePrompts | None = None) -> Path:
+                prompts: CachePrompts | None = None, progress: bool = False) -> Path:
     """Sample `num` teacher pairs in `steps` steps of `sampler` (CFG `guidance`) from noise seeded by
-    `seed`, and write them to `out_dir` (which must not exist yet)."""
+    `seed`, and write them to `out_dir` (which must not exist yet); ``progress``: report count, rate
+    and ETA (``stepdistill.progress``)."""
     from safetensors.torch import save_file
+
+    from .progress import Counter
 
     from .fake_score import sample_shape
     from .sampling import get_sampler, sample
@@ -93,22 +96,24 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     shards, grid = [], None
     try:
-        for s, i in enumerate(range(0, num, batch)):
-            n = min(batch, num - i)
-            noise = torch.randn((n, *shape), generator=gen)
-            cond = _conds(prompts, labels, i, n, device)
-            res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
-                         generator=gen, return_trajectory=trajectory)
-            x0, traj = (res if trajectory else (res, None))
-            tensors = {"noise": noise, "x0": x0.float().cpu()}
-            if cond is not None:
-                tensors.update({f"cond.{k}": v.cpu() for k, v in cond.items()})
-            if traj is not None:
-                tensors["trajectory"] = torch.stack([st.float().cpu() for st in traj.states], 1)
-                grid = [float(t) for t in traj.ts]
-            name = f"shard-{s:05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-            shards.append(name)
+        with Counter("teacher-output cache", num, "pairs", enabled=progress) as bar:
+            for s, i in enumerate(range(0, num, batch)):
+                n = min(batch, num - i)
+                noise = torch.randn((n, *shape), generator=gen)
+                cond = _conds(prompts, labels, i, n, device)
+                res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
+                             generator=gen, return_trajectory=trajectory)
+                x0, traj = (res if trajectory else (res, None))
+                tensors = {"noise": noise, "x0": x0.float().cpu()}
+                if cond is not None:
+                    tensors.update({f"cond.{k}": v.cpu() for k, v in cond.items()})
+                if traj is not None:
+                    tensors["trajectory"] = torch.stack([st.float().cpu() for st in traj.states], 1)
+                    grid = [float(t) for t in traj.ts]
+                name = f"shard-{s:05d}.safetensors"
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+                shards.append(name)
+                bar.advance(n)
         manifest = {"format": FORMAT, "teacher_hash": teacher_hash(teacher), "sampler": sampler, "steps": int(steps),
                     "guidance": float(guidance), "seed": int(seed), "num": int(num), "shape": list(shape),
                     "trajectory": bool(trajectory), "grid": grid, "shards": shards,
@@ -236,7 +241,8 @@ def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str 
             Path(path).rmdir()  # an empty folder
         if log is not None:
             log(f"teacher-output cache: sampling {num} pairs ({sampler}, {steps} steps) into {path}")
-        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory, prompts=prompts)
+        build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory, prompts=prompts,
+                    progress=log is not None)
     return load_cache(path, teacher)
 
 

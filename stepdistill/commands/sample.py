@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import check_outputs
     from ..loaders import load_for_sampling
     from ..pretrain import class_cycle
+    from ..progress import Counter
     from ..sampling import get_sampler
 
     for name, v in (("--steps", args.steps), ("--num", args.num), ("--batch", args.batch)):
@@ -102,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
     labels = None if classes is None else class_cycle(args.num, classes)
     out = []
     text = model.text_cond(prompts, negative_prompt=args.negative_prompt) if prompts is not None else None
-    for i in range(0, args.num, args.batch):
-        sl = slice(i, i + args.batch)
-        cond = {k: v[sl] for k, v in text.items()} if text is not None else model.make_cond(
-            None if labels is None else labels[sl])
-        out.append(model.generate(noise[sl], cond, args.steps, args.sampler, args.guidance, generator=g))
+    with Counter("sampling", args.num, "images") as bar:
+        for i in range(0, args.num, args.batch):
+            sl = slice(i, i + args.batch)
+            cond = {k: v[sl] for k, v in text.items()} if text is not None else model.make_cond(
+                None if labels is None else labels[sl])
+            out.append(model.generate(noise[sl], cond, args.steps, args.sampler, args.guidance, generator=g))
+            bar.advance(len(noise[sl]))
     x = model.to_pixels(torch.cat(out))
 
     nrow = args.nrow or (len(classes) if classes and len(classes) <= 16 else 8)

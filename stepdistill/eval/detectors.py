@@ -73,12 +73,18 @@ class Detector(nn.Module):
     num_classes: int | None = None
 
     @torch.inference_mode()
-    def extract(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    def extract(self, images: torch.Tensor, batch_size: int = 64, progress: str | None = None) -> dict[str, torch.Tensor]:
+        """Features (and logits, where the detector classifies) of uint8 images; ``progress``: a label
+        under which to report count, rate and ETA (``stepdistill.progress``), None = silent."""
+        from ..progress import Counter
+
         check_images(images)
         outs: dict[str, list] = {}
-        for i in range(0, len(images), batch_size):
-            for k, v in self._extract(images[i:i + batch_size]).items():
-                outs.setdefault(k, []).append(v.float().cpu())
+        with Counter(progress or "", len(images), "images", enabled=progress is not None) as bar:
+            for i in range(0, len(images), batch_size):
+                for k, v in self._extract(images[i:i + batch_size]).items():
+                    outs.setdefault(k, []).append(v.float().cpu())
+                bar.advance(min(batch_size, len(images) - i))
         return {k: torch.cat(v) for k, v in outs.items()}
 
     def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -73,20 +73,18 @@ def generate_images(generate_fn: Callable, num: int, sample_shape, *, seed: int,
                     num_classes: int = 0, device="cpu", progress: bool = True,
                     description: str = "generating") -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images [num, C, H, W] (quantised exactly as saved PNGs) and their class labels."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from ..progress import Counter
 
     labels = balanced_labels(num, num_classes)
     out = []
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), disable=not progress, transient=True) as bar:
-        task = bar.add_task(description, total=num)
+    with Counter(description, num, "images", enabled=progress) as bar:
         for i in range(0, num, batch):
             j = min(i + batch, num)
             noise = seeded_noise(i, j, sample_shape, seed).to(device)
             with torch.no_grad():
                 x = generate_fn(noise, None if labels is None else labels[i:j].to(device))
             out.append(to_uint8(x).cpu())
-            bar.advance(task, j - i)
+            bar.advance(j - i)
     return torch.cat(out), labels
 
 

@@ -108,7 +108,7 @@ def make_stats(dataset: str, detector: Detector, *, seed: int = 0, num: int | No
                             f"{len(images)}")
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
         images = images[idx.sort().values]
-    out = detector.extract(images, batch_size)
+    out = detector.extract(images, batch_size, progress=f"reference statistics ({dataset}, {detector.name})")
     protocol = protocol_for(detector, count=len(images), seed=seed if num is not None else None,
                             dataset=dataset, dataset_sha256=ds.sha256)
     return stats_from_features(out["features"], protocol, keep_features, out.get("logits"))

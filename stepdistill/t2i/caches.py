@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..progress import Counter
 from .pipeline import TextToImageInfo
 from .prompts import PromptSet
 from .shards import ShardedRows, check_fingerprint, write_rows
@@ -76,8 +77,13 @@ def ensure_text_cache(info: TextToImageInfo, prompts: PromptSet, folder, *, nega
                            max_sequence_length=max_sequence_length, embedded_guidance=embedded_guidance)
         log(f"encoding {len(prompts)} prompts into {folder} ...")
         null = enc.null()
-        batches = (enc.encode(prompts.prompts[i:i + batch]) for i in range(0, len(prompts), batch))
-        write_rows(folder, batches, fp, dtype=dtype, extra={f"null.{k}": v for k, v in null.items()})
+        with Counter("text-embedding cache", len(prompts), "prompts") as bar:
+            def batches():
+                for i in range(0, len(prompts), batch):
+                    yield enc.encode(prompts.prompts[i:i + batch])
+                    bar.advance(min(batch, len(prompts) - i))
+
+            write_rows(folder, batches(), fp, dtype=dtype, extra={f"null.{k}": v for k, v in null.items()})
         enc.offload()
     cache = TextCache(folder)
     if len(cache) != len(prompts):
@@ -129,12 +135,14 @@ def ensure_latent_cache(info: TextToImageInfo, prompts: PromptSet, folder, *, ba
         log(f"encoding {len(prompts)} images into {folder} ...")
         imgs = prompts.images
 
-        def batches():
-            for i in range(0, len(imgs), batch):
-                x = torch.stack([load_image(p, info.resolution) for p in imgs[i:i + batch]])
-                yield {"latents": encode_images(vae, x)}
+        with Counter("latent cache", len(imgs), "images") as bar:
+            def batches():
+                for i in range(0, len(imgs), batch):
+                    x = torch.stack([load_image(p, info.resolution) for p in imgs[i:i + batch]])
+                    yield {"latents": encode_images(vae, x)}
+                    bar.advance(len(x))
 
-        write_rows(folder, batches(), fp, dtype="fp32")
+            write_rows(folder, batches(), fp, dtype="fp32")
         del vae
     return ShardedRows(folder)
 

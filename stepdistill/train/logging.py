@@ -80,7 +80,8 @@ class Progress:
 
 
 class Window:
-    """Loss sums and timing between two log lines."""
+    """Loss sums and timing between two log lines; ``aside`` holds the seconds spent on previews,
+    evaluation, collapse checks and checkpoints, which the training rate leaves out."""
 
     def __init__(self):
         self.reset()
@@ -90,6 +91,7 @@ class Window:
         self.counts: dict[str, int] = {}
         self.steps = 0
         self.skipped = 0
+        self.aside = 0.0
         self.t0 = time.perf_counter()
 
     def add(self, key: str, value) -> None:
@@ -100,5 +102,6 @@ class Window:
         return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
 
     def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
+        """Training iterations per second, the time set aside excluded."""
+        dt = time.perf_counter() - self.t0 - self.aside
         return self.steps / dt if dt > 0 else float("nan")
