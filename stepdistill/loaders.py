@@ -67,6 +67,7 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
     meta = {"step": int(state["step"]), "steps": student.steps, "checkpoint": str(folder),
             "teacher": str(teacher.meta.get("path", cfg.teacher)), "objective": state.get("objective"),
             "config": OmegaConf.to_container(cfg, resolve=True), "ema": bool(ema and (folder / "ema.safetensors").is_file()),
+            "train_seconds": state.get("train_seconds"), "world_size": state.get("world_size"),
             **{k: tmeta.get(k) for k in ("num_classes", "null_class", "sample_size", "in_channels", "class_names")}}
     if tmeta.get("kind") == "text-to-image":  # what sampling needs to encode prompts and decode latents
         meta.update(kind="text-to-image", t2i=teacher.info, resolution=tmeta.get("resolution"),

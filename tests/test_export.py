@@ -338,13 +338,54 @@ def test_model_card_states_training_and_eval_with_protocol(runs, tmp_path, tiny_
     out = export_run(run, tmp_path / "card", eval_json=str(tmp_path / "eval.json"))
     card = (out / "README.md").read_text()
     for text in ("toy-regress", "2 (timesteps [999, 499])", "| training steps | 2 |", "12.500", '"num_samples": 20',
-                 "pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2).images", str(tiny_teacher_dir)):
+                 "pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2).images",
+                 f"| teacher | `{tiny_teacher_dir.name}` |", "| learning rate (student) | 0.01, constant_with_warmup",
+                 "| batch | 4 per micro-step over 1 process, 1 micro-step per update |", "| seed | 0 |",
+                 "| steps | 2 trained (max_steps 2) |", "| budget | none (max_steps only); ", "![samples", "no license"):
         assert text in card, text
     assert "trust_remote_code" not in card
+    # the hub's front matter, parsed as the hub parses it
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
+    assert {"stepdistill", "2-step", "toy-regress"} <= set(data["tags"]) and "license" not in data
+    # shareable as it is: no absolute local path in any text file
+    for f in out.rglob("*"):
+        if f.suffix in (".md", ".json"):
+            text = f.read_text()
+            assert str(tmp_path) not in text and str(run) not in text and str(tiny_teacher_dir) not in text, f
+    # the sample image: the exported student's own 2-step samples, one class per column
+    from PIL import Image
+
+    assert Image.open(out / "samples.png").size[0] > 64
     plain = (export_run(run, tmp_path / "nocard") / "README.md").read_text()
     assert "This run has no evaluation results" in plain
     lora_card = (export_run(runs["lora"], tmp_path / "loracard", lora=True) / "README.md").read_text()
     assert "trust_remote_code=True" in lora_card and 'pipe.load_lora_weights("path/to/export")' in lora_card
+
+
+def test_front_matter_takes_the_license_from_the_teachers_card(tmp_path):
+    """The license (and base model) come from the teacher's own card; a hub teacher is the base model."""
+    from huggingface_hub import ModelCard
+
+    from stepdistill.export.share import front_matter, portable
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "README.md").write_text("---\nlicense: openrail++\nbase_model: org/base\n---\n# a teacher\n")
+    record = {"teacher": str(teacher), "steps": 4, "mode": "lora", "kind": "image"}
+    yaml, data = front_matter(record, "dmd2")
+    assert data["license"] == "openrail++" and data["base_model"] == "org/base" and "lora" in data["tags"]
+    card = tmp_path / "card.md"
+    card.write_text(f"---\n{yaml}\n---\n")
+    assert ModelCard.load(card).data.to_dict()["license"] == "openrail++"
+    hub = {"teacher": str(tmp_path / "cache" / "snapshot"), "teacher_name": "stabilityai/sdxl-turbo-like", "steps": 1,
+           "mode": "full", "kind": "text-to-image"}
+    _, data = front_matter(hub, "dmd2")
+    assert data["base_model"] == "stabilityai/sdxl-turbo-like" and data["pipeline_tag"] == "text-to-image"
+    assert "license" not in data  # the teacher folder has no card: nothing is made up
+    assert portable({"a": [str(teacher)], "b": "rel/path", "c": 3}) == {"a": ["teacher"], "b": "rel/path", "c": 3}
 
 
 def test_bad_input_stops_with_a_clear_message(runs, tmp_path):

@@ -72,7 +72,38 @@ def _objective_summary(meta: dict) -> tuple[str, dict]:
     return name, {k: v for k, v in cfg.items() if k != "name"}
 
 
-def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict | None, *, custom: bool) -> str:
+def _training_lines(meta: dict, record: dict) -> list[str]:
+    """The settings a reader needs to reproduce the run: learning rates, batch, seed, steps, budget."""
+    cfg = meta.get("config") or {}
+    rows = []
+    for net, o in (cfg.get("optim") or {}).items():
+        if isinstance(o, dict) and o.get("lr") is not None:
+            rows.append((f"learning rate ({net})", f"{o['lr']:g}, {o.get('lr_schedule')}, {o.get('warmup_steps')} "
+                         f"warm-up updates, AdamW betas ({o.get('beta1')}, {o.get('beta2')}), weight decay "
+                         f"{o.get('weight_decay')}, gradient clip {o.get('max_grad_norm')}"))
+    world = meta.get("world_size") or 1
+    rows += [("batch", f"{cfg.get('batch_size')} per micro-step over {world} process{'es' if world > 1 else ''}, "
+                       f"{cfg.get('grad_accum')} micro-step{'s' if cfg.get('grad_accum') != 1 else ''} per update"),
+             ("seed", cfg.get("seed")),
+             ("steps", f"{record.get('training_step')} trained (max_steps {cfg.get('max_steps')})")]
+    minutes, seconds = cfg.get("max_minutes"), meta.get("train_seconds")
+    rows.append(("budget", (f"{minutes:g} wall-clock minutes" if minutes is not None else "none (max_steps only)")
+                 + (f"; {seconds / 60:.1f} minutes used" if seconds is not None else "")))
+    ema = cfg.get("ema") or {}
+    rows += [("precision", cfg.get("mixed_precision")),
+             ("EMA", f"decay {ema.get('decay')}" + (f", half-life ratio {ema['halflife_ratio']}"
+                                                   if ema.get("halflife_ratio") else "") if ema.get("decay") else "none")]
+    out = ["## Training", "", "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
+           "<details><summary>Full training config (objective, student, optimizers, schedule)</summary>", "",
+           "```json", json.dumps(cfg, indent=2, sort_keys=True, default=str), "```", "", "</details>", ""]
+    return out
+
+
+def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict | None, *, custom: bool,
+               header: str | None = None, image: str | None = None) -> str:
+    """The README.md of an export. ``header``: the YAML front matter (``share.front_matter``; without it
+    a minimal one); ``image``: the sample image's file name in the folder. ``record``, ``meta`` and
+    ``eval_report`` are expected to hold no absolute local paths (``share.portable``)."""
     name, hyper = _objective_summary(meta)
     k = record["steps"]
     guidance = hyper.get("guidance", hyper.get("guidance_scale"))
@@ -86,11 +117,19 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
     teacher = f"`{record.get('teacher')}`"
     if t2i and record.get("teacher_name") != record.get("teacher"):
         teacher = f"`{record.get('teacher_name')}` (`{record.get('teacher')}`)"
+    header = header or "library_name: diffusers\ntags:\n- stepdistill\n- distillation\n- few-step\n"
     lines = [
-        "---", "library_name: diffusers", "tags: [stepdistill, distillation, few-step]", "---", "",
+        "---", header.rstrip("\n"), "---", "",
         f"# {k}-step student distilled with stepdistill", "",
         f"A {kind} generator distilled from a many-step teacher into **{k} sampling step"
         f"{'s' if k != 1 else ''}**.", "",
+        *([f"![samples from this student]({image})", "",
+           ("A preview the run drew at its last preview step (text-to-image samples need prompts)." if t2i else
+            f"{k}-step samples of this exported student (seed 0" + (", one class per column)." if
+                                                                    record["num_classes"] else ").")), ""]
+          if image else []),
+        *(["The teacher's card states no license, so none is set above: add the teacher's terms (`license:`) "
+           "before sharing this model.", ""] if "license:" not in header else []),
         "| | |", "| --- | --- |",
         f"| teacher | {teacher} |",
         *([f"| pipeline | `{record['pipeline']}` |", f"| resolution | {record['resolution']} px |",
@@ -135,9 +174,7 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
     else:
         lines += ["## Evaluation", "", "This run has no evaluation results. Score the folder with "
                   "`stepdistill eval <folder> --steps " + str(k) + " --ref <dataset> --detector <detector>`.", ""]
-    lines += ["## Training configuration", "", "```json",
-              json.dumps({"objective": {"name": name, **hyper}, "student": (meta.get("config") or {}).get("student")},
-                         indent=2, sort_keys=True, default=str), "```", ""]
+    lines += _training_lines(meta, record)
     return "\n".join(lines)
 
 

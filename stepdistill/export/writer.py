@@ -10,11 +10,13 @@ Layout (each part plain diffusers)::
       pipeline.py             the custom pipeline (those exports only)
       unet/ (transformer/)    the student's weights (fused LoRA included), or the teacher's for --lora
       scheduler/              the student's scheduler (``export.scheduler.student_scheduler_config``)
-      text_encoder*/ ...      text-to-image: the teacher's other components, copied unchanged
+      text_encoder*/ ...      text-to-image: the teacher's other components, copied unchanged (an absolute
+                              _name_or_path in a config reduced to its last part)
       pytorch_lora_weights.safetensors   (--lora) the adapters: peft keys prefixed unet./transformer.,
                                          the LoraConfig in the header (diffusers' LoRA format)
       stepdistill_student.json           what stepdistill needs to rebuild the student (no code)
-      README.md               the model card
+      README.md               the model card, with the hub's YAML front matter (``export.share``)
+      samples.png             the exported student's samples (text-to-image: the run's newest preview)
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..errors import UserError
 from ..fsutil import atomic_folder
 from ..loaders import EXPORT_META, FORMAT_VERSION
 from .card import model_card
+from .share import front_matter, portable, scrub_local_paths, write_samples
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
@@ -130,6 +133,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "checkpoint": meta.get("checkpoint")}
     if t2i:
         record.update(t2i_record(student, meta))
+    header, _ = front_matter(record, str(meta.get("objective") or "unknown"))  # reads the teacher folder's card
+    record = portable(record)  # shared as it is: no absolute local paths
     with atomic_folder(out) as tmp:
         if t2i:
             record["left_out"] = write_t2i(tmp, student, meta, cfg, mode)
@@ -138,7 +143,10 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             _write_pipeline(tmp, unet, cfg, student.steps, custom)
             if mode == "lora":
                 save_lora(backbone, tmp)
-        (tmp / "README.md").write_text(model_card(record, meta, cfg, eval_report, custom=custom))
+        scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from
+        image = write_samples(student, meta, record, tmp)
+        (tmp / "README.md").write_text(model_card(record, portable(meta), cfg, portable(eval_report), custom=custom,
+                                                  header=header, image=image))
         record["files"] = _file_stats(tmp)  # what a later export may replace (check_replaceable)
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
