@@ -1,8 +1,16 @@
 """Train a small pixel-space teacher (diffusers ``UNet2DModel``) on any ``load_images`` dataset.
 
 The loss is the schedule's own parameterisation: the backbone regresses ``x0_to_raw(x0, x_t, t)``
-(v for a v-prediction VP schedule, Salimans & Ho, 2022, sec. 4) with plain MSE, t drawn by
-``schedule.sample_t`` (uniform over the training indices, Ho et al., 2020, Alg. 1). Class labels
+with plain MSE at t drawn by ``schedule.sample_t``. ``schedule.kind`` picks the family:
+
+- ``vp``: v for a v-prediction schedule (Salimans & Ho, 2022, sec. 4), t uniform over the training
+  indices (Ho et al., 2020, Alg. 1);
+- ``edm``: EDM's preconditioned F-target (Karras et al., 2022, eq. 8) at log-normal sigmas
+  (P_mean -1.2, P_std 1.2); the MSE on F is EDM's loss, since its weight lambda(sigma) c_out(sigma)^2 = 1;
+- ``flow``: the velocity eps - x0 of rectified flow (Liu et al., 2023) at logit-normal times with
+  the schedule's shift (Esser et al., 2024, eq. 23).
+
+Class labels
 are dropped to the null class with probability ``label_dropout`` so that one network serves both
 branches of classifier-free guidance (Ho & Salimans, 2022, Alg. 1). The weights written are the
 EMA ones (diffusers ``EMAModel``).
@@ -38,7 +46,8 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    # diffusers DDIMScheduler config keys; SD's scaled_linear keeps a usable x0 at t = T-1 (final
+    kind: str = "vp"                    # vp | edm | flow (the fields below name the kind they apply to)
+    # vp: diffusers DDIMScheduler config keys; SD's scaled_linear keeps a usable x0 at t = T-1 (final
     # alpha-bar 4.7e-3), which one-step students need
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -47,6 +56,39 @@ class ScheduleConfig:
     prediction_type: str = "v_prediction"
     timestep_spacing: str = "trailing"  # 1-step grids start at T-1, not 0
     rescale_betas_zero_snr: bool = False
+    # edm: diffusers EDMEulerScheduler keys (Karras et al., 2022, Table 1)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    # flow: diffusers FlowMatchEulerDiscreteScheduler's shift (1 = plain rectified flow)
+    shift: float = 1.0
+
+
+VP_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "timestep_spacing",
+           "rescale_betas_zero_snr")
+
+
+def make_schedule(cfg: ScheduleConfig):
+    """The teacher's schedule from ``cfg.kind`` and that kind's fields (a field of another kind left at
+    its default: setting one is refused, so no setting is silently ignored)."""
+    from .schedules import EDMSchedule, FlowSchedule
+
+    own = {"vp": VP_KEYS, "edm": ("sigma_min", "sigma_max", "sigma_data", "rho", "num_train_timesteps"),
+           "flow": ("shift", "num_train_timesteps")}
+    if cfg.kind not in own:
+        raise UserError(f"schedule.kind {cfg.kind!r} is not supported; use vp, edm or flow")
+    values, defaults = dataclasses.asdict(cfg), dataclasses.asdict(ScheduleConfig())
+    stray = [k for k in values if k != "kind" and k not in own[cfg.kind] and values[k] != defaults[k]]
+    if stray:
+        raise UserError(f"schedule.{stray[0]} does not apply to schedule.kind={cfg.kind}; drop it "
+                        f"({cfg.kind} takes {', '.join(own[cfg.kind])})")
+    mine = {k: values[k] for k in own[cfg.kind]}
+    if cfg.kind == "edm":
+        return EDMSchedule({**mine, "prediction_type": "epsilon", "final_sigmas_type": "zero"})
+    if cfg.kind == "flow":
+        return FlowSchedule(mine)
+    return VPSchedule(mine)
 
 
 @dataclass
@@ -190,12 +232,12 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, float, float], None
 
         cfg = OmegaConf.to_object(cfg)
     check_settings(cfg)
+    schedule = make_schedule(cfg.schedule)
     data = load_images(cfg.data)
     h, w = data.size
     if h != w:
         raise UserError(f"{data.name!r} has {h}x{w} images; the teacher needs square images (crop or resize them)")
     num_classes = resolve_classes(cfg, data)
-    schedule = VPSchedule(dataclasses.asdict(cfg.schedule))
     check_output_dir(cfg)
     claim = FolderClaim(cfg.output_dir)
     try:
@@ -208,7 +250,7 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, float, float], None
     return den, summary
 
 
-def _train(cfg: PretrainConfig, data: ImageSet, num_classes: int, schedule: VPSchedule,
+def _train(cfg: PretrainConfig, data: ImageSet, num_classes: int, schedule,
            on_step, extras) -> tuple[DiffusersDenoiser, dict]:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -300,4 +342,4 @@ def preview(den: DiffusersDenoiser, num: int, steps: int, seed: int = 0) -> tupl
     return x, (meta_classes if 0 < meta_classes <= 16 else 8)
 
 
-__all__ = ["PretrainConfig", "ModelConfig", "ScheduleConfig", "pretrain", "build_backbone", "diffusion_loss"]
+__all__ = ["PretrainConfig", "ModelConfig", "ScheduleConfig", "make_schedule", "pretrain", "build_backbone", "diffusion_loss"]

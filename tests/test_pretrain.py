@@ -2,7 +2,7 @@
 set, the CLI on data other than digits, and config errors before compute."""
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,8 @@ from stepdistill.cli import main
 from stepdistill.data import save_npz
 from stepdistill.denoisers import DiffusersDenoiser
 from stepdistill.errors import UserError
-from stepdistill.pretrain import (ModelConfig, PretrainConfig, build_backbone, diffusion_loss, drop_labels,
-                                  pretrain)
-from stepdistill.schedules import VPSchedule
+from stepdistill.pretrain import (ModelConfig, PretrainConfig, ScheduleConfig, build_backbone, diffusion_loss,
+                                  drop_labels, make_schedule, pretrain)
 from stepdistill.teachers import load_teacher
 
 CONFIG = str(PRESETS / "digits" / "teacher.yaml")
@@ -46,6 +45,53 @@ def test_loss_is_mse_to_diffusers_velocity():
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["edm", "flow"])
+def test_edm_and_flow_losses_are_their_papers(kind):
+    """EDM: lambda(sigma) |D(x; sigma) - x0|^2 with D = c_skip x + c_out F(c_in x, c_noise) at
+    ln sigma ~ N(-1.2, 1.2^2) (Karras et al., 2022, eq. 2, 7, 8, Table 1); flow: |v - (eps - x0)|^2 at
+    sigmoid(N(0, 1)) times (Esser et al., 2024, eq. 23 with shift 1), each written out here."""
+    cfg = PretrainConfig(model=ModelConfig([8, 16], [False, False], norm_num_groups=4),
+                         schedule=ScheduleConfig(kind=kind))
+    torch.manual_seed(0)
+    den = DiffusersDenoiser(build_backbone(cfg, 1, 8, 3), make_schedule(cfg.schedule), null_class=3)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 1, 2])
+    loss = diffusion_loss(den, x0, labels, torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g)
+    net = lambda x, c: den.backbone(x.float(), c.float(), class_labels=labels).sample.double()  # noqa: E731
+    if kind == "edm":
+        sigma, sd = (z * 1.2 - 1.2).exp().view(-1, 1, 1, 1), 0.5
+        x = x0 + sigma * eps
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sigma**2 + sd**2).sqrt(), sigma.log().flatten() / 4
+        d = c_skip * x + c_out * net(c_in * x, c_noise)
+        ref = ((sigma**2 + sd**2) / (sigma * sd) ** 2).flatten() * (d - x0).pow(2).flatten(1).mean(1)
+    else:
+        s = torch.sigmoid(z).view(-1, 1, 1, 1)
+        x = (1 - s) * x0 + s * eps
+        ref = (net(x, s.flatten() * 1000) - (eps - x0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, cls", [("edm", "EDMEulerScheduler"), ("flow", "FlowMatchEulerDiscreteScheduler")])
+def test_cli_pretrains_edm_and_flow_teachers(kind, cls, tmp_path):
+    out = tmp_path / kind
+    assert main(["pretrain", CONFIG, f"schedule.kind={kind}", f"output_dir={out}", "max_steps=2", *TINY]) == 0
+    den = load_teacher(out)
+    assert den.schedule.kind == kind and json.loads((out / "scheduler" / "scheduler_config.json").read_text())[
+        "_class_name"] == cls
+
+
+def test_a_schedule_field_of_another_kind_is_refused(tmp_path, capsys):
+    rc = main(["pretrain", CONFIG, "schedule.kind=edm", "schedule.beta_schedule=linear",
+               f"output_dir={tmp_path / 't'}", *TINY])
+    assert rc == 2 and "schedule.beta_schedule does not apply to schedule.kind=edm" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_label_dropout_rate():
     labels = torch.zeros(20000, dtype=torch.long)
     out = drop_labels(labels, 0.25, 7, torch.Generator().manual_seed(0))
@@ -68,7 +114,7 @@ def test_training_learns_a_constant_image(tmp_path):
         return (den(xt, 600.0) - target).pow(2).mean().item()
 
     torch.manual_seed(cfg.seed)  # the initial network pretrain builds (same seed, same config)
-    init = DiffusersDenoiser(build_backbone(cfg, 1, 8, 0), VPSchedule(dataclasses.asdict(cfg.schedule)))
+    init = DiffusersDenoiser(build_backbone(cfg, 1, 8, 0), make_schedule(cfg.schedule))
     den, summary = pretrain(cfg)
     assert summary["steps"] == 80 and den.meta["kind"] == "unconditional"
     assert err(den) < 0.25 * err(init)
