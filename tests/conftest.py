@@ -152,3 +152,18 @@ def tiny_data_npz(tmp_path_factory):
     images = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
     labels = torch.arange(40) % 2
     return save_npz(tmp_path_factory.mktemp("data") / "tiny.npz", images, labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_folder(tiny_data_npz, tmp_path_factory):
+    """The same 40 images as PNG files in class subfolders 0/ and 1/ (an image-folder dataset spec)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder") / "tiny"
+    with np.load(tiny_data_npz) as z:
+        images, labels = z["images"], z["labels"]
+    for i, (img, y) in enumerate(zip(images, labels)):
+        (root / str(int(y))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(root / str(int(y)) / f"{i:03d}.png")
+    return root

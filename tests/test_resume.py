@@ -7,13 +7,18 @@ import json
 import signal
 import time
 
+import pytest
 import torch
 
 from trainer_runs import finish, start, train_cmd, weights, write_config
 
 
-def test_sigkill_and_rerun_matches_uninterrupted_run(tiny_teacher_dir, tiny_data_npz, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_teacher_dir, tiny_data_npz, checkpoint_every=2,
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_and_rerun_matches_uninterrupted_run(workers, tiny_teacher_dir, tiny_data_npz, tiny_data_folder,
+                                                     tmp_path):
+    """With data workers the data is an image folder read from disk per batch (``disk_data``)."""
+    data = tiny_data_folder if workers else tiny_data_npz
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_teacher_dir, data, checkpoint_every=2, data_workers=workers,
                        objective={"name": "toy-regress", "delay": 0.25})
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = 8

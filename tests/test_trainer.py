@@ -399,3 +399,18 @@ def test_the_budget_counts_the_objectives_setup(tiny_teacher_dir, tiny_data_npz,
     assert res["step"] == 0  # 1.5 s of setup already spent the 1.2 s budget
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["setup_seconds"] >= 1.5
+
+
+def test_it_s_leaves_out_previews_and_checkpoints(tiny_teacher_dir, tiny_data_npz, tmp_path, monkeypatch):
+    """Time spent on previews (here a 0.5 s stand-in), evaluation and checkpoints is logged as
+    aside_seconds and kept out of it/s, which measures training iterations alone."""
+    import time
+
+    from stepdistill.train.monitors import Monitors
+
+    monkeypatch.setattr(Monitors, "preview", lambda self: time.sleep(0.5))
+    run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", max_steps=4, log_every=2, preview_every=1)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in lines if "it_s" in x][-1]  # steps 3 and 4; previews after steps 2 and 3 fall in it
+    assert last["aside_seconds"] >= 1.0
+    assert 2 / last["it_s"] < 0.5  # two tiny training iterations take less than one preview

@@ -85,6 +85,8 @@ class TrainConfig:
     log_with: Optional[str] = None   # accelerate tracker: "tensorboard" | "wandb"; None = only metrics.jsonl
     max_nonfinite_in_a_row: int = 20 # stop after this many consecutive skipped (NaN/Inf) updates
     progress: bool = True            # rich progress bar (only on a TTY and the main process)
+    data_workers: int = 0            # DataLoader worker processes reading batches ahead (0 = in the main process);
+                                     # > 0 also reads an image folder from disk per batch instead of into memory
 
 
 #: keys whose change makes a checkpoint meaningless for the new config: refused on resume
@@ -97,4 +99,5 @@ RESUME_FIXED = ("teacher", "resolution", "objective.name", "student.steps", "stu
 #: report, none of which changes what an update computes
 RESUME_FREE = ("max_steps", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "preview_every",
                "preview_n", "eval_every", "eval_samples", "eval_detector", "eval_ref", "collapse_every",
-               "collapse_samples", "collapse_min_ratio", "log_with", "max_nonfinite_in_a_row", "progress", "attention")
+               "collapse_samples", "collapse_min_ratio", "log_with", "max_nonfinite_in_a_row", "progress", "attention",
+               "data_workers")

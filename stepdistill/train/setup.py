@@ -90,6 +90,7 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     need(cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    need(cfg.data_workers >= 0, f"data_workers must be >= 0 (0 reads batches in the main process), got {cfg.data_workers}")
     need(cfg.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}")
@@ -155,7 +156,6 @@ def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *
     """The frozen teacher and the training set. For text-to-image teachers the set is prompts (and
     image latents for objectives that use real data) read through their caches, which are built
     here on first use by the main process (``main_first``: accelerate's main_process_first)."""
-    from ..data import load_images
     from ..teachers import load_teacher
 
     teacher = load_teacher(cfg.teacher, teacher_dtype(cfg), resolution=cfg.resolution)
@@ -166,11 +166,11 @@ def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *
     if cfg.resolution is not None:
         raise UserError(f"resolution={cfg.resolution} applies to text-to-image teachers only; teacher {cfg.teacher!r} "
                         "has a fixed sample size; drop resolution")
-    data = load_images(cfg.data)
+    data = _image_data(cfg)
     if len(data) == 0:
         raise UserError(f"dataset {cfg.data!r} holds no images; point data at a folder or .npz with images")
     size, ch = meta.get("sample_size"), meta.get("in_channels")
-    shape = tuple(data.images.shape[1:])
+    shape = tuple(data.sample_shape)
     if ch is not None and size is not None:
         sz = (size, size) if isinstance(size, int) else tuple(size)
         if shape != (ch, *sz):
@@ -178,6 +178,18 @@ def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *
                             f"{(ch, *sz)}; resize the data or pick the matching teacher")
     check_labels(data, teacher, cfg)
     return teacher, data
+
+
+def _image_data(cfg: DictConfig):
+    """The training images: in memory, or (with data workers, for an image folder) read from disk
+    per batch by the workers (``disk_data.FolderImages``)."""
+    from ..data import DIGITS_SPECS, load_images
+
+    if cfg.data_workers > 0 and cfg.data not in DIGITS_SPECS and Path(cfg.data).expanduser().is_dir():
+        from ..disk_data import FolderImages
+
+        return FolderImages(Path(cfg.data).expanduser())
+    return load_images(cfg.data)
 
 
 def check_labels(data, teacher, cfg: DictConfig) -> None:

@@ -94,8 +94,8 @@ def config_changes(old: DictConfig, new: DictConfig) -> list[tuple[str, object, 
     out = []
     for key in sorted(set(a) & set(b)):
         x, y = a[key], b[key]
-        if key == "teacher" and x is not None and y is not None:
-            x, y = os.path.abspath(str(x)), os.path.abspath(str(y))
+        if key == "teacher" and x is not None and y is not None:  # the same folder, however named (digits16)
+            x, y = (os.path.abspath(resources.teacher(str(v))) for v in (x, y))
         if key == "student.sampler":  # runs written before the option re-noised
             x, y = x or "renoise", y or "renoise"
         if key != "output_dir" and x != y:
@@ -234,7 +234,8 @@ class Trainer:
         self.model = self.acc.prepare(PhaseStep(self.nets, objective))
         self.scaler = getattr(self.acc, "scaler", None)
         self.ema = StudentEMA(self.student, cfg.ema) if cfg.ema.decay is not None else None
-        self.stream = BatchStream(data, cfg.batch_size, cfg.seed, self.rank, self.world, self.acc.device)
+        self.stream = BatchStream(data, cfg.batch_size, cfg.seed, self.rank, self.world, self.acc.device,
+                                  workers=cfg.data_workers)
         self.step = self.draws = self.skipped_total = self.nonfinite_in_row = 0
         self.seconds_before = self.seconds = 0.0  # training wall time, summed over resumes (max_minutes)
         self.updates = {n: 0 for n in self.trained}
@@ -383,6 +384,7 @@ class Trainer:
                     window.reset()
                 else:
                     bar.update(self.step)
+                aside = time.perf_counter()  # previews, eval, checks and checkpoints: not in it/s
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self.monitors.preview()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -392,8 +394,10 @@ class Trainer:
                 due = due or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
                 if due and self.checkpoint():
                     due, last_saved = False, self.step
+                window.aside += time.perf_counter() - aside
         finally:
             bar.close()
+            self.stream.close()
         if last_saved != self.step:  # stopped early, max_steps reached by an earlier run, or max_steps=0
             self.checkpoint()
         self.acc.wait_for_everyone()
@@ -444,7 +448,7 @@ class Trainer:
             means = dict(zip(keys, vals.tolist()))
         rec = {"step": self.step, "losses": means, "lr": dict(self.last_lr),
                "it_s": window.rate(), "skipped": window.skipped, "skipped_total": self.skipped_total,
-               "train_seconds": round(self.seconds, 3)}
+               "train_seconds": round(self.seconds, 3), "aside_seconds": round(window.aside, 3)}
         self.log.write(rec)
         if self.cfg.log_with:
             flat = {f"loss/{k}": v for k, v in means.items()}
