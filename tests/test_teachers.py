@@ -165,3 +165,17 @@ def test_shipped_digits_teacher_draws_the_requested_digits():
     x = sample(den, torch.randn(100, 1, 16, 16, generator=g), 20, cond={"class_labels": labels})
     assert x.abs().max() < 2  # near the data range [-1, 1]: no blow-up
     assert knn.score(x.flatten(1).numpy(), labels.numpy()) >= 0.9
+
+
+@pytest.mark.parametrize("name, kind", [("digits16", "vp"), ("digits16_edm", "edm"), ("digits16_flow", "flow")])
+def test_shipped_teachers_of_every_kind_load_by_name(name, kind):
+    """The three shipped digits teachers (one backbone, data and training length; stepdistill pretrain
+    digits/teacher[_edm|_flow]) load by name with their schedule and denoise to finite values."""
+    from stepdistill.teachers import load_teacher
+
+    den = load_teacher(name)
+    assert den.schedule.kind == kind and den.meta["num_classes"] == 10 and den.meta["sample_size"] == 16
+    x = torch.randn(2, 1, 16, 16)
+    t = den.schedule.timesteps(4)[1:3]
+    out = den(x, t, {"class_labels": torch.tensor([3, 7])})
+    assert out.shape == x.shape and torch.isfinite(out).all()
