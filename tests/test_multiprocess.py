@@ -76,3 +76,30 @@ def test_every_objective_trains_the_same_weights_on_two_processes(name, tiny_tea
     assert max((w1[k] - init[k]).abs().max().item() for k in w1) > 1e-5  # training moved the weights
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_the_fsdp_launch_config_on_cpu_stops_with_one_line(cpu, tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """The shipped FSDP launch config (2 processes here) on a machine without GPUs: accelerate falls
+    back to DDP over gloo (cpu=true) or to independent processes (cpu=false) without saying so; the
+    trainer refuses both before it claims the run folder."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from stepdistill.resources import PRESETS
+    from trainer_runs import TOY, env
+
+    acc = OmegaConf.load(PRESETS / "accelerate" / "fsdp.yaml")
+    acc.num_processes, acc.mixed_precision = 2, "no"
+    (tmp_path / "fsdp.yaml").write_text(OmegaConf.to_yaml(acc))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_teacher_dir, tiny_data_npz, cpu=cpu, max_steps=1)
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
+                          TOY, "train", str(cfg), f"output_dir={out}"], env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    said = "the launch config asks for FSDP" if cpu else "launched as 2 processes"
+    assert f"error: {said}" in res.stderr
+    assert not out.exists()

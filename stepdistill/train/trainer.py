@@ -161,6 +161,16 @@ class Trainer:
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched != self.world:  # e.g. an FSDP launch config on a machine without an accelerator
+            raise UserError(f"launched as {launched} processes, but accelerate set up {self.world} "
+                            f"({self.acc.distributed_type.value}): each would train alone into the same output_dir. "
+                            "accelerate's FSDP and DeepSpeed need GPUs; on CPU launch with --multi_gpu and cpu=true "
+                            "(data parallel over gloo)")
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and \
+                self.acc.distributed_type.value != "FSDP":  # accelerate fell back (on CPU: to DDP) without saying
+            raise UserError(f"the launch config asks for FSDP, but accelerate set up {self.acc.distributed_type.value}: "
+                            "FSDP needs GPUs here; drop the FSDP config (plain --multi_gpu) or run on GPUs")
         if cfg.batch_size % self.world:
             raise UserError(f"batch_size={cfg.batch_size} does not split over {self.world} processes; "
                             f"use a multiple of {self.world}")
