@@ -154,9 +154,35 @@ def test_deterministic_students_export_ddim_schedulers(tmp_path):
     assert "deterministic DDIM step" in (out / "README.md").read_text()
 
 
-def test_edm_teachers_are_refused():
-    with pytest.raises(UserError, match="EDM"):
-        student_scheduler_config(EDMSchedule())
+@pytest.mark.parametrize("sampler, first", [("renoise", None), ("ddim", None), ("renoise", 2.5)])
+def test_edm_students_run_in_the_shipped_pipeline_with_edm_euler_sigmas(sampler, first, tmp_path):
+    """An EDM student (re-noising, deterministic, or from SiD's sigma_init 2.5) exported and run by the
+    shipped pipeline (in process) with the same noise: EDMEulerScheduler's sigmas are the student's
+    Karras grid, its preconditioning the teacher's; it loads back as the same student."""
+    from diffusers import EDMEulerScheduler, UNet2DModel
+
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.export.pipeline import StepDistillPipeline
+    from stepdistill.loaders import load_for_sampling
+
+    with pytest.raises(UserError, match="boundary"):
+        student_scheduler_config(EDMSchedule(), "lcm", 2)
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), EDMSchedule(), null_class=2)
+    student = build_student(teacher, StudentConfig(steps=3, sampler=sampler, first_timestep=first)).eval()
+    ref = EDMEulerScheduler(sigma_max=first or 80.0)
+    ref.set_timesteps(3)
+    assert student.timesteps.tolist() == ref.sigmas[:-1].double().tolist()
+    out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "edm")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "EDMEulerScheduler"] and index["renoise"] == (sampler == "renoise")
+    pipe = StepDistillPipeline(unet=UNet2DModel.from_pretrained(out / "unet"),
+                               scheduler=EDMEulerScheduler.from_pretrained(out / "scheduler"),
+                               trained_steps=index["trained_steps"], renoise=index["renoise"])
+    got = pipe(class_labels=LABELS, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    torch.testing.assert_close(got, _student_sample(student, LABELS), rtol=0, atol=1e-4)
+    model = load_for_sampling(out)
+    assert model.student.sampler == sampler and model.student.timesteps.tolist() == student.timesteps.tolist()
+    torch.testing.assert_close(_student_sample(model.student, LABELS), got, rtol=0, atol=1e-4)
 
 
 # -- round trips ------------------------------------------------------------------------------------

@@ -99,3 +99,11 @@ def test_names_resolve_to_shipped_files_and_a_users_own_path_wins(tmp_path, monk
     assert cfg.objective.cache == str(Path("somewhere/run") / "teacher_cache")
     cfg, _ = resolve(str(shipped), ["output_dir=somewhere/run", "objective.cache=shared/pairs"])
     assert cfg.objective.cache == "shared/pairs"
+
+
+def test_eval_takes_a_shipped_teacher_by_name(tmp_path, monkeypatch):
+    """`stepdistill eval digits16_edm`: a shipped teacher's name, not a 'digits*' data spec."""
+    from stepdistill.eval.sources import load_source
+
+    monkeypatch.chdir(tmp_path)
+    assert load_source("digits16_edm").num_classes == 10

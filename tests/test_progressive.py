@@ -119,7 +119,8 @@ def test_the_student_samples_with_ddim_and_lands_on_the_teachers_2k_step_chain(k
     grid, mid = grid_with_midpoints(schedule, k)
     student = Student(ExactTwoStep(schedule, mu, sd, grid, mid), grid[:-1], sampler=sampler)
     noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = schedule.prior(noise, grid[0])
+    # the student's input: sigma z on EDM (Karras et al., 2022, Alg. 1), the schedule's prior elsewhere
+    x = noise * grid[0] if kind == "edm" else schedule.prior(noise, grid[0])
     chain = [t for i in range(k) for t in (grid[i], mid[i])] + [grid[-1]]
     for t, t_next in zip(chain[:-1], chain[1:]):
         p_, q_ = ddim_affine(schedule, mu, sd, t, t_next)

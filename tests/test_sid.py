@@ -274,10 +274,17 @@ def test_sigma_init_on_edm_and_flow_teachers():
     assert student_timesteps(edm, 1, first_timestep=2.5).tolist() == [2.5]
     teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3, channels=1), edm, null_class=2).requires_grad_(False)
     student = build_student(teacher, StudentConfig(first_timestep=2.5))
-    seen = []
-    student.denoiser.register_forward_pre_hook(lambda m, a: seen.append(float(torch.as_tensor(a[1]).flatten()[0])))
-    student(torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([0, 1])})
+    seen, inputs = [], []
+
+    def record(module, args):
+        seen.append(float(torch.as_tensor(args[1]).flatten()[0]))
+        inputs.append(args[0])
+
+    student.denoiser.register_forward_pre_hook(record)
+    z = torch.randn(2, 1, 8, 8)
+    student(z, {"class_labels": torch.tensor([0, 1])})
     assert seen == [2.5]
+    torch.testing.assert_close(inputs[0], z * 2.5)  # sid_training_loop: G(z * init_sigma, init_sigma)
     for bad in (0.001, 100.0):
         with pytest.raises(UserError, match="sigma on EDM teachers"):
             student_timesteps(edm, 1, first_timestep=bad)

@@ -103,6 +103,9 @@ def _load_model(path: Path, sampler: str, guidance: float, prompts=None, resolut
 
 def load_source(path: str, *, sampler: str = "ddim", guidance: float = 1.0, prompts: list[str] | None = None,
                 resolution: int | None = None, ema: bool = True) -> Source:
+    from ..resources import teacher
+
+    path = teacher(path)  # a shipped teacher by name (digits16_edm), not the digits data specs
     p = Path(path)
     if not p.exists() and not str(path).startswith("digits"):
         raise UserError(f"model {path!r} does not exist; pass a teacher folder, a run folder, an "

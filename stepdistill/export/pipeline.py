@@ -11,7 +11,9 @@ Sampling is the scheduler's own loop: the exported scheduler (``LCMScheduler`` f
 ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` for flow models) predicts x0 at each
 of its timesteps and re-noises it with fresh noise from ``generator`` to the next one, the
 multi-step consistency sampler (Song et al., 2023, Alg. 1); a deterministic student's
-``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler`` steps from that x0 by DDIM instead.
+``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler`` steps from that x0 by DDIM instead. EDM
+models: ``EDMEulerScheduler`` gives the sigmas and the preconditioning, and the loop here takes x0
+and re-noises it (``renoise``) or takes the Euler step (Karras et al., 2022).
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ class StepDistillPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_steps: int = 1):
+    def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(trained_steps=int(trained_steps))
+        self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise))
 
     @property
     def num_classes(self) -> int:
@@ -70,12 +72,10 @@ class StepDistillPipeline(DiffusionPipeline):
         shape = (b, self.unet.config.in_channels, *size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        # the prior's scale at the first timestep (1 for LCMScheduler; flow schedulers define none: 1)
-        x = latents.to(self._execution_device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self.scheduler.set_timesteps(steps, device=self._execution_device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.unet(x, t, class_labels=labels).sample
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        if type(self.scheduler).__name__ == "EDMEulerScheduler":
+            x = self._edm(latents.to(self._execution_device), labels, steps, generator)
+        else:
+            x = self._scheduler_loop(latents.to(self._execution_device), labels, steps, generator)
         if output_type == "latent":
             images = x
         else:
@@ -88,6 +88,33 @@ class StepDistillPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _edm(self, latents, labels, steps, generator):
+        """EDM (Karras et al., 2022): the scheduler's preconditioning (Table 1) at each of its sigmas;
+        x0, then fresh noise at the next sigma (``renoise``), or the Euler (DDIM) step to it."""
+        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        sigmas = self.scheduler.sigmas.to(self._execution_device)
+        x = latents * sigmas[0]
+        for i in self.progress_bar(range(steps)):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            out = self.unet(self.scheduler.precondition_inputs(x, s), self.scheduler.precondition_noise(s),
+                            class_labels=labels).sample
+            x0 = self.scheduler.precondition_outputs(x, out, s)
+            if self.config.renoise:
+                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x0 + s_next * noise
+            else:
+                x = x0 + s_next * (x - x0) / s
+        return x
+
+    def _scheduler_loop(self, latents, labels, steps, generator):
+        # the prior's scale at the first timestep (1 for LCMScheduler; flow schedulers define none: 1)
+        x = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = self.unet(x, t, class_labels=labels).sample
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        return x
 
     # -- LoRA (Hu et al., 2022) in peft's format --------------------------------------------------
     def load_lora_weights(self, path: str, adapter_name: str = "default") -> None:

@@ -20,9 +20,12 @@ its timesteps and re-noises that x0 with *fresh* noise to the next one. In diffu
   last step, eta 0 as every diffusers pipeline calls it); flow teachers: the same
   ``FlowMatchEulerDiscreteScheduler`` without ``stochastic_sampling``, whose Euler step on the
   rectified-flow path is that DDIM step.
-* EDM teachers: diffusers has no scheduler whose step is "x0, then fresh noise at the next sigma"
-  for EDM's preconditioned backbones (``CMStochasticIterativeScheduler`` feeds the network
-  1000 * c_noise and applies its own boundary), so export refuses them.
+* EDM teachers: ``EDMEulerScheduler`` with the student's sigma_max (its ``set_timesteps(K)`` gives
+  the student's Karras grid, Karras et al., 2022, eq. 5, and a final 0) supplies the preconditioning
+  (``precondition_inputs`` / ``_noise`` / ``_outputs``, Table 1). Its own step is Euler with churn,
+  not "x0, then fresh noise", so the shipped ``pipeline.py`` takes x0 from ``precondition_outputs``
+  and re-noises it, x_next = x0 + sigma_next z (``sampler="ddim"``: x0 + sigma_next (x - x0) / sigma,
+  the Euler / DDIM step).
 """
 from __future__ import annotations
 
@@ -154,9 +157,13 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
             cfg["shift_terminal"] = schedule.shift / (steps + schedule.shift - 1.0)
         return cfg
     if isinstance(schedule, EDMSchedule):
-        raise UserError("EDM teachers have no diffusers scheduler that samples like the student (x0, then fresh "
-                        "noise at the next sigma); export supports VP (DDPM/DDIM-family) and flow-matching "
-                        "teachers; sample EDM students with `stepdistill sample RUN_DIR`")
+        if boundary is not None:
+            raise UserError("boundary='lcm' is LCM's VP boundary condition; EDM's preconditioning is its own: train "
+                            "the EDM student with student.boundary=null")
+        cfg = {"_class_name": "EDMEulerScheduler", **schedule.config}
+        if first_timestep is not None:  # the grid starts at sigma_init (SiD's 2.5)
+            cfg["sigma_max"] = float(first_timestep)
+        return cfg
     raise UserError(f"schedule {type(schedule).__name__} cannot be exported; use a VP or flow-matching teacher")
 
 
@@ -171,7 +178,7 @@ def make_scheduler(config: dict[str, Any]):
 def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None,
                       first_timestep: float | None = None, sampler: str | None = "renoise") -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
-    ``set_timesteps(K)`` produces. EDM schedules, which export refuses, keep their own K-step grid."""
+    ``set_timesteps(K)`` produces (EDM: its sigmas without the final 0)."""
     if steps < 1:
         raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
     first_timestep = check_first_timestep(schedule, first_timestep)

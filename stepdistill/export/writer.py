@@ -75,7 +75,8 @@ def check_exportable(student, meta: dict | None = None) -> dict:
     else:
         sched = make_scheduler(cfg)
         sched.set_timesteps(student.steps)  # as ConsistencyModelPipeline and pipeline.py call it
-        ts = sched.timesteps.to(torch.float64)
+        # EDM's timesteps are c_noise values; its pipeline steps through the sigmas
+        ts = (sched.sigmas[:-1] if cfg["_class_name"] == "EDMEulerScheduler" else sched.timesteps).to(torch.float64)
     if not torch.equal(ts, student.timesteps.cpu()):
         raise UserError(f"the student was trained at timesteps {student.timesteps.tolist()} but its exported scheduler "
                         f"runs {ts.tolist()} for {student.steps} steps; retrain with this version of stepdistill")
@@ -92,7 +93,7 @@ def check_exportable(student, meta: dict | None = None) -> dict:
     return cfg
 
 
-def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool) -> None:
+def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise") -> None:
     import diffusers
 
     scheduler = make_scheduler(cfg)
@@ -101,7 +102,8 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool) -> Non
         scheduler.save_pretrained(tmp / "scheduler")
         shutil.copyfile(PIPELINE_FILE, tmp / "pipeline.py")
         index = {"_class_name": ["pipeline", PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
-                 "trained_steps": int(steps), "scheduler": ["diffusers", type(scheduler).__name__],
+                 "trained_steps": int(steps), "renoise": sampler == "renoise",
+                 "scheduler": ["diffusers", type(scheduler).__name__],
                  "unet": ["diffusers", type(unet).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
@@ -140,7 +142,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             record["left_out"] = write_t2i(tmp, student, meta, cfg, mode)
         else:
             unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
-            _write_pipeline(tmp, unet, cfg, student.steps, custom)
+            _write_pipeline(tmp, unet, cfg, student.steps, custom, student.sampler or "renoise")
             if mode == "lora":
                 save_lora(backbone, tmp)
         scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from
