@@ -10,6 +10,11 @@ machine and on file systems that support it (most network file systems do throug
 A folder that the claim creates is removed again by ``release(failed=True)`` while it holds nothing
 but empty folders and the lock file, so a start that fails leaves nothing behind; a folder that
 existed before is never removed, and no file in it is touched.
+
+A forked child (a DataLoader worker, a ``fork`` multiprocessing process) would share the lock's open
+file description and so hold the lock until it exits, after its parent was killed too; every claim's
+descriptor is therefore closed in the child right after ``fork`` (``os.register_at_fork``), so the
+lock lives exactly as long as the process that took it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,18 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK_FILE = ".lock"
+_HELD: "weakref.WeakSet[FolderClaim]" = weakref.WeakSet()
+
+
+def _drop_claims_in_child() -> None:
+    """After ``fork``: the child closes its copies of the parent's lock descriptors (module docstring)."""
+    for claim in list(_HELD):
+        if claim._close.detach() is not None:
+            os.close(claim._fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_claims_in_child)
 
 
 class FolderClaim:
@@ -47,6 +64,7 @@ class FolderClaim:
         os.fsync(fd)
         self._fd = fd
         self._close = weakref.finalize(self, os.close, fd)  # a claim dropped without release() still unlocks
+        _HELD.add(self)
 
     def release(self, failed: bool = False) -> None:
         """Drop the lock; after a failed start, remove the folder if this claim created it and it is

@@ -208,3 +208,37 @@ def test_folder_claim_is_exclusive_and_a_failed_start_removes_only_an_empty_fold
     c.release(failed=True)  # the user's own (empty) folder is never removed
     assert (tmp_path / "mine").is_dir()
     FolderClaim(tmp_path / "mine").release()  # released claims leave the folder free
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked children: they must not hold the claim after their parent is
+    SIGKILLed (orphaned workers live on for seconds and used to block the immediate resume)."""
+    import os
+    import subprocess
+    import sys
+
+    from stepdistill.runfolder import FolderClaim
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from stepdistill.runfolder import FolderClaim\n"
+        f"claim = FolderClaim({str(folder)!r})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    print('child running', flush=True); time.sleep(60); os._exit(0)\n"  # past its fork handlers
+        "print(child, flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    lines = [holder.stdout.readline().strip() for _ in range(2)]
+    child = int(next(line for line in lines if line.isdigit()))
+    try:
+        with pytest.raises(UserError, match="in use"):
+            FolderClaim(folder)  # the live parent holds it
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child is still alive ...
+        FolderClaim(folder).release()  # ... and the folder is free at once
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
