@@ -108,6 +108,11 @@ class Schedule(ABC):
     def t_max(self) -> float:
         """The noisiest time the backbone was trained on."""
 
+    @abstractmethod
+    def t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The time whose log(alpha / sigma) is ``lam``: the inverse of ``log_snr``, differentiable in
+        ``lam`` (a TrigFlow time maps onto this schedule through it, ``trigflow.py``)."""
+
     # -- backbone interface -----------------------------------------------------------------
     def model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the backbone is fed for x_t (EDM scales by c_in; others feed x_t)."""
@@ -206,6 +211,16 @@ class VPSchedule(Schedule):
             ab = torch.where(pos >= self.num_train_timesteps, torch.zeros_like(ab), ab)
         return ab.sqrt(), (1.0 - ab).clamp_min(0.0).sqrt()
 
+    def t_from_log_snr(self, lam):
+        # alpha-bar = sigmoid(2 lam); invert the piecewise-linear log alpha-bar of ``alpha_sigma``
+        # exactly: find the table interval, then the fraction inside it
+        target = torch.nn.functional.logsigmoid(2.0 * self._t(lam))
+        log_ab = self._log_ab.to(target.device)
+        top = self.num_train_timesteps
+        lo = (torch.searchsorted(-log_ab, -target.detach().contiguous()) - 1).clamp(0, top - 1)
+        frac = (target - log_ab[lo]) / (log_ab[lo + 1] - log_ab[lo])
+        return (lo.to(torch.float64) + frac.clamp(0.0, 1.0)) - 1.0
+
     def timesteps(self, n: int, **kw) -> torch.Tensor:
         from diffusers import DDIMScheduler
 
@@ -249,6 +264,9 @@ class EDMSchedule(Schedule):
     def alpha_sigma(self, t):
         t = self._t(t)
         return torch.ones_like(t), t
+
+    def t_from_log_snr(self, lam):
+        return (-self._t(lam)).exp()  # sigma = exp(-lambda)
 
     def timesteps(self, n: int, sigma_max: float | None = None, **kw):
         """EDM's Karras grid (eq. 5) from sigma_max (default the schedule's) down to sigma_min, then 0."""
@@ -324,6 +342,9 @@ class FlowSchedule(Schedule):
     def alpha_sigma(self, t):
         s = self._t(t) / self.num_train_timesteps
         return 1.0 - s, s
+
+    def t_from_log_snr(self, lam):
+        return torch.sigmoid(-self._t(lam)) * self.num_train_timesteps  # s / (1 - s) = exp(-lambda)
 
     def timesteps(self, n: int, mu: float | None = None, **kw):
         from diffusers import FlowMatchEulerDiscreteScheduler

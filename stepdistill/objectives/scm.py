@@ -1,0 +1,174 @@
+"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, 2024, "Simplifying,
+Stabilizing and Scaling Continuous-Time Consistency Models", Alg. 1, consistency distillation).
+
+Per iteration, on real data x0 (``TrigFlow`` maps every teacher kind onto x_t = cos t x0 + sin t z):
+
+    tau ~ N(P_mean, P_std^2),  t = arctan(e^tau / sigma_d),  z ~ N(0, sigma_d^2 I),  x_t = cos t x0 + sin t z
+    dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t)                               (the teacher's PF-ODE)
+    r = min(1, iteration / H)                                                   (tangent warm-up, sec. 4.2)
+    g = -cos^2 t (sigma_d F_- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF_-/dt) (eq. 8, the "JVP rearrangement")
+    g = g / (||g|| + c)                                                         (tangent normalisation, sec. 4.2)
+    L = lambda(t) e^{w(t)} / D ||F_theta - F_- - g||^2 - w(t)                   (adaptive weighting, sec. 4.3)
+
+F_- is the student with stopped gradient (theta^- = sg(theta), no target network) and dF_-/dt its
+total derivative along the ODE, a forward-mode JVP with tangents (dx_t/dt, 1) (``torch.func.jvp``,
+attention through SDPA's math kernel and group norm in elementary ops, ``jvp.forward_mode_safe``), or the central
+difference along the same tangent (``tangent="finite_difference"``, FastGen's ``use_jvp_finite_diff``),
+which keeps the fused kernels and costs a third forward pass.
+w(t) is a small learned network (``AdaptiveWeight``). lambda(t) = 1 / (sigma_d tan t) is the prior
+weighting of the reference implementation (FastGen ``sCM.py``, ``prior_weighting_enabled``: 1/sigma_t),
+and the norm in the normalisation is its size-invariant RMS (``g_norm_spatial_invariance``) unless
+``tangent_norm="l2"`` (Alg. 1's plain norm).
+
+The student is sampled by the paper's multistep consistency sampler: f at the first time, then the
+x0 estimate re-noised to the next time (the student's "renoise" step); a 2-step student uses the
+teacher schedule's own 2-step grid (so its exported scheduler reproduces it), not the paper's t = 1.1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..jvp import forward_mode_safe
+from ..schedules import bcast
+from ..trigflow import TrigFlow
+from .base import BuildContext, Nets, Objective, Phase, register
+from .common import Draws, guidance_scales
+
+
+class AdaptiveWeight(nn.Module):
+    """w_phi(t) (sCM sec. 4.3, after EDM2's learned uncertainty, Karras et al., 2024, eq. 15): a linear
+    layer on fixed random Fourier features of c_noise = log(sigma_d tan t) / 4, zero at the start."""
+
+    def __init__(self, sigma_d: float = 0.5, features: int = 128, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.sigma_d = sigma_d
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        c_noise = (self.sigma_d * torch.tan(t.double())).log().float() / 4
+        feats = torch.cos(c_noise[:, None] * self.freqs + self.phases) * math.sqrt(2)
+        return self.linear(feats).squeeze(1)
+
+
+@register
+class SCM(Objective):
+    name = "scm"
+    uses_real_data = True
+
+    @dataclass
+    class Config:
+        sigma_d: float = 0.5             # TrigFlow's data standard deviation
+        p_mean: float = -1.0             # proposal log-normal over sigma_d tan t (sCM sec. 4.4, CIFAR-10 / ImageNet)
+        p_std: float = 1.4
+        tangent_warmup: int = 10000      # H: iterations over which r rises from 0 to 1
+        tangent_c: float = 0.1           # c in g / (||g|| + c)
+        tangent_norm: str = "rms"        # "rms" (||g|| / sqrt(D), FastGen's default) or "l2" (Alg. 1)
+        prior_weighting: bool = True     # lambda(t) = 1 / (sigma_d tan t) (FastGen's prior weighting)
+        tangent: str = "jvp"             # "jvp" (torch.func.jvp) or "finite_difference"
+        fd_eps: float = 1.0e-4           # finite-difference step, relative to t: diffusers' sinusoidal time
+                                         # embeddings oscillate down to a period of 2 pi training steps, and
+                                         # at 1e-3 (FastGen's default) the difference misses them by 5-40 %
+        guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
+        guidance_range: list | None = None
+        weight_features: int = 128
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        if self.cfg.tangent not in ("jvp", "finite_difference"):
+            from ..errors import UserError
+            raise UserError(f"scm: tangent {self.cfg.tangent!r} is not supported; use 'jvp' or 'finite_difference'")
+        if self.cfg.tangent_norm not in ("rms", "l2"):
+            from ..errors import UserError
+            raise UserError(f"scm: tangent_norm {self.cfg.tangent_norm!r} is not supported; use 'rms' or 'l2'")
+        self.iteration = 0
+
+    def phases(self):
+        return [Phase("generator", ("student", "weighting"))]
+
+    def build(self, teacher, student, context: BuildContext | None = None):
+        self.trig = TrigFlow(teacher.schedule, self.cfg.sigma_d)
+        grid = teacher.schedule.timesteps(1000)
+        self.t_min = float(self.trig.time_from_sigma(self._sigma_ratio(teacher.schedule, grid[-2])))
+        return {"weighting": AdaptiveWeight(self.cfg.sigma_d, self.cfg.weight_features)}
+
+    @staticmethod
+    def _sigma_ratio(schedule, u):
+        a, s = schedule.alpha_sigma(u)
+        return s / a
+
+    def student_sampler(self):
+        return "renoise"  # the multistep consistency sampler (Song et al., 2023, Alg. 1)
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration = step + 1
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.iteration = int(state.get("iteration", 0))
+
+    # -- Alg. 1 -------------------------------------------------------------------------------------
+    def times(self, draws: Draws) -> torch.Tensor:
+        """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (inverse-CDF of the per-sample uniform),
+        kept inside the times the teacher was trained on."""
+        u = draws.rand().clamp(1e-12, 1 - 1e-12)
+        tau = self.cfg.p_mean + self.cfg.p_std * math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+        return self.trig.time_from_sigma(tau.exp()).to(u.device).clamp(self.t_min, self.trig.t_max)
+
+    def tangent(self, student, x: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, cond):
+        """(sigma_d F_-, sigma_d dF_-/dt): the student's velocity and its total time derivative along
+        the ODE direction (dx_t/dt, 1), without gradient."""
+        def velocity(x_, t_):
+            return self.trig.velocity(student.denoise, x_, t_, cond)
+
+        with torch.no_grad():
+            if self.cfg.tangent == "jvp":
+                with forward_mode_safe():  # attention and group norm by rules that exist (``jvp.py``)
+                    return torch.func.jvp(velocity, (x, t), (dxdt, torch.ones_like(t)))
+            eps = (self.cfg.fd_eps * t).clamp_min(1e-6)
+            e = bcast(eps, x)
+            ahead, behind = velocity(x + e * dxdt, t + eps), velocity(x - e * dxdt, t - eps)
+            return velocity(x, t), (ahead - behind) / (2 * e)
+
+    def tangent_g(self, student, teacher, x: torch.Tensor, t: torch.Tensor, cond, r: float):
+        """Eq. 8 before normalisation: g = cos t df_-/dt along the teacher's ODE (with the warm-up factor
+        r on its second part), and sigma_d F_- it was computed at."""
+        with torch.no_grad():
+            dxdt = self.trig.velocity(teacher, x, t, cond)                     # sigma_d F_teacher
+        v_minus, dv_dt = self.tangent(student, x, t, dxdt, cond)               # sigma_d F_-, sigma_d dF_-/dt
+        cos, sin = bcast(torch.cos(t), x), bcast(torch.sin(t), x)
+        return -cos**2 * (v_minus - dxdt) - r * cos * sin * (x + dv_dt), v_minus
+
+    def generator_loss(self, nets: Nets, batch: dict):
+        from ..denoisers import guided
+
+        cfg, trig, draws = self.cfg, self.trig, Draws(batch)
+        x0, cond = batch["x0"], batch.get("cond")
+        t = self.times(draws)
+        x = trig.add_noise(x0, cfg.sigma_d * draws.randn_like(x0), t)
+        teacher = guided(nets.teacher, guidance_scales(cfg.guidance, cfg.guidance_range, draws))
+        r = min(1.0, self.iteration / max(cfg.tangent_warmup, 1))               # tangent warm-up
+        g, v_minus = self.tangent_g(nets.student, teacher, x, t, cond, r)
+        norm = g.flatten(1).norm(dim=1)
+        if cfg.tangent_norm == "rms":
+            norm = norm / math.sqrt(g[0].numel())
+        g = g / bcast(norm + cfg.tangent_c, g)                                 # tangent normalisation
+        f_theta = trig.velocity(nets.student.denoise, x, t, cond) / cfg.sigma_d
+        mse = (f_theta - (v_minus / cfg.sigma_d + g).detach()).pow(2).flatten(1).mean(1)
+        w = nets.weighting(t)
+        prior = 1.0 / (cfg.sigma_d * torch.tan(t)) if cfg.prior_weighting else torch.ones_like(t)
+        loss = prior.to(mse.dtype) * torch.exp(w) * mse - w                    # adaptive weighting
+        return {"scm": loss, "_mse": mse.detach(), "_logvar": -w.detach(), "_r": torch.full_like(mse, r)}
+
+
+__all__ = ["SCM", "AdaptiveWeight"]
