@@ -29,7 +29,10 @@ CASES = [(n, {}) for n in NAMES] + [
     ("consistency", {"multistep": True, "weighting": "truncated_snr"}),  # loss on x0 estimates, target net asked
     ("consistency", {"multistep": True, "teacher_steps": 4, "cache": "TMP", "cache_num": 6, "cache_steps": 8}),
     ("sid", {"gan_weight": 1.0, "gan_form": "sida"}),  # SiDA: the classifier shares the fake score's passes
-    ("progressive", {"round_ema": 0.9})]  # the round's average teaches the next round
+    ("progressive", {"round_ema": 0.9}),  # the round's average teaches the next round
+    ("scm", {"tangent": "finite_difference", "max_t_prob": 0.5}),
+    ("hybrid", {"terms": [{"name": "adversarial", "weight": 0.5, "distill": "none"}]}),  # SANA-Sprint
+    ("hybrid", {"terms": [{"name": "dmd2", "weight": 0.01, "gan_weight": 0.0, "critic_repeats": 2}]})]  # rCM
 #: "TMP" in a case stands for a fresh folder of the test's own (a cache built there on first use)
 
 
@@ -54,7 +57,8 @@ def _batch(seed=0):
             "rng": BatchRandom(seed, B, slice(0, B))}
 
 
-@pytest.mark.parametrize("name,extra", CASES, ids=[n + "".join(f"-{k}" for k in e) for n, e in CASES])
+@pytest.mark.parametrize("name,extra", CASES, ids=[n + "".join(f"-{k}" if k != "terms" else "-" + "+".join(t["name"] for t in e[k])
+                                                                 for k in e) for n, e in CASES])
 def test_losses_and_gradients_per_phase(name, extra, tmp_path):
     obj, nets = _setup(name, {k: str(tmp_path / k) if v == "TMP" else v for k, v in extra.items()})
     assert not any(p.requires_grad for k, p in nets.teacher.named_parameters() if "lora_" not in k)

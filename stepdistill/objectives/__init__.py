@@ -7,7 +7,7 @@ import importlib
 
 from .base import OBJECTIVES, Nets, Objective, Phase, get_objective, register
 
-FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm"]
+FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid"]
 
 
 def load_all() -> dict:

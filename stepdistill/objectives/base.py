@@ -130,6 +130,23 @@ def register(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def make_objective(spec: Any) -> Objective:
+    """An objective from its config section: ``name`` picks the class, the rest fills its ``Config``."""
+    from omegaconf import OmegaConf
+
+    from ..config import merge
+
+    spec = dict(spec or {})
+    name = spec.pop("name", "") or ""
+    if not name:
+        from . import load_all
+
+        names = ", ".join(sorted(load_all())) or "none registered"
+        raise UserError(f"no objective given; set objective.name (registered: {names})")
+    cls = get_objective(str(name))
+    return cls(OmegaConf.to_object(merge(cls.Config, spec, where=f"objective {name!r}")))
+
+
 def get_objective(name: str) -> type[Objective]:
     from . import load_all
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import check_optimizer, load, merge, to_dict
+from ..config import check_optimizer, load, to_dict
 from ..errors import UserError
 from ..generator import Student, StudentConfig, build_student
-from ..objectives import Nets, Objective, Phase, get_objective
+from ..objectives import Nets, Objective, Phase
 from ..objectives.base import BuildContext
 from .config import TrainConfig
 
@@ -60,16 +60,9 @@ def resolve_sampler(scfg, objective: Objective) -> str:
 
 
 def make_objective(spec: Any) -> Objective:
-    spec = dict(spec or {})
-    name = spec.pop("name", "") or ""
-    if not name:
-        from ..objectives import load_all
+    from ..objectives.base import make_objective as make
 
-        names = ", ".join(sorted(load_all())) or "none registered"
-        raise UserError(f"no objective given; set objective.name (registered: {names})")
-    cls = get_objective(str(name))
-    ocfg = merge(cls.Config, spec, where=f"objective {name!r}")
-    return cls(OmegaConf.to_object(ocfg))
+    return make(spec)
 
 
 def trained_nets(objective: Objective) -> list[str]:

@@ -1,0 +1,80 @@
+"""Hybrid objectives (SANA-Sprint: sCM + LADD; rCM: sCM + DMD): the generator loss is the base's
+plus each term's, weighted, on the same draws; every other phase of a term runs as its own, with
+its networks, repeats and start; state round-trips per part; conflicting parts are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from stepdistill.errors import UserError
+from stepdistill.generator import StudentConfig, build_student
+from stepdistill.objectives import Nets, get_objective
+from stepdistill.objectives.base import make_objective
+from stepdistill.train.randomness import BatchRandom
+
+RCM = {"name": "hybrid", "base": {"name": "scm", "tangent_warmup": 1},
+       "terms": [{"name": "dmd2", "weight": 0.01, "gan_weight": 0.0, "critic_repeats": 3}]}
+SPRINT = {"name": "hybrid", "base": {"name": "scm"},
+          "terms": [{"name": "adversarial", "weight": 0.5, "distill": "none"}]}
+
+
+def _nets(obj):
+    torch.manual_seed(0)
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, StudentConfig(steps=1, sampler=obj.student_sampler()))
+    return Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return {"x0": torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, "cond": {"class_labels": torch.arange(4) % 2},
+            "rng": BatchRandom(7, 4, slice(0, 4))}
+
+
+@pytest.mark.parametrize("spec,term,key", [(RCM, "dmd2", "dmd"), (SPRINT, "adversarial", "gan_g")])
+def test_generator_loss_is_base_plus_weighted_terms(spec, term, key):
+    hybrid = make_objective(spec)
+    nets = _nets(hybrid)
+    torch.manual_seed(1)
+    out = hybrid.losses("generator", nets, _batch())
+    torch.manual_seed(1)
+    batch = _batch()  # the same stream, read in the same order: base first, then the term
+    base = hybrid.base.losses("generator", nets, batch)
+    part = dict((n, p) for n, _, p in hybrid.terms)[term]
+    alone = part.losses("generator", nets, batch)
+    weight = spec["terms"][0]["weight"]
+    torch.testing.assert_close(out["scm"], base["scm"])
+    torch.testing.assert_close(out[f"{term}/{key}"], weight * alone[key])
+    assert not any(k.startswith(f"{term}/_") for k in out)  # logged-only keys stay logged-only
+
+
+def test_phases_merge_the_generators_and_keep_the_critics():
+    hybrid = make_objective(RCM)
+    phases = {ph.name: ph for ph in hybrid.phases()}
+    assert list(phases) == ["dmd2_critic", "generator"]
+    assert phases["dmd2_critic"].trains == ("fake_score",) and phases["dmd2_critic"].repeats == 3
+    assert set(phases["generator"].trains) == {"student", "weighting"}
+    nets = _nets(hybrid)
+    losses = hybrid.losses("dmd2_critic", nets, _batch())
+    assert set(losses) >= {"fake_dsm"}
+
+
+def test_state_round_trips_per_part():
+    hybrid = make_objective(RCM)
+    hybrid.on_step_end(None, 41)
+    fresh = make_objective(RCM)
+    fresh.load_state_dict(hybrid.state_dict())
+    assert fresh.base.iteration == 42 and fresh.state_dict() == hybrid.state_dict()
+
+
+def test_conflicts_are_refused_with_one_line():
+    with pytest.raises(UserError, match="appears twice"):
+        make_objective({"name": "hybrid", "base": {"name": "dmd2"}, "terms": [{"name": "dmd2"}]})
+    with pytest.raises(UserError, match="unknown objective"):
+        make_objective({"name": "hybrid", "terms": [{"name": "dmdd"}]})
+    both = make_objective({"name": "hybrid", "base": {"name": "dmd2", "gan_weight": 0.0},
+                           "terms": [{"name": "sid"}]})
+    with pytest.raises(UserError, match="network called 'fake_score'"):
+        _nets(both)
+    assert get_objective("hybrid").name == "hybrid"
