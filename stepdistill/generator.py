@@ -7,6 +7,11 @@ sec. 4.5) do. ``boundary="lcm"`` wraps the x0 prediction in the consistency boun
 f = c_skip(t) x + c_out(t) x0_hat of LCM (Luo et al., 2023, eq. 8; diffusers' LCMScheduler with
 timestep_scaling 10), so that f(x, t) -> x as t -> 0 exactly as the exported LCMScheduler computes it.
 
+``sampler="tcd"`` is TCD's strategic stochastic sampling (Zheng et al., 2024, sec. 4.3; diffusers'
+TCDScheduler.step with eta = ``gamma``): from (x, t) the DDIM jump of the x0 estimate to
+s = floor((1 - gamma) t_next), then forward noise from s to t_next; the last step ends at s = 0 (the
+scheduler's final timestep), and gamma = 0 is deterministic.
+
 ``sampler="ddim"`` makes the step between timesteps deterministic instead: DDIM (Song et al., 2021,
 eq. 12) from the x0 estimate to the next timestep, the sampler of multistep consistency models
 (Heek et al., 2024, Alg. 2) and phased consistency models (Wang et al., 2024, sec. 3), whose
@@ -27,7 +32,7 @@ from .schedules import bcast
 class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: float | None = None,
-                 sampler: str | None = "renoise"):
+                 sampler: str | None = "renoise", gamma: float = 0.3):
         super().__init__()
         from .export.scheduler import check_first_timestep, check_sampler
 
@@ -43,6 +48,12 @@ class Student(nn.Module):
         self.boundary = None if boundary in (None, "none") else boundary
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
         self.first_timestep = check_first_timestep(denoiser.schedule, first_timestep)  # see StudentConfig
+        if self.sampler == "tcd" and denoiser.schedule.kind != "vp":
+            raise UserError("student sampler 'tcd' is TCDScheduler's, a DDPM-family scheduler; use it with a VP "
+                            "teacher, or sampler 'renoise' / 'ddim'")
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise UserError(f"student.gamma must lie in [0, 1] (TCD's eta), got {gamma}")
+        self.gamma = float(gamma)
 
     @property
     def steps(self) -> int:
@@ -102,15 +113,29 @@ class Student(nn.Module):
         for i, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
             if i + 1 == len(ts):
-                return x0
+                return self._tcd(x, x0, t, 0.0, noise, renoise, last=True) if self.sampler == "tcd" else x0
             x = self._step(x, x0, t, ts[i + 1], noise, renoise)
         raise AssertionError("unreachable")
 
     def _step(self, x, x0, t, t_next, noise, renoise):
-        """From (x, t) with x0 estimate x0 to t_next: DDIM, or x0 re-noised with fresh noise."""
+        """From (x, t) with x0 estimate x0 to t_next: DDIM, TCD's step, or x0 re-noised with fresh noise."""
         if self.sampler == "ddim":
             return self.ddim_to(x, x0, t, t_next)
+        if self.sampler == "tcd":
+            return self._tcd(x, x0, t, t_next, noise, renoise)
         return self.schedule.add_noise(x0, renoise(noise), t_next)
+
+    def _tcd(self, x, x0, t, t_next, noise, renoise, last: bool = False):
+        """TCD's strategic stochastic step (Zheng et al., 2024, Alg. 4; TCDScheduler.step): x_s by DDIM at
+        s = floor((1 - gamma) t_next), then x_{t_next} = sqrt(ab_next / ab_s) x_s + sqrt(1 - ab_next / ab_s) z."""
+        t_next = torch.as_tensor(t_next, dtype=torch.float64)
+        s = torch.floor((1.0 - self.gamma) * t_next)
+        x_s = self.ddim_to(x, x0, t, s)
+        if last or self.gamma == 0:
+            return x_s
+        ratio = (self.schedule.alpha_sigma(t_next)[0] / self.schedule.alpha_sigma(s)[0]) ** 2
+        ratio = bcast(ratio.to(x.device), x)
+        return ratio.sqrt() * x_s + (1 - ratio).sqrt() * renoise(noise)
 
     def ddim_to(self, x: torch.Tensor, x0: torch.Tensor, t, t_next) -> torch.Tensor:
         """Deterministic DDIM step (Song et al., 2021, eq. 12) from (x, t) with x0 estimate x0 to
@@ -177,8 +202,9 @@ class StudentConfig:
     time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
                                          # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
     sampler: Optional[str] = None        # step between timesteps: "renoise" (fresh noise, consistency/DMD2
-                                         # students) or "ddim" (deterministic); None = what the objective
-                                         # fixes, else "renoise"
+                                         # students), "ddim" (deterministic) or "tcd" (TCD's strategic
+                                         # stochastic sampling); None = what the objective fixes, else "renoise"
+    gamma: float = 0.3                   # TCD's gamma (TCDScheduler's eta) for sampler "tcd"
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
     lora_alpha: Optional[float] = None   # LoRA scale numerator (None = rank, i.e. scale 1)
     lora_dropout: float = 0.0
@@ -263,7 +289,7 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
     ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
     return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
-                   first_timestep=ft, sampler=sampler)
+                   first_timestep=ft, sampler=sampler, gamma=cfg.gamma)
 
 
 # -- the w input of a guidance-conditioned student (LCM, sec. 4.2) --------------------------------

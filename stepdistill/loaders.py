@@ -153,7 +153,7 @@ def load_exported(path, *, trust_pickle: bool = False):
         load_lora(unet, p / LORA_WEIGHT_NAME, prefix=folder)
     den = DiffusersDenoiser(unet, schedule, null_class=record.get("null_class"))
     student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary, first, sampler),
-                      boundary=boundary, first_timestep=first, sampler=sampler)
+                      boundary=boundary, first_timestep=first, sampler=sampler, gamma=float(record.get("gamma", 0.3)))
     if not torch.equal(student.timesteps, torch.tensor(record["timesteps"], dtype=torch.float64)):
         raise UserError(f"{str(p)!r}: the scheduler gives timesteps {student.timesteps.tolist()}, but the student was "
                         f"trained at {record['timesteps']}; restore the exported scheduler config")

@@ -39,7 +39,8 @@ def _t2i_usage(record: dict, folder: str) -> list[str]:
 
 
 SAMPLER_WORDS = {"renoise": "x0 estimate re-noised with fresh noise (multi-step consistency sampling)",
-                 "ddim": "deterministic DDIM step from the x0 estimate (multistep consistency sampling)"}
+                 "ddim": "deterministic DDIM step from the x0 estimate (multistep consistency sampling)",
+                 "tcd": "TCD's strategic stochastic step (TCDScheduler; pass eta = the trained gamma)"}
 
 
 def _t2i_notes(record: dict, scheduler_cfg: dict) -> list[str]:

@@ -13,7 +13,8 @@ of its timesteps and re-noises it with fresh noise from ``generator`` to the nex
 multi-step consistency sampler (Song et al., 2023, Alg. 1); a deterministic student's
 ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler`` steps from that x0 by DDIM instead. EDM
 models: ``EDMEulerScheduler`` gives the sigmas and the preconditioning, and the loop here takes x0
-and re-noises it (``renoise``) or takes the Euler step (Karras et al., 2022).
+and re-noises it (``renoise``) or takes the Euler step (Karras et al., 2022). A TCD student's
+``TCDScheduler`` takes TCD's strategic stochastic step with ``eta`` = the trained gamma by default.
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ class StepDistillPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True):
+    def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True, gamma: float = 0.3):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise))
+        self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise), gamma=float(gamma))
 
     @property
     def num_classes(self) -> int:
@@ -61,8 +62,9 @@ class StepDistillPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int | None = None, num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Generate images. ``num_inference_steps`` defaults to the trained step count.
+                 output_type: str = "pil", return_dict: bool = True, eta: float | None = None):
+        """Generate images. ``num_inference_steps`` defaults to the trained step count; ``eta``: TCD's
+        gamma for a TCDScheduler (default: the trained one).
         ``output_type``: "pil", "np" (floats in [0, 1], NHWC), "pt" (floats in [0, 1], NCHW) or
         "latent" (the raw samples in [-1, 1] data units, unclipped)."""
         labels, b = self._labels(class_labels, batch_size)
@@ -75,7 +77,7 @@ class StepDistillPipeline(DiffusionPipeline):
         if type(self.scheduler).__name__ == "EDMEulerScheduler":
             x = self._edm(latents.to(self._execution_device), labels, steps, generator)
         else:
-            x = self._scheduler_loop(latents.to(self._execution_device), labels, steps, generator)
+            x = self._scheduler_loop(latents.to(self._execution_device), labels, steps, generator, eta)
         if output_type == "latent":
             images = x
         else:
@@ -107,13 +109,16 @@ class StepDistillPipeline(DiffusionPipeline):
                 x = x0 + s_next * (x - x0) / s
         return x
 
-    def _scheduler_loop(self, latents, labels, steps, generator):
+    def _scheduler_loop(self, latents, labels, steps, generator, eta=None):
         # the prior's scale at the first timestep (1 for LCMScheduler; flow schedulers define none: 1)
         x = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.scheduler.set_timesteps(steps, device=self._execution_device)
+        kw = {}
+        if type(self.scheduler).__name__ == "TCDScheduler":
+            kw["eta"] = float(self.config.get("gamma", 0.3) if eta is None else eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.unet(x, t, class_labels=labels).sample
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+            x = self.scheduler.step(out, t, x, generator=generator, **kw).prev_sample
         return x
 
     # -- LoRA (Hu et al., 2022) in peft's format --------------------------------------------------

@@ -45,7 +45,7 @@ NO_BOUNDARY_TIMESTEP_SCALING = 1e6
 LCM_SIGMA_DATA = 0.5
 
 #: the student's step between its timesteps: "renoise" (x0, then fresh noise) or "ddim" (deterministic)
-SAMPLERS = ("renoise", "ddim")
+SAMPLERS = ("renoise", "ddim", "tcd")
 
 _LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
              "prediction_type", "set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr",
@@ -69,6 +69,10 @@ def check_sampler(sampler: str | None, boundary: str | None = None, first_timest
     if sampler == "ddim" and boundary not in (None, "none"):
         raise UserError("a sampler 'ddim' student maps each timestep to the next, not to clean data, so the "
                         "consistency boundary condition does not apply; set student.boundary=null")
+    if sampler == "tcd" and (boundary not in (None, "none") or first_timestep is not None):
+        raise UserError("a sampler 'tcd' student steps as diffusers' TCDScheduler, which has no boundary condition "
+                        "and starts at the last training timestep; set student.boundary=null and "
+                        "student.first_timestep=null")
     if sampler == "ddim" and first_timestep is not None:
         raise UserError("a sampler 'ddim' student starts at the last training timestep, as the exported DDIMScheduler "
                         "does; set student.first_timestep=null")
@@ -133,6 +137,9 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
             # index-uniform K-step grid from T - 1 ([999, 749, 499, 249]); the last step lands on alpha-bar 1
             cfg.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
             return {"_class_name": "DDIMScheduler", **cfg}
+        if sampler == "tcd":  # TCD (Zheng et al., 2024): its scheduler's grid is LCM's; eta = gamma at call time
+            cfg["original_inference_steps"] = int(schedule.num_train_timesteps)
+            return {"_class_name": "TCDScheduler", **cfg}
         # every training index is on the grid: K-step timesteps are index-uniform ("trailing")
         # (or every index up to first_timestep: then set_timesteps(1) = [first_timestep])
         cfg["original_inference_steps"] = int(schedule.num_train_timesteps if first_timestep is None

@@ -93,7 +93,8 @@ def check_exportable(student, meta: dict | None = None) -> dict:
     return cfg
 
 
-def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise") -> None:
+def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise",
+                    gamma: float = 0.3) -> None:
     import diffusers
 
     scheduler = make_scheduler(cfg)
@@ -102,7 +103,7 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sample
         scheduler.save_pretrained(tmp / "scheduler")
         shutil.copyfile(PIPELINE_FILE, tmp / "pipeline.py")
         index = {"_class_name": ["pipeline", PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
-                 "trained_steps": int(steps), "renoise": sampler == "renoise",
+                 "trained_steps": int(steps), "renoise": sampler == "renoise", "gamma": float(gamma),
                  "scheduler": ["diffusers", type(scheduler).__name__],
                  "unet": ["diffusers", type(unet).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -126,7 +127,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
     custom = not t2i and (mode == "lora" or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
-              "sampler": student.sampler, "first_timestep": student.first_timestep,
+              "sampler": student.sampler, "gamma": getattr(student, "gamma", 0.3), "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
               "null_class": meta.get("null_class") if conditional else None,
@@ -142,7 +143,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             record["left_out"] = write_t2i(tmp, student, meta, cfg, mode)
         else:
             unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
-            _write_pipeline(tmp, unet, cfg, student.steps, custom, student.sampler or "renoise")
+            _write_pipeline(tmp, unet, cfg, student.steps, custom, student.sampler or "renoise",
+                            getattr(student, "gamma", 0.3))
             if mode == "lora":
                 save_lora(backbone, tmp)
         scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from

@@ -7,7 +7,7 @@ import importlib
 
 from .base import OBJECTIVES, Nets, Objective, Phase, get_objective, register
 
-FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid"]
+FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid", "tcd"]
 
 
 def load_all() -> dict:
