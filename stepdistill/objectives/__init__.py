@@ -7,7 +7,8 @@ import importlib
 
 from .base import OBJECTIVES, Nets, Objective, Phase, get_objective, register
 
-FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid", "tcd"]
+FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid", "tcd",
+                       "swiftbrush"]
 
 
 def load_all() -> dict:
