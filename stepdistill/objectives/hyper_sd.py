@@ -1,0 +1,127 @@
+"""Hyper-SD's trajectory segmented consistency distillation (Ren et al., 2024, "Hyper-SD: Trajectory
+Segmented Consistency Model for Efficient Image Synthesis", sec. 3.1, TSCD), without its human-feedback
+rewards (their models are downloaded) and without its one-step score-distillation stage.
+
+Stages: the time axis is cut into k segments, k = 8, 4, 2, 1 in turn (``segments``), each stage
+``iterations_per_stage`` iterations long, the student carried from one stage to the next. In a stage
+the student is trained to be consistent within each segment only, mapping x_t to the segment's lower
+end s along the teacher's ODE, as multistep / phased consistency models do:
+
+    n ~ U{0..N-1} on the teacher's N-step grid, t = t_n;  s = the lower end of t's segment
+    x_t = alpha_t x0 + sigma_t eps
+    t' = max(t_{n+1}, s);  x^_{t'} = Phi(x_t, t, t'; teacher)                 (one solver step, CFG w)
+    L = d(f_theta(x_t, t, s), f_theta^-(x^_{t'}, t', s)),  the target x^_s itself where t' = s
+
+f(x, t, s) is the DDIM jump of the student's x0 estimate to s (``Student.jump``; the x0 estimate
+at a clean s), so f(x_s, s, s) = x_s. theta^- is an EMA of the student (decay ``target_ema``; 0 = the
+student under stop-gradient). The k segments of a stage are the k-step index-uniform grid (k = 4:
+999, 749, 499, 249, clean); the student samples deterministically on its own K steps (``ddim``),
+K = the last stage's k by default.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from ..denoisers import guided
+from ..errors import UserError
+from ..sampling import SAMPLERS, teacher_step
+from ..schedules import bcast
+from .base import Nets, Objective, register
+from .common import Draws, ema_update, pseudo_huber
+
+
+@register
+class HyperSD(Objective):
+    name = "hyper_sd"
+    uses_real_data = True  # x_t is noised data
+
+    @dataclass
+    class Config:
+        segments: List[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage (Hyper-SD: 8 -> 4 -> 2 -> 1)
+        iterations_per_stage: int = 500
+        solver: str = "ddim"
+        teacher_steps: int = 32         # N: the teacher grid, a multiple of every k so segment ends lie on it
+        target_ema: float = 0.0         # 0 = stop-gradient student; > 0 an EMA target (LCM: 0.95)
+        loss: str = "l2"                # "l2" or "pseudo_huber"
+        guidance: float = 1.0
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        c = self.cfg
+        if not c.segments or any(k < 1 for k in c.segments) or list(c.segments) != sorted(c.segments, reverse=True):
+            raise UserError(f"hyper_sd: segments must be a non-increasing list of counts >= 1 (e.g. [8, 4, 2, 1]), "
+                            f"got {list(c.segments)}")
+        if any(c.teacher_steps % k for k in c.segments):
+            raise UserError(f"hyper_sd: teacher_steps={c.teacher_steps} must be a multiple of every segment count "
+                            f"{list(c.segments)} (segment ends on the teacher grid), e.g. 32")
+        if c.solver not in SAMPLERS:
+            raise UserError(f"hyper_sd: solver {c.solver!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if c.iterations_per_stage < 1 or not 0.0 <= c.target_ema < 1.0 or c.loss not in ("l2", "pseudo_huber"):
+            raise UserError("hyper_sd: need iterations_per_stage >= 1, target_ema in [0, 1) and loss 'l2' or "
+                            "'pseudo_huber'")
+        self.iteration = 0
+
+    def student_steps(self):
+        return int(self.cfg.segments[-1])
+
+    def student_sampler(self):
+        return "ddim"
+
+    @property
+    def stage(self) -> int:
+        return min(self.iteration // self.cfg.iterations_per_stage, len(self.cfg.segments) - 1)
+
+    def build(self, teacher, student, context=None):
+        if getattr(student, "sampler", None) != "ddim":
+            raise UserError("hyper_sd: the student samples deterministically; set student.sampler=ddim")
+        if self.cfg.target_ema == 0.0:
+            return {}
+        return {"target": copy.deepcopy(student).requires_grad_(False).eval()}
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        target = nets.get("target") if nets is not None else None
+        if target is not None:
+            with torch.no_grad():
+                ema_update(target, nets.student, float(self.cfg.target_ema))
+        self.iteration = step + 1
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.iteration = int(state.get("iteration", 0))
+
+    def segment_end(self, schedule, t: torch.Tensor, k: int) -> torch.Tensor:
+        """The lower end of t's segment when the axis is cut into k index-uniform segments."""
+        from ..export.scheduler import student_timesteps
+
+        starts = student_timesteps(schedule, k, sampler="ddim").to(t.device)
+        ends = torch.cat([starts[1:], starts.new_tensor([float(schedule.t_clean)])])
+        i = ((starts[None, :] >= t.reshape(-1, 1)).sum(1) - 1).clamp_min(0)
+        return ends[i]
+
+    def generator_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        student, x, cond = nets.student, batch["x0"], batch.get("cond")
+        sched, draws = student.schedule, Draws(batch)
+        grid = sched.timesteps(self.cfg.teacher_steps).to(x.device)
+        n = draws.randint(0, self.cfg.teacher_steps).to(x.device)
+        t = grid[n]
+        s = self.segment_end(sched, t, int(self.cfg.segments[self.stage]))
+        t_prev = torch.maximum(grid[n + 1], s)
+        x_t = draws.noised(sched, x, t)
+        f = student.jump(x_t, t, s, cond)
+        with torch.no_grad():
+            x_prev = teacher_step(self.cfg.solver, guided(nets.teacher, self.cfg.guidance), x_t, t, t_prev, cond)
+            target_net = nets.get("target")
+            target_net = student if target_net is None else target_net
+            target = target_net.jump(x_prev, t_prev, s, cond)
+            target = torch.where(bcast(t_prev == s, x).bool(), x_prev.to(target.dtype), target)
+        d = (f - target).square().flatten(1).mean(1) if self.cfg.loss == "l2" else pseudo_huber(f, target)
+        return {"loss": d, "_segments": torch.full_like(d, float(self.cfg.segments[self.stage]))}
+
+
+__all__ = ["HyperSD"]

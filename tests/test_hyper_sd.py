@@ -1,0 +1,88 @@
+"""Hyper-SD's trajectory segmented consistency distillation (Ren et al., 2024, sec. 3.1): the stages'
+segments, their progression with the iterations (and over a checkpoint), and the loss against a
+transcription on fixed tensors (teacher DDIM step, DDIM jumps of the x0 estimates to the segment end)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from stepdistill.errors import UserError
+from stepdistill.generator import StudentConfig, build_student
+from stepdistill.objectives.base import Nets
+from stepdistill.objectives.hyper_sd import HyperSD
+from stepdistill.train.randomness import BatchRandom
+
+
+def _setup(**cfg):
+    torch.manual_seed(0)
+    teacher = tiny_teacher().requires_grad_(False)
+    obj = HyperSD(HyperSD.Config(**cfg))
+    student = build_student(teacher, StudentConfig(steps=obj.student_steps(), sampler="ddim"))
+    return obj, Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+
+
+def test_stages_cut_the_axis_into_8_4_2_1_segments():
+    obj, nets = _setup(iterations_per_stage=3)
+    sched = nets.student.schedule
+    t = torch.tensor([999.0, 900.0, 874.0, 750.0, 600.0, 499.0, 300.0, 100.0], dtype=torch.float64)
+    ends = {k: obj.segment_end(sched, t, k).tolist() for k in (8, 4, 2, 1)}
+    assert ends[8] == [874.0, 874.0, 749.0, 749.0, 499.0, 374.0, 249.0, -1.0]
+    assert ends[4] == [749.0, 749.0, 749.0, 749.0, 499.0, 249.0, 249.0, -1.0]
+    assert ends[2] == [499.0, 499.0, 499.0, 499.0, 499.0, -1.0, -1.0, -1.0]
+    assert ends[1] == [-1.0] * 8
+    seen = []
+    for step in range(12):
+        seen.append(obj.cfg.segments[obj.stage])
+        obj.on_step_end(nets, step)
+    assert seen == [8] * 3 + [4] * 3 + [2] * 3 + [1] * 3
+    fresh = HyperSD(HyperSD.Config(iterations_per_stage=3))
+    fresh.load_state_dict(obj.state_dict())
+    assert fresh.stage == 3 and nets.student.steps == 1
+
+
+def test_bad_segments_are_refused():
+    with pytest.raises(UserError, match="non-increasing"):
+        HyperSD(HyperSD.Config(segments=[1, 2]))
+    with pytest.raises(UserError, match="multiple of every segment count"):
+        HyperSD(HyperSD.Config(teacher_steps=20, segments=[8, 4]))
+
+
+def test_loss_on_fixed_tensors_is_the_transcription():
+    obj, nets = _setup(iterations_per_stage=1000, teacher_steps=8)  # stage 0: 8 segments, one teacher step each
+    obj.iteration = 1000                                            # stage 1: 4 segments, two teacher steps each
+    student, teacher, sched = nets.student, nets.teacher, nets.student.schedule
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    cond = {"class_labels": torch.tensor([0, 1, 0, 1, 0, 1])}
+    with torch.no_grad():
+        got = obj.generator_loss(nets, {"x0": x0, "cond": cond, "rng": BatchRandom(9, 6, slice(0, 6))})["loss"]
+    rng = BatchRandom(9, 6, slice(0, 6))
+    n = rng.randint(0, 8)
+    eps = rng.randn_like(x0)
+    grid = torch.tensor([999, 874, 749, 624, 499, 374, 249, 124, -1])       # DDIM trailing, 8 steps
+    ends4 = {999: 749, 874: 749, 749: 499, 624: 499, 499: 249, 374: 249, 249: -1, 124: -1}
+    ab = torch.cat([sched.alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)])
+
+    def a_s(t):
+        v = ab[t].reshape(-1, 1, 1, 1)
+        return v.sqrt(), (1 - v).sqrt()
+
+    def jump(net, x, t_from, t_to):
+        x0_hat = net(x, t_from.double(), cond).double()
+        (a, s), (a2, s2) = a_s(t_from), a_s(t_to)
+        out = a2 * x0_hat + s2 * (x - a * x0_hat) / s
+        return torch.where((t_to == -1).reshape(-1, 1, 1, 1), x0_hat, out)
+
+    t = grid[n]
+    s_end = torch.tensor([ends4[int(v)] for v in t])
+    t_prev = torch.maximum(grid[n + 1], s_end)
+    a, s = a_s(t)
+    x_t = (a * x0 + s * eps).float()
+    with torch.no_grad():
+        f = jump(student.denoise, x_t.double(), t, s_end)
+        x_prev = jump(teacher, x_t.double(), t, t_prev).float()           # one DDIM step of the teacher
+        target = jump(student.denoise, x_prev.double(), t_prev, s_end)
+        target = torch.where((t_prev == s_end).reshape(-1, 1, 1, 1), x_prev.double(), target)
+    assert (t_prev > s_end).any() and (t_prev == s_end).any()
+    torch.testing.assert_close(got.double(), (f - target).square().flatten(1).mean(1), rtol=1e-4, atol=1e-7)
