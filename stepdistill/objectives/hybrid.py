@@ -58,6 +58,7 @@ class Hybrid(Objective):
             self.terms.append((part.name, weight, part))
         self.uses_real_data = self.base.uses_real_data or any(p.uses_real_data for _, _, p in self.terms)
         self._owner: dict[str, tuple[Objective, str]] = {}
+        self.phases()  # fills _owner: which part answers each phase
 
     def _parts(self):
         return [(self.base.name, 1.0, self.base)] + self.terms
@@ -93,12 +94,20 @@ class Hybrid(Objective):
                 nets[k] = v
         return nets
 
+    def __getattr__(self, name: str):
+        """``<phase>_loss`` for the phases taken over from the terms (the contract's one method per phase)."""
+        owner = self.__dict__.get("_owner", {})
+        if name.endswith("_loss") and name[: -len("_loss")] in owner:
+            return lambda nets, batch: self.losses(name[: -len("_loss")], nets, batch)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def losses(self, phase: str, nets: Nets, batch: dict):
         if phase != GENERATOR:
-            if not self._owner:
-                self.phases()
             part, own = self._owner[phase]
             return part.losses(own, nets, batch)
+        return self.generator_loss(nets, batch)
+
+    def generator_loss(self, nets: Nets, batch: dict):
         out = dict(self.base.losses(GENERATOR, nets, batch))
         for name, weight, part in self.terms:
             for k, v in part.losses(GENERATOR, nets, batch).items():

@@ -80,8 +80,6 @@ class SCM(Objective):
         guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
         guidance_range: list | None = None
         weight_features: int = 128
-        max_t_prob: float = 0.0          # share of samples trained at the teacher's noisiest time instead
-                                         # (SANA-Sprint's train_largest_timestep, 0.5 there: 1-step students)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -125,10 +123,7 @@ class SCM(Objective):
         kept inside the times the teacher was trained on."""
         u = draws.rand().clamp(1e-12, 1 - 1e-12)
         tau = self.cfg.p_mean + self.cfg.p_std * math.sqrt(2.0) * torch.erfinv(2 * u - 1)
-        t = self.trig.time_from_sigma(tau.exp()).to(u.device).clamp(self.t_min, self.trig.t_max)
-        if self.cfg.max_t_prob > 0:
-            t = torch.where(draws.rand() < self.cfg.max_t_prob, torch.full_like(t, self.trig.t_max), t)
-        return t
+        return self.trig.time_from_sigma(tau.exp()).to(u.device).clamp(self.t_min, self.trig.t_max)
 
     def tangent(self, student, x: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, cond):
         """(sigma_d F_-, sigma_d dF_-/dt): the student's velocity and its total time derivative along

@@ -413,6 +413,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if cfg.log_with:
             self.acc.end_training()
+        release_process_group()
         latest = ckpt.latest(self.out)
         if signals.received is not None:
             raise Interrupted(f"stopped by {signals.received.name} at step {self.step}; the newest checkpoint is "
@@ -564,3 +565,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
+
+
+def release_process_group() -> None:
+    """Tear the process group down once every process is done (torch asks for it before exit): left to
+    interpreter shutdown, a gloo process group's threads were once found still running, and the
+    process aborted (SIGABRT, "terminate called without an active exception") after its last step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
