@@ -64,3 +64,27 @@ def test_recipe_arithmetic(mt):
     lora = mt.recipe("dmd2", s, True, True, batch=1, cfg_passes=2, ema=True)
     assert lora["weights"] == 1_000_000 * 2 * 2 + 10_000 * 4 * 3 + 100 * 4  # teacher + student base, 3 fp32 sets
     assert lora["phase"] == "critic"  # three fake-score graphs at once
+
+
+def test_scm_peak_is_the_larger_of_graph_and_jvp(mt):
+    """sCM: no target network; the JVP's transient (4 attention matrices and one block with tangents)
+    replaces the graph phase when it is larger, and is not added to it."""
+    small = mt.Sizes(params=1000, lora=100, head=10, ladd_head=10,
+                     act=mt.Activations(stored=1000, recompute=500, full=10_000, attention=100))
+    m = mt.recipe("scm", small, False, None, batch=2, cfg_passes=2, ema=False)
+    assert m["weights"] == 1000 * (2 + 4) and m["phase"] == "generator"
+    # graph phase: grads 4,000 B + 2 x 2 x (1000 + 500) = 10,000 B > JVP: 2 x 2 x (400 + 1000) = 5,600 B
+    assert m["act"] == 2 * 2 * (1000 + 500) and m["optim"] == 1000 * (8 + 4)
+    big = mt.Sizes(params=1000, lora=100, head=10, ladd_head=10,
+                   act=mt.Activations(stored=1000, recompute=500, full=10_000, attention=10_000))
+    m = mt.recipe("scm", big, False, None, batch=2, cfg_passes=2, ema=False)
+    assert m["phase"] == "generator (JVP)" and m["act"] == 2 * 2 * (4 * 10_000 + 2 * 500)
+    assert m["optim"] == 1000 * 8  # no gradients are alive during the JVP
+
+
+def test_largest_attention_is_traced(mt):
+    """SD1.5 at 512 px: the largest attention is self-attention on the 64 x 64 latent, 8 heads."""
+    from diffusers import UNet2DConditionModel  # noqa: F401  (the class the tool builds on meta)
+
+    s, _ = mt.sizes("sd15", 4)
+    assert s.act.attention == 8 * 4096 * 4096

@@ -47,6 +47,13 @@ Assumptions (also written into the output):
   under FSDP full sharding (weights, grads and optimizer states divided over the GPUs, activations
   not); it ignores FSDP's all-gathered block parameters and communication buffers, so it is a lower
   bound.
+* scm (sCM): a full or LoRA student, no target network (theta^- is the student under stop-gradient) and a
+  negligible weighting network. Its tangent is a forward-mode JVP without a graph, taken before the
+  student's forward with one, so the peak is the larger of the two: the graph as consistency's, or the
+  JVP's transient, one block's activations with their tangents plus the largest attention's scores and
+  softmax with their tangents (4 x heads x queries x keys per sample, bf16), which SDPA's math kernel
+  materialises because the fused kernels have no forward-mode rule (a JVP attention kernel, as rCM's,
+  removes that term).
 * The toolkit's trainer enables gradient checkpointing only on the networks it trains. A frozen
   network that a loss backpropagates through (sid's teacher next to a full fake score; the LADD
   teacher) then keeps its full activations, the "no ckpt" column of the backbone table, per sample
@@ -231,6 +238,7 @@ class Activations:
     stored: int     # elements per sample kept between forward and backward under checkpointing
     recompute: int  # the largest checkpointed block's own activations, recomputed during backward
     full: int       # elements per sample kept without checkpointing
+    attention: int = 0  # the largest attention score matrix per sample, heads x queries x keys
 
 
 def activations(model, hw: int, tokens: int) -> Activations:
@@ -238,8 +246,19 @@ def activations(model, hw: int, tokens: int) -> Activations:
     meta = build(type(model).__name__, dict(model.config))
     seen: list[tuple[str, torch.nn.Module, list]] = []
     hooks = []
+    scores = [0]
     for name, m in meta.named_modules():
         kind = type(m).__name__
+        if kind.endswith("Attention") and hasattr(m, "heads"):  # heads x queries x keys; MMDiT joint attention
+            # sees both streams (Attention, FluxAttention)
+            def attn(mod, args, kwargs):
+                ts = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a) and a.ndim == 3]
+                q = ts[0].shape[1]
+                ctx = ts[1].shape[1] if len(ts) > 1 else 0
+                joint = getattr(mod, "add_q_proj", None) is not None
+                n_q, n_k = (q + ctx, q + ctx) if joint else (q, ctx or q)
+                scores[0] = max(scores[0], mod.heads * n_q * n_k)
+            hooks.append(m.register_forward_pre_hook(attn, with_kwargs=True))
         if kind in CHECKPOINTED or kind in STATIC or name in TOP:
             def pre(mod, args, kwargs, kind=kind, name=name):
                 ts = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
@@ -268,7 +287,7 @@ def activations(model, hw: int, tokens: int) -> Activations:
     if type(model).__name__ == "FluxTransformer2DModel":
         rope = 2 * ((hw // 2) ** 2 + tokens) * model.config.attention_head_dim  # cos and sin, shared by all blocks
         stored, full = stored + rope, full + rope
-    return Activations(stored, recompute, full)
+    return Activations(stored, recompute, full, scores[0])
 
 
 # -- validation: the formula against what autograd saves in small models -----------------------------
@@ -337,7 +356,7 @@ def validate() -> list[dict]:
 
 
 # -- the memory model ------------------------------------------------------------------------------------
-OBJECTIVES = ("progressive", "consistency", "adversarial", "dmd", "dmd2", "sid")
+OBJECTIVES = ("progressive", "consistency", "adversarial", "dmd", "dmd2", "sid", "scm")
 FAKE = {"dmd", "dmd2", "sid"}
 
 
@@ -399,6 +418,7 @@ def recipe(objective: str, s: Sizes, student_lora: bool, fake_lora: bool | None,
         "dmd": [("critic", ["fake_score"], 1), ("generator", ["student"], 2)],
         "dmd2": [("critic", ["fake_score", "disc"], 3), ("generator", ["student"], 2)],
         "sid": [("critic", ["fake_score"], 1), ("generator", ["student"], 2 + cfg_passes)],
+        "scm": [("generator", ["student"], 1)],
     }[objective]
     best = None
     for name, nets, graphs in phases:
@@ -407,6 +427,13 @@ def recipe(objective: str, s: Sizes, student_lora: bool, fake_lora: bool | None,
         if best is None or grads + act > best[1] + best[2]:
             best = (name, grads, act)
     phase, grads, act = best
+    if objective == "scm":
+        # the JVP runs without a graph before the student's forward with one: forward mode carries each
+        # tensor with its tangent, and SDPA's math kernel (the fused kernels have no forward-mode rule)
+        # materialises the scores and softmax of the largest attention with their tangents (4 matrices, bf16)
+        jvp = batch * 2 * (4 * s.act.attention + 2 * s.act.recompute)
+        if jvp > grads + act:
+            phase, grads, act = "generator (JVP)", 0, jvp
     total = weights + optim + grads + act
     shardable = weights + optim + grads
     fsdp = next((n for n in (1, 2, 4, 8, 16, 32, 64) if shardable / n + act + RESERVE_GIB * GIB <= 80 * GIB), None)
