@@ -13,6 +13,7 @@ from stepdistill.resources import preset
 RECIPES = {  # recipe -> (objective, student steps, backbone in tools/memory_table.py)
     "sd15/dmd2_1step": ("dmd2", 1, "sd15"),
     "sd15/lcm_lora": ("consistency", 4, "sd15"),
+    "sd15/guidance_distill": ("guidance_distill", 4, "sd15"),
     "sdxl/dmd2_4step_lora": ("dmd2", 4, "sdxl"),
     "sd3/sid_1step": ("sid", 1, "sd3"),
     "flux/dmd2_4step_lora": ("dmd2", 4, "flux"),

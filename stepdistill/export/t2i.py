@@ -70,6 +70,10 @@ def recommended_guidance(student, meta: dict) -> tuple[float, str]:
     """(guidance_scale for the pipeline call, why)."""
     obj = (meta.get("config") or {}).get("objective") or {}
     info = meta["t2i"]
+    if obj.get("name") == "guidance_distill":
+        lo, hi = float(obj["w_min"]), float(obj["w_max"])
+        return (lo + hi) / 2, (f"the student takes the CFG scale as an input (guidance distillation, trained on [{lo}, "
+                               f"{hi}]): the pipeline feeds it guidance_scale - 1 and runs one pass, no CFG")
     if obj.get("w_embedding") and student.denoiser.backbone.config.get("time_cond_proj_dim"):
         lo, hi = float(obj["w_min"]), float(obj["w_max"])
         return (lo + hi) / 2, (f"the student embeds the CFG scale (LCM's w-embedding, trained on [{lo}, {hi}]): with "

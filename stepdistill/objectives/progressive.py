@@ -39,40 +39,11 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..sampling import ddim_step, ddim_x0
-from ..schedules import Schedule, bcast
+from ..schedules import Schedule
 from .base import Nets, Objective, register
-from .common import WEIGHTINGS, Draws, copy_into, ema_update, snr_weight
+from .common import WEIGHTINGS, Draws, copy_into, ema_update, grid_with_midpoints, pd_target, snr_weight, student_grid
 
 LR_ANNEALS = ("linear", "none")
-
-
-def pd_target(denoise, schedule: Schedule, z: torch.Tensor, t, t_mid, t_next, cond=None) -> torch.Tensor:
-    """Salimans & Ho (2022), Alg. 2: two deterministic DDIM teacher steps z -> z' -> z'' and the x0
-    that takes one DDIM step from (z, t) to z'' at t_next. `denoise(x, t, cond) -> x0`; the times
-    are per-sample float64 tensors (or scalars) with sigma(t) > 0."""
-    (a, s), (am, sm), (an, sn) = (schedule.alpha_sigma(torch.as_tensor(u, dtype=torch.float64, device=z.device))
-                                  for u in (t, t_mid, t_next))
-    c = [bcast(v, z) for v in (a, s, am, sm, an, sn)]
-    z_mid = ddim_step(z, denoise(z, t, cond), c[0], c[1], c[2], c[3])
-    z_next = ddim_step(z_mid, denoise(z_mid, t_mid, cond), c[2], c[3], c[4], c[5])
-    return ddim_x0(z, z_next, a, s, an, sn)
-
-
-def student_grid(schedule: Schedule, n: int) -> torch.Tensor:
-    """The times an n-step student samples at (those its exported scheduler runs) plus clean data."""
-    from ..export.scheduler import student_timesteps
-
-    clean = torch.tensor([schedule.t_clean], dtype=torch.float64)
-    return torch.cat([student_timesteps(schedule, n), clean])
-
-
-def grid_with_midpoints(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n-step grid (n + 1 times) and the teacher's intermediate time in each of its n steps."""
-    g, g2 = student_grid(schedule, n), student_grid(schedule, 2 * n)
-    if len(g2) == 2 * n + 1 and torch.equal(g2[::2], g):
-        return g, g2[1::2]
-    return g, 0.5 * (g[:-1] + g[1:])
 
 
 @register
