@@ -414,3 +414,31 @@ def test_it_s_leaves_out_previews_and_checkpoints(tiny_teacher_dir, tiny_data_np
     last = [x for x in lines if "it_s" in x][-1]  # steps 3 and 4; previews after steps 2 and 3 fall in it
     assert last["aside_seconds"] >= 1.0
     assert 2 / last["it_s"] < 0.5  # two tiny training iterations take less than one preview
+
+
+class _Fractions(trainer_toy.ToyCritic):
+    """ToyCritic with its phases sized as shares of the run: the generator for the first half, the
+    critic for the second (Phase.stop_fraction / start_fraction)."""
+
+    name = "toy-fractions"
+
+    def phases(self):
+        from stepdistill.objectives import Phase
+
+        return [Phase("critic", ("critic",), start_fraction=0.5), Phase("generator", ("student",), stop_fraction=0.5)]
+
+
+def test_phase_fractions_switch_at_the_share_of_the_run_and_resume(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    from stepdistill.objectives import OBJECTIVES, register
+
+    if _Fractions.name not in OBJECTIVES:
+        register(_Fractions)
+    out = tmp_path / "run"
+    kw = {"objective.name": "toy-fractions", "objective.critic_repeats": 1, "optim.critic.lr": 1e-3}
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **kw, max_steps=4, checkpoint_every=4)
+    assert trainer.updates == {"critic": 2, "student": 2}  # steps 0, 1: generator; 2, 3: critic
+    state = json.loads((out / "checkpoints" / "step-00000004" / "trainer.json").read_text())
+    assert state["phase_switches"] == {"0.5": 2}
+    # resumed with a longer run, the recorded switch stands: the generator's half is over
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **kw, max_steps=6, checkpoint_every=6)
+    assert res["step"] == 6 and trainer.updates == {"critic": 4, "student": 2}

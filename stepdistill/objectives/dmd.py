@@ -72,7 +72,11 @@ class DMD(Objective):
         return self.regression.on
 
     def phases(self):
-        w = self.cfg.regression_warmup
+        w, f = self.cfg.regression_warmup, self.cfg.regression_warmup_fraction
+        if f is not None:  # the warm-up as a share of the run (Phase.stop_fraction)
+            return [Phase("warmup", ("student",), stop_fraction=f),
+                    Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start_fraction=f),
+                    Phase("generator", ("student",), start_fraction=f)]
         warm = [Phase("warmup", ("student",), stop=w)] if w else []
         return warm + [Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start=w),
                        Phase("generator", ("student",), start=w)]

@@ -23,6 +23,7 @@ Each part is created by the registry (``make_objective``), so no objective modul
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -80,9 +81,9 @@ class Hybrid(Objective):
                     trains += [n for n in ph.trains if n not in trains]
                     continue
                 key = f"{name}_{ph.name}"
-                out.append(Phase(key, ph.trains, ph.repeats, ph.start, ph.stop))
+                out.append(dataclasses.replace(ph, name=key))
                 self._owner[key] = (part, ph.name)
-        return out + [Phase(GENERATOR, tuple(trains), gen.repeats, gen.start, gen.stop)]
+        return out + [dataclasses.replace(gen, trains=tuple(trains))]
 
     def build(self, teacher, student, context: BuildContext | None = None):
         nets: dict = {}

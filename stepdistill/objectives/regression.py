@@ -37,6 +37,8 @@ class RegressionConfig:
     cache_seed: int = 0
     regression_batch: Optional[int] = None         # pairs per step; None = the batch size
     regression_warmup: int = 0                     # first iterations: regression alone, critic waits (DMD2 1-step)
+    regression_warmup_fraction: Optional[float] = None  # the warm-up as a share of the run instead (of max_minutes
+                                                   # or max_steps, whichever ends it first): sized to the machine
 
 
 class Regression:
@@ -44,9 +46,13 @@ class Regression:
 
     def __init__(self, cfg, weight: float):
         self.cfg, self.weight = cfg, float(weight)
-        self.on = self.weight > 0 or cfg.regression_warmup > 0
+        frac = cfg.regression_warmup_fraction
+        self.on = self.weight > 0 or cfg.regression_warmup > 0 or frac is not None
         if cfg.regression_warmup < 0:
             raise UserError(f"objective.regression_warmup must be >= 0, got {cfg.regression_warmup}")
+        if frac is not None and (cfg.regression_warmup or not 0.0 < frac < 1.0):
+            raise UserError(f"objective.regression_warmup_fraction must lie in (0, 1) with regression_warmup=0 (one "
+                            f"of the two sizes the warm-up), got {frac} and {cfg.regression_warmup}")
         if self.on and cfg.regression_loss not in DISTANCES:
             raise UserError(f"objective.regression_loss {cfg.regression_loss!r} is not supported; use "
                             f"{', '.join(DISTANCES)}")

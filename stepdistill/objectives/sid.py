@@ -108,6 +108,9 @@ class SiD(Objective):
 
     def phases(self):
         c = self.cfg
+        if c.regression_warmup_fraction is not None:
+            raise UserError("sid: size the regression warm-up in iterations (objective.regression_warmup); "
+                            "regression_warmup_fraction is dmd/dmd2's")
         w = c.regression_warmup
         g0 = max(w, c.generator_start)
         out = [Phase("warmup", ("student",), stop=w)] if w else []

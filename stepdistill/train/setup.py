@@ -107,6 +107,8 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     for ph in phases:
         need(isinstance(ph, Phase) and ph.repeats >= 1 and 0 <= ph.start <= (ph.start if ph.stop is None else ph.stop),
              f"objective {objective.name!r}: bad phase {ph!r}")
+        need(all(f is None or 0.0 < f <= 1.0 for f in (ph.start_fraction, ph.stop_fraction)),
+             f"objective {objective.name!r}: phase {ph.name!r} has a start/stop fraction outside (0, 1]")
         need("teacher" not in ph.trains, f"objective {objective.name!r}: phase {ph.name!r} trains the teacher, "
              "which is frozen; train a copy (e.g. fake_score) instead")
         need(hasattr(objective, f"{ph.name}_loss"),

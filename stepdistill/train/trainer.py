@@ -248,6 +248,8 @@ class Trainer:
                                   workers=cfg.data_workers)
         self.step = self.draws = self.skipped_total = self.nonfinite_in_row = 0
         self.seconds_before = self.seconds = 0.0  # training wall time, summed over resumes (max_minutes)
+        self.time_progress = 0.0  # train_seconds / max_minutes, the same on every process (_should_stop)
+        self.switches: dict[str, int] = {}  # phase fraction -> the iteration it was reached at (Phase.*_fraction)
         self.updates = {n: 0 for n in self.trained}
         last = ckpt.latest(self.out)
         if last is not None:
@@ -353,8 +355,10 @@ class Trainer:
         """One outer iteration: every phase's updates in their declared ratio, the EMA, the
         objective's end-of-step hook. No I/O: logging, previews and checkpoints are the loop's."""
         stepped_student = False
+        self._resolve_fractions()
         for ph in self.phases:
-            if self.step < ph.start or (ph.stop is not None and self.step >= ph.stop):
+            start, stop = self._bounds(ph)
+            if self.step < start or (stop is not None and self.step >= stop):
                 continue
             for r in range(ph.repeats):
                 if self._update(ph, r, window) and "student" in ph.trains:
@@ -423,13 +427,33 @@ class Trainer:
 
     def _should_stop(self, start: float, signals: StopSignals) -> bool:
         """Whether the wall-clock budget (summed over resumes) is spent or a stop signal came; every
-        process agrees, so none stops alone while the others wait in a collective."""
+        process agrees, so none stops alone while the others wait in a collective. Also agrees on the
+        share of the time budget spent (``time_progress``), which phase fractions switch on."""
         self.seconds = self.seconds_before + time.perf_counter() - start
-        out_of_time = self.cfg.max_minutes is not None and self.seconds >= 60.0 * self.cfg.max_minutes
+        budget = None if self.cfg.max_minutes is None else 60.0 * self.cfg.max_minutes
+        out_of_time = budget is not None and self.seconds >= budget
         stop = float(out_of_time or signals.received is not None)
+        progress = 0.0 if not budget else self.seconds / budget
         if self.world > 1:
-            return bool(self.acc.reduce(torch.tensor([stop], device=self.acc.device), reduction="max").item() > 0)
+            both = self.acc.reduce(torch.tensor([stop, progress], device=self.acc.device), reduction="max")
+            stop, progress = float(both[0]), float(both[1])
+        self.time_progress = progress
         return bool(stop)
+
+    # -- phases sized as shares of the run (Phase.start_fraction / stop_fraction) -------------------
+    def _resolve_fractions(self) -> None:
+        """Record the iteration at which the run's progress first reaches each phase fraction."""
+        progress = max(self.time_progress, self.step / max(self.cfg.max_steps, 1))
+        for ph in self.phases:
+            for f in (ph.start_fraction, ph.stop_fraction):
+                if f is not None and repr(float(f)) not in self.switches and progress >= f:
+                    self.switches[repr(float(f))] = self.step
+
+    def _bounds(self, ph) -> tuple[float, float | None]:
+        """A phase's (start, stop) iterations, a fraction not yet reached counting as never."""
+        start = ph.start if ph.start_fraction is None else self.switches.get(repr(float(ph.start_fraction)), math.inf)
+        stop = ph.stop if ph.stop_fraction is None else self.switches.get(repr(float(ph.stop_fraction)))
+        return start, stop
 
     def healthy(self) -> bool:
         """Whether the newest update was applied and every trained weight (and the EMA) is finite:
@@ -506,7 +530,7 @@ class Trainer:
                              "objective": self.objective.state_dict()}, tmp / "optim.pt")
             ckpt.write_json({"step": self.step, "draws": self.draws, "updates": self.updates,
                              "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
-                             "train_seconds": self.seconds,
+                             "train_seconds": self.seconds, "phase_switches": self.switches,
                              "ema": self.ema.scalars() if self.ema is not None else None,
                              "teacher": _teacher_location(self.cfg.teacher), "teacher_hash": self.teacher_hash,
                              "objective": self.objective.name,
@@ -553,6 +577,7 @@ class Trainer:
         self.updates = {n: int(state["updates"].get(n, 0)) for n in self.trained}
         self.skipped_total, self.nonfinite_in_row = int(state["skipped_total"]), int(state["nonfinite_in_row"])
         self.seconds_before = self.seconds = float(state.get("train_seconds", 0.0))
+        self.switches = {str(k): int(v) for k, v in (state.get("phase_switches") or {}).items()}
         ckpt.load_rng(folder, self.rank)
 
 
