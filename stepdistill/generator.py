@@ -32,7 +32,10 @@ from .schedules import bcast
 class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: float | None = None,
-                 sampler: str | None = "renoise", gamma: float = 0.3):
+                 sampler: str | None = "renoise", gamma: float = 0.3, experts: Sequence[Denoiser] = (),
+                 steps_per_expert: Sequence[int] | None = None):
+        """``experts``: the networks after ``denoiser`` of a mixture-of-experts student, each taking
+        the run of steps that ``steps_per_expert`` gives it (``experts.py``)."""
         super().__init__()
         from .export.scheduler import check_first_timestep, check_sampler
 
@@ -54,6 +57,19 @@ class Student(nn.Module):
         if not 0.0 <= float(gamma) <= 1.0:
             raise UserError(f"student.gamma must lie in [0, 1] (TCD's eta), got {gamma}")
         self.gamma = float(gamma)
+        from .experts import check_steps_per_expert, expert_bounds
+
+        self.steps_per_expert = check_steps_per_expert(steps_per_expert, len(ts))
+        if len(experts) + 1 != len(self.steps_per_expert or [1]):
+            raise UserError(f"the student has {len(experts) + 1} networks for experts {self.steps_per_expert}")
+        self.more_experts = nn.ModuleList(experts)
+        bounds = expert_bounds(ts, self.steps_per_expert) if self.steps_per_expert else ts[:0]
+        self.register_buffer("expert_bounds", bounds, persistent=False)
+
+    @property
+    def experts(self) -> list:
+        """Every network of the student, noisiest times first (one unless it is a mixture of experts)."""
+        return [self.denoiser, *self.more_experts]
 
     @property
     def steps(self) -> int:
@@ -67,8 +83,13 @@ class Student(nn.Module):
         return c_skip, c_out
 
     def denoise(self, x: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
-        """One evaluation: the student's x0 estimate at (x, t)."""
-        x0 = self.denoiser(x, t, cond)
+        """One evaluation: the student's x0 estimate at (x, t) (by the expert of t)."""
+        if self.steps_per_expert:
+            from .experts import denoise_by_expert
+
+            x0 = denoise_by_expert(self.experts, self.expert_bounds, x, t, cond)
+        else:
+            x0 = self.denoiser(x, t, cond)
         if self.boundary == "lcm":
             c_skip, c_out = self.boundary_scalings(torch.as_tensor(t, dtype=torch.float64, device=x.device))
             x0 = bcast(c_skip, x) * x + bcast(c_out, x) * x0
@@ -82,12 +103,13 @@ class Student(nn.Module):
         return self._chain(noise, cond, ts, lambda like: self.fresh_noise(like, generator))
 
     def sample(self, noise: torch.Tensor, cond: Cond = None, *, grad_at: torch.Tensor | None = None,
-               renoise=None) -> torch.Tensor:
+               renoise=None, with_input: bool = False):
         """Samples whose graph holds one student evaluation: per sample i the x0 estimate of step
         ``grad_at[i]`` of its own sampling chain, the steps before it run without gradient (backward
         simulation, DMD2 sec. 4.5; SiD's uniform mixture over the K steps). ``grad_at=None``: the
         whole chain with gradient (``forward``). ``renoise(like)`` draws the fresh noise of a
-        re-noising student (default: the global generator)."""
+        re-noising student (default: the global generator). ``with_input``: also return each
+        sample's input to that step (x at its time ts[grad_at]), without gradient."""
         renoise = renoise or self.fresh_noise
         if grad_at is None:
             return self._chain(noise, cond, self.timesteps, renoise)
@@ -97,7 +119,8 @@ class Student(nn.Module):
             for i in range(int(k.max())):
                 x = self._step(x, self.denoise(x, ts[i], cond), ts[i], ts[i + 1], noise, renoise)
                 x_at = torch.where(bcast(k == i + 1, x).bool(), x, x_at)
-        return self.denoise(x_at, ts[k.to(ts.device)], cond)
+        x0 = self.denoise(x_at, ts[k.to(ts.device)], cond)
+        return (x0, x_at) if with_input else x0
 
     def _prior(self, noise, t0):
         """The generator's input from unit noise. EDM: sigma z, the noise of Karras et al. (2022,
@@ -205,6 +228,8 @@ class StudentConfig:
                                          # students), "ddim" (deterministic) or "tcd" (TCD's strategic
                                          # stochastic sampling); None = what the objective fixes, else "renoise"
     gamma: float = 0.3                   # TCD's gamma (TCDScheduler's eta) for sampler "tcd"
+    experts: Optional[List[int]] = None  # a mixture of experts: the steps each expert takes, noisiest first
+                                         # ([2, 2]: two networks, two steps each; Phased DMD); None = one network
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
     lora_alpha: Optional[float] = None   # LoRA scale numerator (None = rank, i.e. scale 1)
     lora_dropout: float = 0.0
@@ -263,8 +288,7 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     """A student initialised from the teacher: a deep copy of its backbone (trainable), or the copy
     frozen with LoRA adapters, sampling on the timesteps that the exported diffusers scheduler's
     ``set_timesteps(K)`` produces (``export.scheduler.student_timesteps``), so export needs no
-    custom timesteps."""
-    import copy
+    custom timesteps. ``cfg.experts``: one such copy per expert."""
 
     cfg = cfg or StudentConfig()
     k = int(steps if steps is not None else (cfg.steps or 1))
@@ -273,6 +297,20 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
     backbone = getattr(teacher, "backbone", None)
     if backbone is None:
         raise UserError(f"teacher {type(teacher).__name__} has no diffusers backbone to initialise a student from")
+    from .experts import check_steps_per_expert
+
+    per_expert = check_steps_per_expert(cfg.experts, k)
+    nets = [_student_denoiser(teacher, backbone, cfg) for _ in (per_expert or [k])]  # each expert from the teacher
+    from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
+    ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
+    return Student(nets[0], student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
+                   first_timestep=ft, sampler=sampler, gamma=cfg.gamma, experts=nets[1:], steps_per_expert=per_expert)
+
+
+def _student_denoiser(teacher: Denoiser, backbone: nn.Module, cfg: StudentConfig):
+    """A trainable copy of the teacher's backbone (or the copy frozen with LoRA adapters) as a denoiser."""
+    import copy
+
     backbone = _with_w_input(backbone, cfg.time_cond_proj_dim) if cfg.time_cond_proj_dim else copy.deepcopy(backbone)
     backbone.train()
     if cfg.lora_rank and cfg.lora_rank > 0:
@@ -284,12 +322,8 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
         backbone.float().requires_grad_(True)  # full weights train in float32 even from a bf16 teacher
     from .denoisers import DiffusersDenoiser
 
-    den = DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
-                            null_text=getattr(teacher, "null_text", None))
-    from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
-    ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
-    return Student(den, student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
-                   first_timestep=ft, sampler=sampler, gamma=cfg.gamma)
+    return DiffusersDenoiser(backbone, teacher.schedule, null_class=getattr(teacher, "null_class", None),
+                             null_text=getattr(teacher, "null_text", None))
 
 
 # -- the w input of a guidance-conditioned student (LCM, sec. 4.2) --------------------------------

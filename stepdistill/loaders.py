@@ -152,8 +152,12 @@ def load_exported(path, *, trust_pickle: bool = False):
     if record.get("mode") == "lora":
         load_lora(unet, p / LORA_WEIGHT_NAME, prefix=folder)
     den = DiffusersDenoiser(unet, schedule, null_class=record.get("null_class"))
+    per_expert = record.get("experts")  # a mixture of experts: the later experts in unet_2, unet_3, ...
+    more = [DiffusersDenoiser(_load_backbone(p / f"unet_{i}", None, trust_pickle), schedule,
+                              null_class=record.get("null_class")) for i in range(2, len(per_expert or [1]) + 1)]
     student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary, first, sampler),
-                      boundary=boundary, first_timestep=first, sampler=sampler, gamma=float(record.get("gamma", 0.3)))
+                      boundary=boundary, first_timestep=first, sampler=sampler, gamma=float(record.get("gamma", 0.3)),
+                      experts=more, steps_per_expert=per_expert)
     if not torch.equal(student.timesteps, torch.tensor(record["timesteps"], dtype=torch.float64)):
         raise UserError(f"{str(p)!r}: the scheduler gives timesteps {student.timesteps.tolist()}, but the student was "
                         f"trained at {record['timesteps']}; restore the exported scheduler config")

@@ -49,7 +49,7 @@ def _setup(name, extra=None):
     if (extra or {}).get("cache"):  # a cache draws balanced labels from the teacher folder's metadata
         teacher.meta = {"num_classes": 2, "null_class": 2, "in_channels": 1, "sample_size": 8}
     student = build_student(teacher, StudentConfig(steps=obj.student_steps() or (2 if obj.student_sampler() else 1),
-                                                   sampler=obj.student_sampler()))
+                                                   sampler=obj.student_sampler(), experts=obj.student_experts()))
     nets = Nets(teacher=teacher, student=student, **(obj.build(teacher, student) or {}))
     return obj, nets
 

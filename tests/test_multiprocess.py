@@ -49,6 +49,7 @@ OBJECTIVES = {
     "tcd": {"name": "tcd", "teacher_steps": 8},
     "swiftbrush": {"name": "swiftbrush", "fake_lora_rank": 2},
     "hyper_sd": {"name": "hyper_sd", "teacher_steps": 8, "iterations_per_stage": 1},
+    "phased_dmd": {"name": "phased_dmd", "experts": [1, 1], "critic_repeats": 1},  # phase 2 from the second step
     "hybrid": {"name": "hybrid", "base": {"name": "scm", "tangent_warmup": 1},  # rCM: sCM + DMD with its critic
                "terms": [{"name": "dmd2", "weight": 0.5, "gan_weight": 0.0, "critic_repeats": 2}]},
 }
@@ -67,7 +68,8 @@ def test_every_objective_trains_the_same_weights_on_two_processes(name, tiny_tea
         if name == "dmd":
             obj["cache"] = str(run) + "-pairs"
         trained = {"progressive": ["student"], "consistency": ["student"], "adversarial": ["student", "disc"],
-                   "dmd2": ["student", "fake_score", "disc"], "scm": ["student", "weighting"], "tcd": ["student"], "swiftbrush": ["student", "fake_score"], "hyper_sd": ["student"], "hybrid": ["student", "weighting", "fake_score"]}.get(name, ["student", "fake_score"])
+                   "dmd2": ["student", "fake_score", "disc"], "scm": ["student", "weighting"], "tcd": ["student"], "swiftbrush": ["student", "fake_score"], "hyper_sd": ["student"],
+                   "phased_dmd": ["student", "fake_score_1", "fake_score_2"], "hybrid": ["student", "weighting", "fake_score"]}.get(name, ["student", "fake_score"])
         cfg = write_config(tmp_path / f"{run.name}.yaml", tiny_teacher_dir, tiny_data_npz, checkpoint_every=1,
                            batch_size=8, objective=obj, optim={n: opt for n in trained})
         cmd = (launch_cmd(2, cfg, f"output_dir={run}", "max_steps=2") if launch else

@@ -144,7 +144,9 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
         f"| weights | {weights}{' (EMA)' if record.get('ema') else ''} |",
         f"| boundary condition | {record.get('boundary') or 'none'} |",
         f"| between steps | {SAMPLER_WORDS[record.get('sampler') or 'renoise']} |",
-        f"| scheduler | `{scheduler_cfg['_class_name']}` |", "",
+        f"| scheduler | `{scheduler_cfg['_class_name']}` |",
+        *([f"| experts | {len(record['experts'])} networks taking {record['experts']} of the steps, noisiest first "
+           "(`unet`, `unet_2`, ...: the pipeline picks one by timestep) |"] if record.get("experts") else []), "",
         "## Use", "", "```python", *usage_lines(record, custom), "```", "",
     ]
     if t2i:

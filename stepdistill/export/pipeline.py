@@ -32,12 +32,26 @@ class StepDistillPipeline(DiffusionPipeline):
     """unet: a UNet2DModel (class-conditional when its config has num_class_embeds);
     scheduler: the student's scheduler; trained_steps: the step count the student was trained for."""
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->unet_2->unet_3->unet_4"
+    _optional_components = ["unet_2", "unet_3", "unet_4"]
 
-    def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True, gamma: float = 0.3):
+    def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True, gamma: float = 0.3,
+                 unet_2=None, unet_3=None, unet_4=None, expert_bounds=None):
+        """``unet_2``..``unet_4``: the later experts of a mixture-of-experts student (Phased DMD); expert
+        k + 1 runs at the timesteps t <= ``expert_bounds[k - 1]`` (in the loop's units: the scheduler's
+        timesteps, EDM's sigmas), ``unet`` at the times above them."""
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise), gamma=float(gamma))
+        self.register_modules(unet=unet, scheduler=scheduler, unet_2=unet_2, unet_3=unet_3, unet_4=unet_4)
+        self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise), gamma=float(gamma),
+                                expert_bounds=[float(b) for b in (expert_bounds or [])])
+
+    def _unet_at(self, t):
+        """The expert for time t: the number of bounds b with t <= b picks unet, unet_2, ..."""
+        experts = [self.unet] + [u for u in (self.unet_2, self.unet_3, self.unet_4) if u is not None]
+        bounds = list(self.config.get("expert_bounds") or [])
+        if len(bounds) != len(experts) - 1:
+            raise ValueError(f"{len(experts)} unets but expert_bounds {bounds}; re-export the model")
+        return experts[sum(float(t) <= b for b in bounds)]
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +113,8 @@ class StepDistillPipeline(DiffusionPipeline):
         x = latents * sigmas[0]
         for i in self.progress_bar(range(steps)):
             s, s_next = sigmas[i], sigmas[i + 1]
-            out = self.unet(self.scheduler.precondition_inputs(x, s), self.scheduler.precondition_noise(s),
-                            class_labels=labels).sample
+            out = self._unet_at(s)(self.scheduler.precondition_inputs(x, s), self.scheduler.precondition_noise(s),
+                                   class_labels=labels).sample
             x0 = self.scheduler.precondition_outputs(x, out, s)
             if self.config.renoise:
                 noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -117,7 +131,7 @@ class StepDistillPipeline(DiffusionPipeline):
         if type(self.scheduler).__name__ == "TCDScheduler":
             kw["eta"] = float(self.config.get("gamma", 0.3) if eta is None else eta)
         for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.unet(x, t, class_labels=labels).sample
+            out = self._unet_at(t)(x, t, class_labels=labels).sample
             x = self.scheduler.step(out, t, x, generator=generator, **kw).prev_sample
         return x
 

@@ -46,6 +46,9 @@ def _mode(student, lora: bool, fuse: bool) -> str:
     is_lora = has_lora(student.denoiser.backbone)
     if lora and fuse:
         raise UserError("--lora writes the adapters and --fuse merges them into the weights; pass one of them")
+    if lora and student.steps_per_expert:
+        raise UserError(f"--lora: this student is a mixture of {len(student.experts)} experts, exported as full (fused) "
+                        "weights, one unet per expert; drop --lora")
     if lora and not is_lora:
         raise UserError("--lora: this run's student trains full weights, so it has no LoRA adapters to export; "
                         "drop --lora (or train with student.lora_rank > 0)")
@@ -62,6 +65,9 @@ def check_exportable(student, meta: dict | None = None) -> dict:
     condition. ``meta`` (from ``loaders.load_run``) marks text-to-image students."""
     info = (meta or {}).get("t2i") if (meta or {}).get("kind") == "text-to-image" else None
     backbone = student.denoiser.backbone
+    if info is not None and student.steps_per_expert:
+        raise UserError("export of a mixture-of-experts student supports UNet2DModel students; sample this one with "
+                        "`stepdistill sample RUN_DIR` instead")
     if info is not None:
         check_backbone(student, info)
     elif type(backbone).__name__ != "UNet2DModel":
@@ -94,7 +100,9 @@ def check_exportable(student, meta: dict | None = None) -> dict:
 
 
 def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise",
-                    gamma: float = 0.3) -> None:
+                    gamma: float = 0.3, experts=(), expert_bounds=None) -> None:
+    """``experts``: the later experts of a mixture-of-experts student (unet_2, unet_3, ...), which the
+    custom pipeline runs at times t <= their ``expert_bounds`` (``experts.py``)."""
     import diffusers
 
     scheduler = make_scheduler(cfg)
@@ -106,6 +114,11 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sample
                  "trained_steps": int(steps), "renoise": sampler == "renoise", "gamma": float(gamma),
                  "scheduler": ["diffusers", type(scheduler).__name__],
                  "unet": ["diffusers", type(unet).__name__]}
+        for i, expert in enumerate(experts, start=2):
+            expert.save_pretrained(tmp / f"unet_{i}", safe_serialization=True)
+            index[f"unet_{i}"] = ["diffusers", type(expert).__name__]
+        if experts:
+            index["expert_bounds"] = [float(b) for b in expert_bounds]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
         # diffusers' own ConsistencyModelPipeline runs a (class-conditional) UNet2DModel through any
@@ -125,10 +138,11 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     conditional = not t2i and (student.denoiser.null_class is not None or bool(backbone.config.get("num_class_embeds")))
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
-    custom = not t2i and (mode == "lora" or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
+    custom = not t2i and (mode == "lora" or bool(student.steps_per_expert)
+                          or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
               "sampler": student.sampler, "gamma": getattr(student, "gamma", 0.3), "first_timestep": student.first_timestep,
-              "timesteps": student.timesteps.tolist(), "mode": mode, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
+              "timesteps": student.timesteps.tolist(), "mode": mode, "experts": student.steps_per_expert, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
               "null_class": meta.get("null_class") if conditional else None,
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
@@ -142,9 +156,10 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
         if t2i:
             record["left_out"] = write_t2i(tmp, student, meta, cfg, mode)
         else:
-            unet = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode](backbone)
-            _write_pipeline(tmp, unet, cfg, student.steps, custom, student.sampler or "renoise",
-                            getattr(student, "gamma", 0.3))
+            convert = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode]
+            more = [convert(e.backbone) for e in student.experts[1:]]
+            _write_pipeline(tmp, convert(backbone), cfg, student.steps, custom, student.sampler or "renoise",
+                            getattr(student, "gamma", 0.3), more, student.expert_bounds.tolist())
             if mode == "lora":
                 save_lora(backbone, tmp)
         scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from

@@ -8,7 +8,7 @@ import importlib
 from .base import OBJECTIVES, Nets, Objective, Phase, get_objective, register
 
 FAMILIES: list[str] = ["progressive", "consistency", "dmd", "sid", "adversarial", "scm", "hybrid", "tcd",
-                       "swiftbrush", "hyper_sd", "guidance_distill"]
+                       "swiftbrush", "hyper_sd", "guidance_distill", "phased_dmd"]
 
 
 def load_all() -> dict:

@@ -100,6 +100,11 @@ class Objective:
         """The student's step between timesteps ("renoise" or "ddim"), if the objective fixes it."""
         return None
 
+    def student_experts(self) -> list[int] | None:
+        """The steps each expert of a mixture-of-experts student takes (``StudentConfig.experts``), if
+        the objective fixes them."""
+        return None
+
     def on_step_end(self, nets: Nets, step: int) -> None:
         """Called after each outer iteration (target EMA, progressive rounds)."""
 

@@ -41,9 +41,24 @@ def resolve(path: str | None, overrides=()) -> tuple[DictConfig, Objective]:
     if int(steps) < 1:
         raise UserError(f"student.steps must be >= 1, got {steps}; use 1, 2 or 4")
     cfg.student.steps = int(steps)
+    cfg.student.experts = resolve_experts(cfg.student, objective)
     cfg.student.sampler = resolve_sampler(cfg.student, objective)
     check(cfg, objective)
     return cfg, objective
+
+
+def resolve_experts(scfg, objective: Objective) -> list[int] | None:
+    """The student's experts: the config's, else the objective's; refused where the two disagree."""
+    from ..experts import check_steps_per_expert
+
+    fixed, given = objective.student_experts(), scfg.experts
+    given = None if given is None else [int(n) for n in given]
+    if given is not None and fixed is not None and given != list(fixed):
+        raise UserError(f"student.experts={given} but objective {objective.name!r} trains experts {list(fixed)}; "
+                        f"drop student.experts or set objective.experts={given}")
+    experts = given if given is not None else fixed
+    check_steps_per_expert(experts, int(scfg.steps))
+    return None if experts is None else list(experts)
 
 
 def resolve_sampler(scfg, objective: Objective) -> str:
