@@ -56,7 +56,7 @@ def expert_index(bounds: torch.Tensor, t) -> torch.Tensor:
 def denoise_by_expert(experts, bounds: torch.Tensor, x: torch.Tensor, t, cond=None) -> torch.Tensor:
     """Each sample's x0 estimate from the expert of its time (scalar t: one expert for the batch)."""
     t_in = torch.as_tensor(t, dtype=torch.float64)
-    idx = expert_index(bounds, t_in)
+    idx = expert_index(bounds.cpu(), t_in.cpu())  # on the host: which network runs is a host decision
     if t_in.ndim == 0 or bool((idx == idx[0]).all()):
         return experts[int(idx[0])](x, t, cond)
     out = None

@@ -19,7 +19,8 @@ from .models import SampleableModel, TeacherModel
 
 #: the record an exported folder carries (read here, written by ``export.writer``)
 EXPORT_META = "stepdistill_student.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a mixture-of-experts student (record "experts", unet_2, ...); single-network exports write 1
+READ_VERSIONS = (1, 2)
 
 
 def is_run_dir(path) -> bool:
@@ -130,9 +131,9 @@ def load_exported(path, *, trust_pickle: bool = False):
 
     p = Path(path)
     record = json.loads((p / EXPORT_META).read_text())
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in READ_VERSIONS:
         raise UserError(f"{str(p / EXPORT_META)!r} has format_version {record.get('format_version')!r}; this "
-                        f"stepdistill reads {FORMAT_VERSION}; re-export the run or upgrade stepdistill")
+                        f"stepdistill reads versions {', '.join(map(str, READ_VERSIONS))}; re-export the run or upgrade stepdistill")
     sched_cfg = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
     info = None
     if record.get("kind") == "text-to-image":

@@ -149,36 +149,80 @@ def test_a_phase_trains_its_own_expert_and_fake_score(phase):
 
 
 def test_generator_gradient_is_dmds_at_nested_times_above_the_phase_end():
-    """Phase 1 of a 2-expert 2-step student, on fixed draws: the DM gradient of DMD eq. 7-8 at x_t
-    carried from x_s = DDIM(x_0, x0_hat -> s) by the kernel, t on the grid above s + margin."""
+    """Phase 1 of a 2 + 2-step student on fixed draws (steps j in {0, 1} mixed over the batch): the
+    gradient that reaches expert 1's weights is that of 0.5 mean((x0 - sg(x0 - g))^2) with DMD's
+    g = (F(x_t) - T(x_t)) / mean|x0 - T(x_t)| (eq. 7-8), x0 = G_1(x_j, t_j), x_s = DDIM(x_j, x0 -> s),
+    x_t = a_{t|s} x_s + sigma_{t|s} eps at a grid time above s + margin: sign and scale included."""
     from stepdistill.fake_score import noise_grid
 
-    obj, nets = _phased((1, 1))
+    obj, nets = _phased((2, 2))
     st, teacher, fake = nets.student, nets.teacher, nets.fake_score_1
-    x0 = torch.zeros(4, 1, 8, 8)
+    ts, x0 = st.timesteps, torch.zeros(4, 1, 8, 8)
     cond = {"class_labels": LABELS}
-    rng = BatchRandom(7, 4, slice(0, 4))
-    rng.randint(0, 1)  # the step within the phase (one step: 0), then the generator's noise
+    rng = BatchRandom(11, 4, slice(0, 4))
+    j = rng.randint(0, 2)  # the step within the phase, then the generator's noise
+    assert set(j.tolist()) == {0, 1}, j
     z = rng.randn_like(x0)
-    grid = noise_grid(teacher.schedule)
-    s = st.timesteps[1]
+    grid, s = noise_grid(teacher.schedule), ts[2]
     lo = int(torch.searchsorted(grid, s.to(torch.float64))) + obj.cfg.margin
-    idx = rng.randint(lo, 981)
+    t = grid[rng.randint(lo, 981)]
     eps = rng.randn_like(x0)
-    t = grid[idx]
+    e0 = st.experts[0]
+    with torch.no_grad():  # x_j: the prior for j = 0, one DDIM step of expert 1 for j = 1
+        x1 = st.ddim_to(z, e0(z, ts[0], cond), ts[0], ts[1])
+        x_j = torch.where((j == 1).reshape(-1, 1, 1, 1), x1, z)
+    x_hat = e0(x_j, ts[j], cond)  # with gradient
     with torch.no_grad():
-        x_hat = st.experts[0](z, st.timesteps[0], cond)
-        x_s = st.ddim_to(z, x_hat, st.timesteps[0], s)
+        x_s = st.ddim_to(x_j, x_hat, ts[j], s)
         (a_t, s_t), (a_s, s_s) = teacher.schedule.alpha_sigma(t), teacher.schedule.alpha_sigma(s)
-        r = (a_t / a_s).reshape(-1, 1, 1, 1)
         sig = (s_t**2 - (a_t / a_s) ** 2 * s_s**2).sqrt().reshape(-1, 1, 1, 1)
-        x_t = (r * x_s + sig * eps).float()
+        x_t = ((a_t / a_s).reshape(-1, 1, 1, 1) * x_s + sig * eps).float()
         real = teacher(x_t, t, cond)
         g = (fake(x_t, t, cond) - real) / (x_hat - real).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)
-    out = obj.losses("generator_1", nets, {"x0": x0, "cond": cond, "rng": BatchRandom(7, 4, slice(0, 4))})
-    assert bool((t > s).all())
+    want = torch.autograd.grad((0.5 * (x_hat - (x_hat - g).detach()).pow(2).flatten(1).mean(1)).sum(),
+                               list(e0.parameters()))
+    out = obj.losses("generator_1", nets, {"x0": x0, "cond": cond, "rng": BatchRandom(11, 4, slice(0, 4))})
+    got = torch.autograd.grad(out["dmd"].sum(), list(e0.parameters()))
+    assert bool((t > s).all()) and float(g.abs().max()) > 1e-4
     torch.testing.assert_close(out["_dmd_grad_norm"], g.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-6)
-    assert float(g.abs().max()) > 1e-4
+    got, want = torch.cat([a.flatten() for a in got]), torch.cat([b.flatten() for b in want])
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert float((got * want).sum()) > 0.99 * float(want.norm() ** 2)  # the same direction: the sign included
+
+
+def test_critic_learns_on_the_phase_end_state_of_the_full_rollout():
+    """The critic's x_s is the deterministic chain's state at s (both steps of phase 1), and its
+    target is finite where a_t = 0 (a flow teacher's t = 1)."""
+    obj, nets = _phased((2, 2))
+    st, cond = nets.student, {"class_labels": LABELS}
+    rng = BatchRandom(5, 4, slice(0, 4))
+    with torch.no_grad():
+        _, x_s = obj._rollout(st, cond, _Seq(rng), torch.full((4,), 1), 0)
+        z = BatchRandom(5, 4, slice(0, 4)).randn_like(torch.zeros(4, 1, 8, 8))
+        ts = st.timesteps
+        chain = st.ddim_to(z, st.denoise(z, ts[0], cond), ts[0], ts[1])
+        chain = st.ddim_to(chain, st.denoise(chain, ts[1], cond), ts[1], ts[2])
+    torch.testing.assert_close(x_s, chain, rtol=1e-5, atol=1e-6)
+    flow = SCHEDULES["flow"]()
+    from stepdistill.fake_score import noise_grid
+
+    top = len(noise_grid(flow)) - 1
+    o = PhasedDMD(PhasedDMD.Config(t_range=[0.0, 1.0]))
+    _, t, target = o._diffuse(flow, torch.randn(3, 1, 4, 4), None, _Draws(3, top))
+    assert float(t[0]) == 1000.0 and torch.isfinite(target).all()
+
+
+class _Seq:
+    """Draws over a BatchRandom stream (the objective's ``Draws`` interface, as the trainer's)."""
+
+    def __init__(self, rng):
+        self.rng, self.n = rng, 4
+
+    def noise(self):
+        return self.rng.randn_like(torch.zeros(4, 1, 8, 8))
+
+    def randn_like(self, x):
+        return self.rng.randn_like(x)
 
 
 def test_phases_take_shares_of_the_run_and_bad_configs_are_refused():
@@ -212,7 +256,7 @@ SNIPPET = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["vp", "flow"])
+@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
 def test_export_switches_experts_by_timestep_in_plain_diffusers(kind, tmp_path):
     """A 4-step student with experts [2, 2] exported: diffusers loads the folder (no stepdistill) and
     reproduces the student's samples; stepdistill loads it back with both experts."""
@@ -222,7 +266,7 @@ def test_export_switches_experts_by_timestep_in_plain_diffusers(kind, tmp_path):
     from stepdistill.loaders import load_for_sampling
     from conftest import tiny_unet2d
 
-    teacher = tiny_teacher() if kind == "vp" else DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), SCHEDULES["flow"](),
+    teacher = tiny_teacher() if kind == "vp" else DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), SCHEDULES[kind](),
                                                                     null_class=2)
     student = build_student(teacher, StudentConfig(steps=4, sampler="ddim", experts=[2, 2])).eval()
     with torch.no_grad():

@@ -140,7 +140,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
     custom = not t2i and (mode == "lora" or bool(student.steps_per_expert)
                           or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
-    record = {"format_version": FORMAT_VERSION, "steps": int(student.steps), "boundary": student.boundary,
+    # version 1 readers would load only the first expert of a mixture: those exports are version 2
+    record = {"format_version": FORMAT_VERSION if student.steps_per_expert else 1, "steps": int(student.steps), "boundary": student.boundary,
               "sampler": student.sampler, "gamma": getattr(student, "gamma", 0.3), "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "experts": student.steps_per_expert, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,

@@ -143,16 +143,18 @@ class PhasedDMD(Objective):
         sig = (s_t**2 - r**2 * s_s**2).clamp_min(1e-12).sqrt()
         eps = draws.randn_like(x_s)
         x_t = (bcast(r, x_s) * x_s + bcast(sig, x_s) * eps).to(x_s.dtype)
-        x0_star = ((x_t - bcast(s_t**2 / sig, x_s) * eps) / bcast(a_t, x_s)).to(x_s.dtype)
+        # the same x0* with x_t substituted, finite where a_t = 0 (flow's t = 1, a zero-terminal-SNR VP end)
+        x0_star = (x_s / a_s - bcast(a_t * s_s**2 / (a_s**2 * sig), x_s) * eps).to(x_s.dtype)
         return x_t, t, x0_star
 
     def _rollout(self, student, cond, draws: Draws, j: torch.Tensor, k: int):
-        """(x0 at step j with gradient, x_s: its DDIM jump to the phase's end s, sg where s is clean)."""
+        """(x0 at step j with gradient, x_s: its DDIM jump to the phase's end s (x0 where s is clean), no graph)."""
         x0, x_j = student.sample(draws.noise(), cond, grad_at=j, renoise=draws.randn_like, with_input=True)
         s = self._end(student, k)
         if s is None:
-            return x0, x0
-        return x0, student.ddim_to(x_j, x0, student.timesteps[j.to(student.timesteps.device)], s)
+            return x0, x0.detach()
+        with torch.no_grad():
+            return x0, student.ddim_to(x_j, x0.detach(), student.timesteps[j.to(student.timesteps.device)], s)
 
     # -- phases ----------------------------------------------------------------------------------
     def _critic(self, k: int, nets: Nets, batch: dict) -> dict:
@@ -171,7 +173,7 @@ class PhasedDMD(Objective):
         x0, x_s = self._rollout(student, cond, draws, j, k)
         teacher, fake = nets.teacher, getattr(nets, f"fake_score_{k + 1}")
         with torch.no_grad():
-            x_t, t, _ = self._diffuse(teacher.schedule, x_s.detach(), self._end(student, k), draws)
+            x_t, t, _ = self._diffuse(teacher.schedule, x_s, self._end(student, k), draws)
             real_x0 = GuidedDenoiser(teacher, c.guidance)(x_t, t, cond) if cond is not None and guides(c.guidance) \
                 else teacher(x_t, t, cond)
             g = torch.nan_to_num((fake(x_t, t, cond) - real_x0) / per_sample(mean_abs(x0 - real_x0), x0))
