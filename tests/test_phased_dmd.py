@@ -295,3 +295,21 @@ def test_export_switches_experts_by_timestep_in_plain_diffusers(kind, tmp_path):
         torch.testing.assert_close(back(noise, {"class_labels": LABELS}), ours, rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="experts"):
         export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "lora", lora=True)
+
+
+def test_learning_rate_schedules_count_the_updates_of_one_iteration():
+    """A net's schedule is sized by the updates it gets in one outer iteration: phases that follow one
+    another (Phased DMD's experts, a warm-up and its successor) count once, concurrent ones add up."""
+    from stepdistill.objectives.base import Phase
+    from stepdistill.objectives.dmd import DMD2
+    from stepdistill.train.setup import updates_per_iteration
+
+    obj = PhasedDMD(PhasedDMD.Config(experts=[2, 1, 1], critic_repeats=3))
+    assert updates_per_iteration(obj.phases(), "student") == 1
+    assert updates_per_iteration(obj.phases(), "fake_score_2") == 3
+    warm = DMD2(DMD2.Config(regression_warmup=10, critic_repeats=2)).phases()
+    assert updates_per_iteration(warm, "student") == 1 and updates_per_iteration(warm, "fake_score") == 2
+    both = [Phase("a", ("student",), repeats=2), Phase("b", ("student",), stop_fraction=0.5)]
+    assert updates_per_iteration(both, "student") == 3  # b runs alongside a
+    mixed = [Phase("a", ("student",), stop=5), Phase("b", ("student",), start_fraction=0.5)]
+    assert updates_per_iteration(mixed, "student") == 2  # spans in different units: taken to overlap

@@ -80,6 +80,20 @@ def make_objective(spec: Any) -> Objective:
     return make(spec)
 
 
+def updates_per_iteration(phases: list[Phase], net: str) -> int:
+    """The most updates ``net`` gets in one outer iteration: the repeats of the phases training it that
+    can run in the same iteration (phases one after another, a warm-up then its successor or Phased DMD's
+    experts, count once), sizing its learning-rate schedule. Phases whose spans are given in different
+    units (iterations, shares of the run) are taken to overlap."""
+    mine = [p for p in phases if net in p.trains]
+
+    def before(a: Phase, b: Phase) -> bool:  # a has stopped when b starts
+        return ((a.stop is not None and b.start >= a.stop)
+                or (a.stop_fraction is not None and b.start_fraction is not None and b.start_fraction >= a.stop_fraction))
+
+    return max((sum(q.repeats for q in mine if not (before(p, q) or before(q, p))) for p in mine), default=1)
+
+
 def trained_nets(objective: Objective) -> list[str]:
     out: list[str] = []
     for ph in objective.phases():

@@ -43,7 +43,7 @@ from .logging import MetricsLog, Progress, Window
 from .monitors import Monitors
 from .randomness import derive_seed
 from .signals import StopSignals
-from .setup import build_nets, load_teacher_and_data, optim_for, trained_nets
+from .setup import build_nets, load_teacher_and_data, optim_for, trained_nets, updates_per_iteration
 
 
 class TrainingDiverged(UserError):
@@ -236,7 +236,7 @@ class Trainer:
             o = optim_for(cfg, n)
             self.opts[n] = torch.optim.AdamW(self.params[n], lr=o.lr, betas=(o.beta1, o.beta2),
                                              weight_decay=o.weight_decay, eps=o.eps)
-            per_step = sum(ph.repeats for ph in self.phases if n in ph.trains)
+            per_step = updates_per_iteration(self.phases, n)
             self.scheds[n] = get_scheduler(o.lr_schedule, self.opts[n], num_warmup_steps=o.warmup_steps,
                                            num_training_steps=max(1, cfg.max_steps * per_step))
             self.clip[n] = math.inf if o.max_grad_norm is None else float(o.max_grad_norm)
