@@ -13,6 +13,8 @@ Specs accepted by ``load_images``:
   class names and give the labels.
 * an ``.npz`` file with ``images`` (uint8, [N, H, W, C], C = 1 or 3) and optional ``labels``
   (integers, [N]). Read with ``allow_pickle=False``: loading never executes code.
+* a Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (``hf_data``): its first Image
+  column, labels and class names from its first ClassLabel column.
 
 Images come back as float32 [N, C, H, W] in [-1, 1] on the uint8 grid (``images.from_uint8``).
 """
@@ -121,20 +123,25 @@ def _read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            mode = img.mode
-            if mode in ("LA", "RGBA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-                raise UserError(f"image {str(path)!r} has an alpha channel ({mode}); save it as RGB or "
-                                "grayscale (e.g. PIL's img.convert('RGB')) and load again")
-            if mode == "1":
-                img = img.convert("L")
-            elif mode in _TO_RGB:
-                img = img.convert("RGB")
-            elif mode not in ("L", "RGB"):
-                raise UserError(f"image {str(path)!r} has mode {mode!r} (16-bit or float); convert it to "
-                                "8-bit grayscale ('L') or RGB and load again")
-            arr = np.asarray(img, dtype=np.uint8)
+            return image_array(img, repr(str(path)))
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"could not read image {str(path)!r} ({err}); remove or re-save it") from None
+
+
+def image_array(img, where: str) -> np.ndarray:
+    """A PIL image as uint8 [H, W, C] (C = 1 or 3); images with alpha or of 16-bit/float modes refused."""
+    mode = img.mode
+    if mode in ("LA", "RGBA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        raise UserError(f"image {where} has an alpha channel ({mode}); save it as RGB or "
+                        "grayscale (e.g. PIL's img.convert('RGB')) and load again")
+    if mode == "1":
+        img = img.convert("L")
+    elif mode in _TO_RGB:
+        img = img.convert("RGB")
+    elif mode not in ("L", "RGB"):
+        raise UserError(f"image {where} has mode {mode!r} (16-bit or float); convert it to "
+                        "8-bit grayscale ('L') or RGB and load again")
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -224,7 +231,11 @@ def load_images(spec: str, split: str | None = None) -> ImageSet:
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"dataset {spec!r} does not exist; give 'digits', 'digits-train', 'digits-test', "
-                        "a folder of images or an .npz file")
+                        "a folder of images, an .npz file or a Hugging Face dataset saved with save_to_disk")
+    from .hf_data import HFDiskImages, is_hf_dataset
+
+    if is_hf_dataset(path):
+        return HFDiskImages(path).load_all()
     if path.is_dir():
         return _load_folder(path)
     if path.suffix.lower() == ".npz":

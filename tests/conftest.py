@@ -167,3 +167,20 @@ def tiny_data_folder(tiny_data_npz, tmp_path_factory):
         (root / str(int(y))).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[..., 0]).save(root / str(int(y)) / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data_hf(tiny_data_npz, tmp_path_factory):
+    """The same 40 images as a Hugging Face dataset saved with save_to_disk (Image + ClassLabel columns)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    with np.load(tiny_data_npz) as z:
+        images, labels = z["images"], z["labels"]
+    feats = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=["zero", "one"])})
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(a[..., 0]) for a in images],
+                                     "digit": [int(y) for y in labels]}, features=feats)
+    root = tmp_path_factory.mktemp("hf") / "tiny"
+    ds.save_to_disk(str(root))
+    return root

@@ -29,3 +29,32 @@ def test_workers_yield_the_draws_the_main_process_reads(tiny_data_folder, start)
         assert torch.equal(x, xw) and torch.equal(c["class_labels"], cw["class_labels"]), d
     assert torch.equal(read.read(2)[0], plain.read(2)[0])  # asked out of order: the reader restarts there
     read.close()
+
+
+def test_saved_hf_dataset_reads_per_batch_as_the_same_images(tiny_data_hf, tiny_data_npz, tmp_path):
+    """A datasets.Dataset saved with save_to_disk: rows decoded from its Arrow files equal the .npz it
+    was built from; labels and class names from its ClassLabel column; workers read the same draws."""
+    import datasets
+
+    from stepdistill.errors import UserError
+    from stepdistill.hf_data import HFDiskImages
+
+    lazy, eager, npz = HFDiskImages(tiny_data_hf), load_images(str(tiny_data_hf)), load_images(str(tiny_data_npz))
+    assert len(lazy) == len(eager) == 40 and lazy.sample_shape == (1, 8, 8)
+    assert lazy.class_names == eager.class_names == ["zero", "one"] and torch.equal(lazy.labels, npz.labels)
+    idx = torch.tensor([5, 0, 39, 17])
+    (x, c), (xn, cn) = lazy.rows(idx), npz.rows(idx)
+    assert torch.equal(x, xn) and torch.equal(c["class_labels"], cn["class_labels"])
+    assert torch.equal(eager.images, npz.images)
+    plain = BatchStream(lazy, 16, seed=3, rank=0, world=1)
+    read = BatchStream(lazy, 16, seed=3, rank=0, world=1, workers=2)
+    for d in (0, 3):
+        assert torch.equal(plain.read(d)[0], read.read(d)[0]), d
+    read.close()
+    # a DatasetDict names its splits; a dataset without an Image column says how to cast one
+    datasets.DatasetDict({"train": lazy.ds, "test": lazy.ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UserError, match=r"splits \['train', 'test'\]"):
+        load_images(str(tmp_path / "dd"))
+    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "noimg"))
+    with pytest.raises(UserError, match="no Image column"):
+        load_images(str(tmp_path / "noimg"))

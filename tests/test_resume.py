@@ -13,11 +13,12 @@ import torch
 from trainer_runs import finish, start, train_cmd, weights, write_config
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_and_rerun_matches_uninterrupted_run(workers, tiny_teacher_dir, tiny_data_npz, tiny_data_folder,
-                                                     tmp_path):
-    """With data workers the data is an image folder read from disk per batch (``disk_data``)."""
-    data = tiny_data_folder if workers else tiny_data_npz
+@pytest.mark.parametrize("source,workers", [("npz", 0), ("folder", 2), ("hf", 2)])
+def test_sigkill_and_rerun_matches_uninterrupted_run(source, workers, tiny_teacher_dir, tiny_data_npz,
+                                                     tiny_data_folder, tiny_data_hf, tmp_path):
+    """With data workers the data is read from disk per batch: an image folder (``disk_data``) or a saved
+    Hugging Face dataset (``hf_data``)."""
+    data = {"npz": tiny_data_npz, "folder": tiny_data_folder, "hf": tiny_data_hf}[source]
     cfg = write_config(tmp_path / "cfg.yaml", tiny_teacher_dir, data, checkpoint_every=2, data_workers=workers,
                        objective={"name": "toy-regress", "delay": 0.25})
     full, killed = tmp_path / "full", tmp_path / "killed"

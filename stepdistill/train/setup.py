@@ -205,10 +205,14 @@ def load_teacher_and_data(cfg: DictConfig, objective: Objective | None = None, *
 
 
 def _image_data(cfg: DictConfig):
-    """The training images: in memory, or (with data workers, for an image folder) read from disk
-    per batch by the workers (``disk_data.FolderImages``)."""
+    """The training images: in memory, or read from disk per batch (by the data workers where there are
+    any): an image folder with data workers (``disk_data.FolderImages``), a saved Hugging Face dataset
+    always (``hf_data.HFDiskImages``)."""
     from ..data import DIGITS_SPECS, load_images
+    from ..hf_data import HFDiskImages, is_hf_dataset
 
+    if cfg.data not in DIGITS_SPECS and is_hf_dataset(Path(cfg.data).expanduser()):  # memory-mapped, read per batch
+        return HFDiskImages(Path(cfg.data).expanduser())
     if cfg.data_workers > 0 and cfg.data not in DIGITS_SPECS and Path(cfg.data).expanduser().is_dir():
         from ..disk_data import FolderImages
 
