@@ -219,3 +219,18 @@ def test_evaluations_stay_with_the_model_they_scored(tmp_path):
     assert tool.evaluate(str(first), [1], "digits", args, work, "dmd")[1]["fid"] == [10.0]  # reused: same model
     assert tool.evaluate(str(second), [1], "digits", args, work, "dmd")[1]["fid"] == [20.0]  # a new model: scored
     assert calls == [str(first), str(second)] and (first / "bench_digits_s0.json").is_file()
+
+
+def test_plot_kinds_reads_every_kinds_table_cell_for_cell(tmp_path):
+    """tools/plot_kinds.py: the teacher and student points are the tables' Inception FID cells."""
+    kinds = load_tool("plot_kinds")
+    head = "| objective | steps | FID (Inception) | FID (digits) | class accuracy | s/it | peak RSS | wall time |\n|---|---|---|---|---|---|---|---|\n"
+    (tmp_path / "digits.md").write_text(head + "| teacher | 1 | 124.76 (124.59–124.92) | 1 | 1 | – | – | – |\n"
+                                        "| teacher | 50 | 27.32 (25.87–28.44) | 1 | 1 | – | – | – |\n"
+                                        "| dmd2 (891 it) | 1 | 21.73 (20.92–22.84) | 3 | 1 | 0.2 | 1 GiB | 15 min |\n")
+    (tmp_path / "digits_flow.md").write_text(head + "| teacher | 4 | 21.86 (21.00–23.17) | 1 | 1 | – | – | – |\n")
+    teacher, students = kinds.read_table(tmp_path / "digits.md")
+    assert teacher == [("teacher", 1, 124.76, 124.59, 124.92), ("teacher", 50, 27.32, 25.87, 28.44)]
+    assert students == [("dmd2 (891 it)", 1, 21.73, 20.92, 22.84)]
+    kinds.main(["--tables", str(tmp_path), "--out", str(tmp_path / "kinds.png")])
+    assert (tmp_path / "kinds.png").stat().st_size > 1000
