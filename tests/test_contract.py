@@ -34,6 +34,7 @@ CASES = [(n, {}) for n in NAMES] + [
     ("sid", {"gan_weight": 1.0, "gan_form": "sida"}),  # SiDA: the classifier shares the fake score's passes
     ("progressive", {"round_ema": 0.9}),  # the round's average teaches the next round
     ("scm", {"tangent": "finite_difference"}),
+    ("hyper_sd", {"dmd_weight": 0.5}),  # the one-step score-distillation stage's critic
     ("hybrid", {"terms": [{"name": "adversarial", "weight": 0.5, "distill": "none"}]}),  # SANA-Sprint
     ("hybrid", {"terms": [{"name": "dmd2", "weight": 0.01, "gan_weight": 0.0, "critic_repeats": 2}]})]  # rCM
 #: "TMP" in a case stands for a fresh folder of the test's own (a cache built there on first use)

@@ -86,3 +86,42 @@ def test_loss_on_fixed_tensors_is_the_transcription():
         target = torch.where((t_prev == s_end).reshape(-1, 1, 1, 1), x_prev.double(), target)
     assert (t_prev > s_end).any() and (t_prev == s_end).any()
     torch.testing.assert_close(got.double(), (f - target).square().flatten(1).mean(1), rtol=1e-4, atol=1e-7)
+
+
+def test_last_stage_score_distillation_is_dmds_gradient():
+    """``dmd_weight``: only in the last stage, the generator adds weight * 0.5 mean((x - sg(x - g))^2)
+    with DMD's g = (F(x_t) - T(x_t)) / mean|x - T(x_t)| (Yin et al., 2024, eq. 7-8) on the student's
+    one-step samples; the fake score's critic phase starts with that stage."""
+    from stepdistill.fake_score import noise_grid
+
+    obj, nets = _setup(iterations_per_stage=2, teacher_steps=8, dmd_weight=0.5)
+    assert [(p.name, p.start) for p in obj.phases()] == [("critic", 6), ("generator", 0)]
+    with torch.no_grad():  # the fake score away from the teacher
+        for p in nets.fake_score.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x0 = torch.zeros(4, 1, 8, 8)
+    cond = {"class_labels": torch.tensor([0, 1, 0, 1])}
+    batch = {"x0": x0, "cond": cond, "rng": BatchRandom(3, 4, slice(0, 4))}
+    assert "dmd" not in obj.generator_loss(nets, batch)
+    obj.iteration = 6
+    out = obj.generator_loss(nets, {**batch, "rng": BatchRandom(3, 4, slice(0, 4))})
+    rng = BatchRandom(3, 4, slice(0, 4))
+    rng.randint(0, 8), rng.randn_like(x0)  # the consistency term's step and noise
+    z = rng.randn_like(x0)
+    t = noise_grid(nets.teacher.schedule)[rng.randint(20, 981)]
+    eps = rng.randn_like(x0)
+    with torch.no_grad():
+        x = nets.student(z, cond)
+        a, s = (v.reshape(-1, 1, 1, 1).float() for v in nets.teacher.schedule.alpha_sigma(t))
+        x_t = a * x + s * eps
+        real = nets.teacher(x_t, t, cond)
+        g = (nets.fake_score(x_t, t, cond) - real) / (x - real).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out["dmd"], 0.5 * 0.5 * g.square().flatten(1).mean(1), rtol=1e-4, atol=1e-8)
+    params = [p for p in nets.student.parameters()]
+    got = torch.autograd.grad(out["dmd"].sum(), params)
+    x = nets.student(z, cond)  # with gradient: the surrogate's gradient, sign included
+    want = torch.autograd.grad((0.25 * (x - (x - g).detach()).square().flatten(1).mean(1)).sum(), params)
+    got, want = torch.cat([v.flatten() for v in got]), torch.cat([v.flatten() for v in want])
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert obj.losses("critic", nets, batch)["fake_dsm"].shape == (4,)

@@ -1,6 +1,6 @@
 """Hyper-SD's trajectory segmented consistency distillation (Ren et al., 2024, "Hyper-SD: Trajectory
 Segmented Consistency Model for Efficient Image Synthesis", sec. 3.1, TSCD), without its human-feedback
-rewards (their models are downloaded) and without its one-step score-distillation stage.
+rewards (their models are downloaded); its one-step score distillation (sec. 3.3) as an option.
 
 Stages: the time axis is cut into k segments, k = 8, 4, 2, 1 in turn (``segments``), each stage
 ``iterations_per_stage`` iterations long, the student carried from one stage to the next. In a stage
@@ -17,6 +17,12 @@ at a clean s), so f(x_s, s, s) = x_s. theta^- is an EMA of the student (decay ``
 student under stop-gradient). The k segments of a stage are the k-step index-uniform grid (k = 4:
 999, 749, 499, 249, clean); the student samples deterministically on its own K steps (``ddim``),
 K = the last stage's k by default.
+
+``dmd_weight`` > 0 adds, in the last stage only, the distribution-matching term of DMD (Yin et al.,
+2024, eq. 7-8; Hyper-SD sec. 3.3 for one-step generation) on the student's own samples x = G(z):
+g = (fake_x0(x_t) - real_x0(x_t)) / mean|x - real_x0(x_t)|, weight * 0.5 mean((x - sg(x - g))^2), with
+a fake score (a copy of the teacher) trained by denoising score matching in a critic phase that starts
+with the last stage (``critic.py``).
 """
 from __future__ import annotations
 
@@ -30,8 +36,10 @@ from ..denoisers import guided
 from ..errors import UserError
 from ..sampling import SAMPLERS, teacher_step
 from ..schedules import bcast
-from .base import Nets, Objective, register
-from .common import Draws, ema_update, pseudo_huber
+from ..fake_score import real_score
+from .base import Nets, Objective, Phase, register
+from .common import Draws, ema_update, mean_abs, per_sample, pseudo_huber, sample_student, target_loss
+from .critic import CriticConfig, build_critic, check_critic, dsm_loss
 
 
 @register
@@ -40,7 +48,7 @@ class HyperSD(Objective):
     uses_real_data = True  # x_t is noised data
 
     @dataclass
-    class Config:
+    class Config(CriticConfig):
         segments: List[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage (Hyper-SD: 8 -> 4 -> 2 -> 1)
         iterations_per_stage: int = 500
         solver: str = "ddim"
@@ -48,6 +56,8 @@ class HyperSD(Objective):
         target_ema: float = 0.0         # 0 = stop-gradient student; > 0 an EMA target (LCM: 0.95)
         loss: str = "l2"                # "l2" or "pseudo_huber"
         guidance: float = 1.0
+        dmd_weight: float = 0.0         # > 0: the last stage adds DMD's distribution-matching term (sec. 3.3)
+        dmd_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # its times (grid fractions)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -63,7 +73,22 @@ class HyperSD(Objective):
         if c.iterations_per_stage < 1 or not 0.0 <= c.target_ema < 1.0 or c.loss not in ("l2", "pseudo_huber"):
             raise UserError("hyper_sd: need iterations_per_stage >= 1, target_ema in [0, 1) and loss 'l2' or "
                             "'pseudo_huber'")
+        if c.dmd_weight < 0:
+            raise UserError(f"hyper_sd: dmd_weight must be >= 0, got {c.dmd_weight}")
+        check_critic(c)
+        if c.gan_weight > 0:
+            raise UserError("hyper_sd: the score-distillation stage has no GAN term; set gan_weight=0")
         self.iteration = 0
+
+    @property
+    def last_stage_start(self) -> int:
+        return self.cfg.iterations_per_stage * (len(self.cfg.segments) - 1)
+
+    def phases(self):
+        if self.cfg.dmd_weight == 0:
+            return [Phase("generator", ("student",))]
+        return [Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats, start=self.last_stage_start),
+                Phase("generator", ("student",))]
 
     def student_steps(self):
         return int(self.cfg.segments[-1])
@@ -78,9 +103,10 @@ class HyperSD(Objective):
     def build(self, teacher, student, context=None):
         if getattr(student, "sampler", None) != "ddim":
             raise UserError("hyper_sd: the student samples deterministically; set student.sampler=ddim")
-        if self.cfg.target_ema == 0.0:
-            return {}
-        return {"target": copy.deepcopy(student).requires_grad_(False).eval()}
+        nets = build_critic(self.cfg, teacher) if self.cfg.dmd_weight > 0 else {}
+        if self.cfg.target_ema > 0.0:
+            nets["target"] = copy.deepcopy(student).requires_grad_(False).eval()
+        return nets
 
     def on_step_end(self, nets: Nets, step: int) -> None:
         target = nets.get("target") if nets is not None else None
@@ -121,7 +147,27 @@ class HyperSD(Objective):
             target = target_net.jump(x_prev, t_prev, s, cond)
             target = torch.where(bcast(t_prev == s, x).bool(), x_prev.to(target.dtype), target)
         d = (f - target).square().flatten(1).mean(1) if self.cfg.loss == "l2" else pseudo_huber(f, target)
-        return {"loss": d, "_segments": torch.full_like(d, float(self.cfg.segments[self.stage]))}
+        out = {"loss": d, "_segments": torch.full_like(d, float(self.cfg.segments[self.stage]))}
+        if self.cfg.dmd_weight > 0 and self.iteration >= self.last_stage_start:
+            out["dmd"] = self.cfg.dmd_weight * self._dmd(nets, cond, draws)
+        return out
+
+    def _dmd(self, nets: Nets, cond, draws: Draws) -> torch.Tensor:
+        """DMD eq. 7-8 on the student's own samples (Hyper-SD sec. 3.3)."""
+        x = sample_student(nets.student, cond, draws)
+        real = real_score(nets)
+        with torch.no_grad():
+            t = draws.times(real.schedule, self.cfg.dmd_t_range)
+            x_t = draws.noised(real.schedule, x, t)
+            real_x0 = guided(real, self.cfg.guidance)(x_t, t, cond)
+            g = torch.nan_to_num((nets.fake_score(x_t, t, cond) - real_x0) / per_sample(mean_abs(x - real_x0), x))
+        return target_loss(x, g)
+
+    def critic_loss(self, nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
+        """The fake score's denoising score matching on the student's detached samples (DMD sec. 3.2)."""
+        cond, draws = batch.get("cond"), Draws(batch)
+        x = sample_student(nets.student, cond, draws, grad=False)
+        return {"fake_dsm": dsm_loss(self.cfg, nets.fake_score, x, cond, draws)[0]}
 
 
 __all__ = ["HyperSD"]
