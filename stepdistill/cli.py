@@ -11,7 +11,7 @@ import sys
 
 from .errors import Interrupted, UserError
 
-COMMANDS = ["pretrain", "sample", "train", "eval", "export", "plot", "presets"]
+COMMANDS = ["pretrain", "sample", "train", "eval", "export", "merge", "plot", "presets"]
 
 
 def build_parser() -> argparse.ArgumentParser:
