@@ -16,6 +16,7 @@ RECIPES = {  # recipe -> (objective, student steps, backbone in tools/memory_tab
     "sd15/guidance_distill": ("guidance_distill", 4, "sd15"),
     "sdxl/dmd2_4step_lora": ("dmd2", 4, "sdxl"),
     "sd3/sid_1step": ("sid", 1, "sd3"),
+    "sd3/sana_sprint": ("hybrid", 1, "sd3"),
     "flux/dmd2_4step_lora": ("dmd2", 4, "flux"),
 }
 
@@ -44,7 +45,10 @@ def test_recipe_resolves(path):
     assert cfg.student.steps == steps
     assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing
     assert cfg.resolution in (512, 1024)
-    assert set(cfg.optim) <= {"student", "fake_score", "disc"}
+    assert set(cfg.optim) <= {"student", "fake_score", "disc", "weighting"}
+    from stepdistill.train.setup import trained_nets
+
+    assert set(trained_nets(obj)) <= set(cfg.optim), "a trained network without its optimiser settings"
 
 
 def _matches(names: set[str], target: str) -> bool:
@@ -60,6 +64,7 @@ def test_recipe_modules_exist_in_the_teacher(path, backbones):
     targets = list(raw.student.get("lora_target_modules") or []) + list(raw.objective.get("fake_target_modules") or [])
     for target in targets:
         assert _matches(names, target), f"{path}: LoRA target {target!r} matches no module"
-    feature = raw.objective.get("feature_module")
-    if feature and raw.objective.get("gan_weight", 0):
-        model.get_submodule(feature)  # raises if absent
+    for part in [raw.objective, *raw.objective.get("terms", [])]:  # a hybrid's terms read features too
+        feature = part.get("feature_module")
+        if feature and feature != "auto" and (part.get("gan_weight", 0) or part.get("name") == "adversarial"):
+            model.get_submodule(feature)  # raises if absent
