@@ -76,7 +76,10 @@ class SCM(Objective):
         tangent: str = "jvp"             # "jvp" (torch.func.jvp) or "finite_difference"
         fd_eps: float = 1.0e-4           # finite-difference step, relative to t: diffusers' sinusoidal time
                                          # embeddings oscillate down to a period of 2 pi training steps, and
-                                         # at 1e-3 (FastGen's default) the difference misses them by 5-40 %
+                                         # at 1e-3 (FastGen's default) the difference misses them by 5-40 %;
+                                         # that is the JVP's value, but a teacher trained at integer timesteps
+                                         # wiggles between them, and a step spanning several timesteps (1e-2
+                                         # on the digits VP teacher, digits/scm) gives the smooth tangent
         guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
         guidance_range: list | None = None
         weight_features: int = 128
