@@ -79,7 +79,8 @@ class SCM(Objective):
                                          # at 1e-3 (FastGen's default) the difference misses them by 5-40 %;
                                          # that is the JVP's value, but a teacher trained at integer timesteps
                                          # wiggles between them, and a step spanning several timesteps (1e-2
-                                         # on the digits VP teacher, digits/scm) gives the smooth tangent
+                                         # on the digits VP teacher) gives the smooth tangent (which did not
+                                         # score better there: README, digits benchmark)
         guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
         guidance_range: list | None = None
         weight_features: int = 128
