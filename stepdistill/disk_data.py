@@ -16,8 +16,63 @@ from .errors import UserError
 from .images import from_uint8
 
 
-class FolderImages:
-    """The ``data.ImageSet`` interface (``len``, ``rows``, ``labels``, ``sample_shape``, ...) over files."""
+def hash_files(h, named_files) -> str:
+    """``h`` (a sha256 already salted) updated with each (name, path): the name, then the file's
+    bytes read in chunks, never decoded."""
+    for name, path in named_files:
+        h.update(name.encode() + b"\0")
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h
+
+
+class LazyImages:
+    """The ``data.ImageSet`` interface (``len``, ``rows``, ``labels``, ``sample_shape``, ...) over images
+    decoded one by one as ``rows`` asks for them. Subclasses set ``name``, ``labels``, ``class_names``,
+    ``_shape`` (H, W, C of the first image) and implement ``_array(i)`` (uint8 [H, W, C]) and
+    ``_where(i)`` (how an error names image i)."""
+
+    labels: torch.Tensor | None
+    class_names: list[str] | None
+
+    @property
+    def channels(self) -> int:
+        return int(self._shape[2])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self._shape[0]), int(self._shape[1])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.channels, *self.size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else 0
+
+    def _u8(self, idx) -> torch.Tensor:
+        """uint8 [n, C, H, W] of those rows; every image must have the first one's shape."""
+        arrays = []
+        for i in idx:
+            a = self._array(i)
+            if tuple(a.shape) != self._shape:
+                raise UserError(f"images in {self.name!r} differ: {self._where(0)} is {self._shape} (H, W, C) "
+                                f"but {self._where(i)} is {tuple(a.shape)}; resize/convert them to one size "
+                                "and mode")
+            arrays.append(torch.from_numpy(a.copy()))
+        return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+
+    def rows(self, idx) -> tuple[torch.Tensor, dict | None]:
+        """(images as float32 [n, C, H, W] in [-1, 1], condition) of those rows, read from disk."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        x = from_uint8(self._u8(idx.tolist()))
+        return x, None if self.labels is None else {"class_labels": self.labels[idx]}
+
+
+class FolderImages(LazyImages):
+    """An image folder, file by file."""
 
     def __init__(self, root: str | Path):
         root = Path(root)
@@ -40,12 +95,7 @@ class FolderImages:
     def _hash(self, rel) -> str:
         """Identity of the set: relative paths, file bytes and labels (the files are read once, in
         chunks, never decoded; a changed image or label changes it)."""
-        h = hashlib.sha256(b"stepdistill-folder-v1")
-        for parts, p in zip(rel, self.files):
-            h.update("/".join(parts).encode() + b"\0")
-            with p.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+        h = hash_files(hashlib.sha256(b"stepdistill-folder-v1"), (("/".join(parts), p) for parts, p in zip(rel, self.files)))
         if self.labels is not None:
             h.update(self.labels.numpy().tobytes())
         return h.hexdigest()
@@ -53,35 +103,11 @@ class FolderImages:
     def __len__(self) -> int:
         return len(self.files)
 
-    @property
-    def channels(self) -> int:
-        return int(self._shape[2])
+    def _array(self, i: int):
+        return _read_image(self.files[i])
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self._shape[0]), int(self._shape[1])
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return (self.channels, *self.size)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else 0
-
-    def rows(self, idx) -> tuple[torch.Tensor, dict | None]:
-        """(images as float32 [n, C, H, W] in [-1, 1], condition) of those rows, read from disk."""
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        arrays = []
-        for i in idx.tolist():
-            a = _read_image(self.files[i])
-            if tuple(a.shape) != self._shape:
-                raise UserError(f"images in {self.name!r} differ: {str(self.files[0])!r} is {self._shape} (H, W, C) "
-                                f"but {str(self.files[i])!r} is {tuple(a.shape)}; resize/convert them to one size "
-                                "and mode")
-            arrays.append(torch.from_numpy(a.copy()))
-        x = from_uint8(torch.stack(arrays).permute(0, 3, 1, 2).contiguous())
-        return x, None if self.labels is None else {"class_labels": self.labels[idx]}
+    def _where(self, i: int) -> str:
+        return repr(str(self.files[i]))
 
 
-__all__ = ["FolderImages"]
+__all__ = ["FolderImages", "LazyImages", "hash_files"]

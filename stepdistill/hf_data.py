@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .data import _make, image_array
+from .disk_data import LazyImages, hash_files
 from .errors import UserError
-from .images import from_uint8
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -27,8 +27,8 @@ def is_hf_dataset(path: Path) -> bool:
                               or (path / "dataset_dict.json").is_file())
 
 
-class HFDiskImages:
-    """The ``data.ImageSet`` interface (``len``, ``rows``, ``labels``, ``sample_shape``, ...) over a saved dataset."""
+class HFDiskImages(LazyImages):
+    """A saved dataset, row by row (``disk_data.LazyImages``)."""
 
     def __init__(self, root: str | Path):
         root = Path(root)
@@ -62,52 +62,19 @@ class HFDiskImages:
     def _array(self, i: int):
         return image_array(self.ds[int(i)][self.image_column], f"{self.image_column}[{int(i)}] of {self.name!r}")
 
+    def _where(self, i: int) -> str:
+        return f"row {int(i)}"
+
     def _hash(self) -> str:
         """Identity of the set: the bytes of its Arrow files and its labels (read in chunks, never decoded)."""
-        h = hashlib.sha256(b"stepdistill-hf-v1")
-        for f in sorted(self.root.glob("*.arrow")):
-            h.update(f.name.encode() + b"\0")
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+        files = sorted(self.root.glob("*.arrow"))
+        h = hash_files(hashlib.sha256(b"stepdistill-hf-v1"), ((f.name, f) for f in files))
         if self.labels is not None:
             h.update(self.labels.numpy().tobytes())
         return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.ds)
-
-    @property
-    def channels(self) -> int:
-        return int(self._shape[2])
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self._shape[0]), int(self._shape[1])
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return (self.channels, *self.size)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else 0
-
-    def _u8(self, idx) -> torch.Tensor:
-        arrays = []
-        for i in idx:
-            a = self._array(i)
-            if tuple(a.shape) != self._shape:
-                raise UserError(f"images in {self.name!r} differ: row 0 is {self._shape} (H, W, C) but row {i} is "
-                                f"{tuple(a.shape)}; resize/convert them to one size and mode")
-            arrays.append(torch.from_numpy(a.copy()))
-        return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
-
-    def rows(self, idx) -> tuple[torch.Tensor, dict | None]:
-        """(images as float32 [n, C, H, W] in [-1, 1], condition) of those rows."""
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        x = from_uint8(self._u8(idx.tolist()))
-        return x, None if self.labels is None else {"class_labels": self.labels[idx]}
 
     def load_all(self):
         """The whole set in memory, as ``data.load_images`` returns other specs."""
