@@ -95,7 +95,8 @@ class FolderImages(LazyImages):
     def _hash(self, rel) -> str:
         """Identity of the set: relative paths, file bytes and labels (the files are read once, in
         chunks, never decoded; a changed image or label changes it)."""
-        h = hash_files(hashlib.sha256(b"stepdistill-folder-v1"), (("/".join(parts), p) for parts, p in zip(rel, self.files)))
+        named = (("/".join(parts), p) for parts, p in zip(rel, self.files))
+        h = hash_files(hashlib.sha256(b"stepdistill-folder-v1"), named)
         if self.labels is not None:
             h.update(self.labels.numpy().tobytes())
         return h.hexdigest()

@@ -16,13 +16,18 @@ from ..errors import UserError
 from .lora import has_lora, merged_copy
 
 
-def _weights(student) -> dict[str, torch.Tensor]:
-    """Every expert's backbone weights (LoRA adapters fused), by name."""
-    out = {}
-    for i, expert in enumerate(student.experts):
-        backbone = merged_copy(expert.backbone) if has_lora(expert.backbone) else expert.backbone
-        out.update({f"{i}.{k}": v for k, v in backbone.state_dict().items()})
+def _fused(student):
+    """A copy of ``student`` whose experts carry their LoRA adapters merged into the weights."""
+    out = copy.deepcopy(student)
+    for expert in out.experts:
+        if has_lora(expert.backbone):
+            expert.backbone = merged_copy(expert.backbone)
     return out
+
+
+def _weights(student) -> dict[str, torch.Tensor]:
+    """Every expert's backbone weights, by name."""
+    return {f"{i}.{k}": v for i, e in enumerate(student.experts) for k, v in e.backbone.state_dict().items()}
 
 
 def merge_students(a, b, alpha: float):
@@ -36,19 +41,15 @@ def merge_students(a, b, alpha: float):
         raise UserError(f"the students sample differently (timesteps {a.timesteps.tolist()} / {b.timesteps.tolist()}, "
                         f"sampler {a.sampler} / {b.sampler}, boundary {a.boundary} / {b.boundary}, experts "
                         f"{a.steps_per_expert} / {b.steps_per_expert}); merge students trained for the same sampling")
-    wa, wb = _weights(a), _weights(b)
+    out = _fused(a)
+    wa, wb = _weights(out), _weights(_fused(b))
     if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
         diff = sorted(set(wa) ^ set(wb)) or [k for k in wa if wa[k].shape != wb[k].shape]
         raise UserError(f"the students are different networks (e.g. {diff[0]!r}); merge two students of one teacher")
-    out = copy.deepcopy(a)
-    for i, expert in enumerate(out.experts):
-        if has_lora(expert.backbone):
-            expert.backbone = merged_copy(expert.backbone)
-        with torch.no_grad():
-            for k, v in expert.backbone.state_dict().items():
-                key = f"{i}.{k}"
-                if v.is_floating_point():
-                    v.copy_(torch.lerp(wa[key].to(v.dtype), wb[key].to(v.dtype), alpha))
+    with torch.no_grad():
+        for key, v in wa.items():  # wa shares the storage of out's weights: written in place
+            if v.is_floating_point():
+                v.copy_(torch.lerp(v, wb[key].to(v.dtype), alpha))
     return out
 
 
