@@ -32,13 +32,13 @@ from typing import List, Optional
 
 import torch
 
-from ..denoisers import GuidedDenoiser
+from ..denoisers import guided
 from ..errors import UserError
 from ..experts import first_steps
 from ..fake_score import FakeScore, dsm_error, noise_grid, time_indices
 from ..schedules import bcast
 from .base import Nets, Objective, Phase, register
-from .common import Draws, guides, mean_abs, per_sample, target_loss
+from .common import Draws, mean_abs, per_sample, target_loss
 
 _PHASE_LOSS = re.compile(r"^(critic|generator)_(\d+)_loss$")
 
@@ -174,8 +174,7 @@ class PhasedDMD(Objective):
         teacher, fake = nets.teacher, getattr(nets, f"fake_score_{k + 1}")
         with torch.no_grad():
             x_t, t, _ = self._diffuse(teacher.schedule, x_s, self._end(student, k), draws)
-            real_x0 = GuidedDenoiser(teacher, c.guidance)(x_t, t, cond) if cond is not None and guides(c.guidance) \
-                else teacher(x_t, t, cond)
+            real_x0 = (guided(teacher, c.guidance) if cond is not None else teacher)(x_t, t, cond)
             g = torch.nan_to_num((fake(x_t, t, cond) - real_x0) / per_sample(mean_abs(x0 - real_x0), x0))
         return {"dmd": target_loss(x0, g), "_dmd_grad_norm": g.flatten(1).norm(dim=1)}
 
