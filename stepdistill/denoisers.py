@@ -44,6 +44,11 @@ def _call_unet2d(net, x, t, cond):
     return net(x, t, class_labels=None if cond is None else cond.get("class_labels")).sample
 
 
+def _call_guided_unet2d(net, x, t, cond):
+    cond = cond or {}
+    return net(x, t, class_labels=cond.get("class_labels"), timestep_cond=cond.get("timestep_cond")).sample
+
+
 def _call_unet2d_condition(net, x, t, cond):
     cond = dict(cond or {})
     added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
@@ -103,6 +108,7 @@ def _call_flux(net, x, t, cond):
 
 BACKBONE_CALLS: dict[str, Callable] = {
     "UNet2DModel": _call_unet2d,
+    "GuidedUNet2DModel": _call_guided_unet2d,  # guided_unet: a class-conditional UNet2DModel with a w input
     "UNet2DConditionModel": _call_unet2d_condition,
     "DiTTransformer2DModel": _call_dit,
     "SD3Transformer2DModel": _call_sd3,

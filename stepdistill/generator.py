@@ -223,7 +223,8 @@ class StudentConfig:
                                          # t ~ 625 on SD's schedule), an EDM sigma (2.5), a flow time (t = 1000
                                          # sigma); None = the noisiest time
     time_cond_proj_dim: Optional[int] = None  # add a guidance-scale (w) embedding input of this width to a
-                                         # UNet2DConditionModel student (LCM: 256); None = the teacher's inputs
+                                         # UNet2DConditionModel student (LCM: 256) or a class-conditional
+                                         # UNet2DModel one (guided_unet); None = the teacher's inputs
     sampler: Optional[str] = None        # step between timesteps: "renoise" (fresh noise, consistency/DMD2
                                          # students), "ddim" (deterministic) or "tcd" (TCD's strategic
                                          # stochastic sampling); None = what the objective fixes, else "renoise"
@@ -266,9 +267,13 @@ def _with_w_input(backbone: nn.Module, dim: int) -> nn.Module:
     guidance-scale embedding, Luo et al., 2023, sec. 4.2; diffusers' time_cond_proj_dim). The
     teacher's weights load unchanged; the new projection starts at zero, so the student starts as
     the teacher for every w."""
+    if type(backbone).__name__ == "UNet2DModel":  # class-conditional: the w input through its class embedding
+        from .guided_unet import with_w_input
+
+        return with_w_input(backbone, dim)
     if type(backbone).__name__ != "UNet2DConditionModel":
-        raise UserError(f"student.time_cond_proj_dim needs a UNet2DConditionModel teacher; this one is "
-                        f"{type(backbone).__name__}; drop student.time_cond_proj_dim")
+        raise UserError(f"student.time_cond_proj_dim needs a UNet2DConditionModel or class-conditional UNet2DModel "
+                        f"teacher; this one is {type(backbone).__name__}; drop student.time_cond_proj_dim")
     have = backbone.config.get("time_cond_proj_dim")
     if have and int(have) != int(dim):
         raise UserError(f"the teacher already has time_cond_proj_dim={have}; set student.time_cond_proj_dim={have} "
@@ -314,6 +319,9 @@ def _student_denoiser(teacher: Denoiser, backbone: nn.Module, cfg: StudentConfig
     backbone = _with_w_input(backbone, cfg.time_cond_proj_dim) if cfg.time_cond_proj_dim else copy.deepcopy(backbone)
     backbone.train()
     if cfg.lora_rank and cfg.lora_rank > 0:
+        if type(backbone).__name__ == "GuidedUNet2DModel":
+            raise UserError("student.lora_rank with student.time_cond_proj_dim on a UNet2DModel: LoRA would freeze the new "
+                            "w input; train full weights (student.lora_rank=0)")
         _add_lora(backbone, cfg)  # the frozen base keeps the teacher's dtype
         for name, p in backbone.named_parameters():
             if p.requires_grad:  # adapters train in float32 (mixed precision autocasts their matmuls)

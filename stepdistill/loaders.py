@@ -108,7 +108,12 @@ class StudentModel(SampleableModel):
     @torch.no_grad()
     def generate(self, noise, cond, steps: int | None = None, sampler: str = "student", guidance: float = 1.0,
                  generator=None):
-        if guidance != 1.0:
+        from .generator import cond_proj_dim, guidance_embedding
+
+        dim = cond_proj_dim(self.student)
+        if dim and cond is not None:  # a w input (guidance distillation, LCM's w-embedding): w in one pass
+            cond = {**cond, "timestep_cond": guidance_embedding(torch.full((len(noise),), float(guidance)), dim)}
+        elif guidance != 1.0:
             raise UserError("a distilled student samples without classifier-free guidance (its guidance was "
                             "distilled in); use --guidance 1")
         return self.student(noise, cond, steps=steps, generator=generator)
@@ -152,6 +157,10 @@ def load_exported(path, *, trust_pickle: bool = False):
     unet = _load_backbone(p / folder, None, trust_pickle)
     if record.get("mode") == "lora":
         load_lora(unet, p / LORA_WEIGHT_NAME, prefix=folder)
+    if record.get("guidance_embedding"):  # a guidance-distilled student: its w input (guided_unet)
+        from .guided_unet import load_guided
+
+        unet = load_guided(p / "guidance_embedding", unet)
     den = DiffusersDenoiser(unet, schedule, null_class=record.get("null_class"))
     per_expert = record.get("experts")  # a mixture of experts: the later experts in unet_2, unet_3, ...
     more = [DiffusersDenoiser(_load_backbone(p / f"unet_{i}", None, trust_pickle), schedule,

@@ -50,6 +50,8 @@ OBJECTIVES = {
     "swiftbrush": {"name": "swiftbrush", "fake_lora_rank": 2},
     "hyper_sd": {"name": "hyper_sd", "teacher_steps": 8, "iterations_per_stage": 1},
     "phased_dmd": {"name": "phased_dmd", "experts": [1, 1], "critic_repeats": 1},  # phase 2 from the second step
+    "guidance_distill": {"name": "guidance_distill", "stage1_iterations": 1, "start_steps": 4, "final_steps": 2,
+                         "iterations_per_round": 1},  # stage 1, then stage 2's 4 -> 2 round
     "hybrid": {"name": "hybrid", "base": {"name": "scm", "tangent_warmup": 1},  # rCM: sCM + DMD with its critic
                "terms": [{"name": "dmd2", "weight": 0.5, "gan_weight": 0.0, "critic_repeats": 2}]},
 }
@@ -69,9 +71,10 @@ def test_every_objective_trains_the_same_weights_on_two_processes(name, tiny_tea
             obj["cache"] = str(run) + "-pairs"
         trained = {"progressive": ["student"], "consistency": ["student"], "adversarial": ["student", "disc"],
                    "dmd2": ["student", "fake_score", "disc"], "scm": ["student", "weighting"], "tcd": ["student"], "swiftbrush": ["student", "fake_score"], "hyper_sd": ["student"],
-                   "phased_dmd": ["student", "fake_score_1", "fake_score_2"], "hybrid": ["student", "weighting", "fake_score"]}.get(name, ["student", "fake_score"])
+                   "phased_dmd": ["student", "fake_score_1", "fake_score_2"], "guidance_distill": ["student"], "hybrid": ["student", "weighting", "fake_score"]}.get(name, ["student", "fake_score"])
+        more = {"student": {"steps": 2, "sampler": "ddim", "time_cond_proj_dim": 16}} if name == "guidance_distill" else {}
         cfg = write_config(tmp_path / f"{run.name}.yaml", tiny_teacher_dir, tiny_data_npz, checkpoint_every=1,
-                           batch_size=8, objective=obj, optim={n: opt for n in trained})
+                           batch_size=8, objective=obj, optim={n: opt for n in trained}, **more)
         cmd = (launch_cmd(2, cfg, f"output_dir={run}", "max_steps=2") if launch else
                train_cmd(cfg, f"output_dir={run}", "max_steps=2"))
         procs.append((start(cmd, tmp_path / f"{run.name}.log"), tmp_path / f"{run.name}.log"))

@@ -15,6 +15,8 @@ multi-step consistency sampler (Song et al., 2023, Alg. 1); a deterministic stud
 models: ``EDMEulerScheduler`` gives the sigmas and the preconditioning, and the loop here takes x0
 and re-noises it (``renoise``) or takes the Euler step (Karras et al., 2022). A TCD student's
 ``TCDScheduler`` takes TCD's strategic stochastic step with ``eta`` = the trained gamma by default.
+A guidance-distilled student (Meng et al., 2023) has a ``guidance_embedding`` component that feeds the
+CFG scale to the unet: ``pipe(class_labels=..., guidance_scale=w)`` runs it in one pass per step.
 """
 from __future__ import annotations
 
@@ -32,18 +34,23 @@ class StepDistillPipeline(DiffusionPipeline):
     """unet: a UNet2DModel (class-conditional when its config has num_class_embeds);
     scheduler: the student's scheduler; trained_steps: the step count the student was trained for."""
 
-    model_cpu_offload_seq = "unet->unet_2->unet_3->unet_4"
-    _optional_components = ["unet_2", "unet_3", "unet_4"]
+    model_cpu_offload_seq = "guidance_embedding->unet->unet_2->unet_3->unet_4"
+    _optional_components = ["unet_2", "unet_3", "unet_4", "guidance_embedding"]
 
     def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True, gamma: float = 0.3,
-                 unet_2=None, unet_3=None, unet_4=None, expert_bounds=None):
+                 unet_2=None, unet_3=None, unet_4=None, expert_bounds=None, guidance_embedding=None,
+                 guidance_scale: float = 1.0):
         """``unet_2``..``unet_4``: the later experts of a mixture-of-experts student (Phased DMD); expert
         k + 1 runs at the timesteps t <= ``expert_bounds[k - 1]`` (in the loop's units: the scheduler's
-        timesteps, EDM's sigmas), ``unet`` at the times above them."""
+        timesteps, EDM's sigmas), ``unet`` at the times above them. ``guidance_embedding``: the class
+        and CFG-scale input of a guidance-distilled unet (``class_embed_type="identity"``), run at
+        ``guidance_scale`` by default."""
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, unet_2=unet_2, unet_3=unet_3, unet_4=unet_4)
+        self.register_modules(unet=unet, scheduler=scheduler, unet_2=unet_2, unet_3=unet_3, unet_4=unet_4,
+                              guidance_embedding=guidance_embedding)
         self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise), gamma=float(gamma),
-                                expert_bounds=[float(b) for b in (expert_bounds or [])])
+                                expert_bounds=[float(b) for b in (expert_bounds or [])],
+                                guidance_scale=float(guidance_scale))
 
     def _unet_at(self, t):
         """The expert for time t: the number of bounds b with t <= b picks unet, unet_2, ..."""
@@ -55,8 +62,21 @@ class StepDistillPipeline(DiffusionPipeline):
 
     @property
     def num_classes(self) -> int:
-        n = self.unet.config.get("num_class_embeds") or 0
+        owner = self.guidance_embedding if self.guidance_embedding is not None else self.unet
+        n = owner.config.get("num_class_embeds") or 0
         return max(int(n) - 1, 0)  # the last embedding is the "no class" label of CFG training
+
+    def _class_input(self, labels, guidance_scale):
+        """What the unet takes as class_labels: the labels, or for a guidance-distilled student the
+        guidance embedding of (labels, w) (Meng et al., 2023, sec. 3: one pass at any w)."""
+        if self.guidance_embedding is None:
+            if guidance_scale is not None:
+                raise ValueError("this model has no guidance input (its guidance, if any, was distilled in at a fixed "
+                                 "scale); call it without guidance_scale")
+            return labels
+        w = float(self.config.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+        emb = self.guidance_embedding
+        return emb(labels, emb.w_features(torch.full((len(labels),), w))).to(self.unet.dtype)
 
     def _labels(self, class_labels, batch_size):
         if self.num_classes == 0:
@@ -76,12 +96,15 @@ class StepDistillPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int | None = None, num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, eta: float | None = None):
+                 output_type: str = "pil", return_dict: bool = True, eta: float | None = None,
+                 guidance_scale: float | None = None):
         """Generate images. ``num_inference_steps`` defaults to the trained step count; ``eta``: TCD's
-        gamma for a TCDScheduler (default: the trained one).
+        gamma for a TCDScheduler (default: the trained one); ``guidance_scale``: the CFG scale w of a
+        guidance-distilled student (default: the exported one; 1 = the conditional model, no guidance).
         ``output_type``: "pil", "np" (floats in [0, 1], NHWC), "pt" (floats in [0, 1], NCHW) or
         "latent" (the raw samples in [-1, 1] data units, unclipped)."""
         labels, b = self._labels(class_labels, batch_size)
+        labels = self._class_input(labels, guidance_scale)
         steps = int(num_inference_steps or self.config.trained_steps)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)

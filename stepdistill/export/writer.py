@@ -36,6 +36,7 @@ from .scheduler import boundary_scalings, make_scheduler, student_scheduler_conf
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
+GUIDANCE_FILE = Path(__file__).with_name("guidance_embedding.py")  # the w input's custom component
 PIPELINE_CLASS = "StepDistillPipeline"
 #: with no boundary condition the scheduler's c_skip must vanish (and c_out be 1) to this tolerance
 BOUNDARY_TOL = 1e-7
@@ -70,7 +71,10 @@ def check_exportable(student, meta: dict | None = None) -> dict:
                         "`stepdistill sample RUN_DIR` instead")
     if info is not None:
         check_backbone(student, info)
-    elif type(backbone).__name__ != "UNet2DModel":
+    elif type(backbone).__name__ == "GuidedUNet2DModel" and student.steps_per_expert:
+        raise UserError("export of a mixture of experts with a w input is not supported; sample it with "
+                        "`stepdistill sample RUN_DIR --guidance W` instead")
+    elif type(backbone).__name__ not in ("UNet2DModel", "GuidedUNet2DModel"):
         raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional) and students of "
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
@@ -100,12 +104,19 @@ def check_exportable(student, meta: dict | None = None) -> dict:
 
 
 def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise",
-                    gamma: float = 0.3, experts=(), expert_bounds=None) -> None:
+                    gamma: float = 0.3, experts=(), expert_bounds=None, guidance_scale: float = 1.0) -> None:
     """``experts``: the later experts of a mixture-of-experts student (unet_2, unet_3, ...), which the
-    custom pipeline runs at times t <= their ``expert_bounds`` (``experts.py``)."""
+    custom pipeline runs at times t <= their ``expert_bounds`` (``experts.py``). A guidance-distilled
+    student (``guided_unet``) writes its unet and its ``guidance_embedding`` component, with the
+    component's code, run at ``guidance_scale`` by default."""
     import diffusers
 
     scheduler = make_scheduler(cfg)
+    guided = type(unet).__name__ == "GuidedUNet2DModel"
+    if guided:
+        unet, embedding = unet.unet, unet.embedding
+        embedding.save_pretrained(tmp / "guidance_embedding", safe_serialization=True)
+        shutil.copyfile(GUIDANCE_FILE, tmp / "guidance_embedding" / GUIDANCE_FILE.name)
     if custom:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
@@ -114,6 +125,9 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sample
                  "trained_steps": int(steps), "renoise": sampler == "renoise", "gamma": float(gamma),
                  "scheduler": ["diffusers", type(scheduler).__name__],
                  "unet": ["diffusers", type(unet).__name__]}
+        if guided:
+            index["guidance_embedding"] = [GUIDANCE_FILE.stem, "GuidanceEmbedding"]
+            index["guidance_scale"] = float(guidance_scale)
         for i, expert in enumerate(experts, start=2):
             expert.save_pretrained(tmp / f"unet_{i}", safe_serialization=True)
             index[f"unet_{i}"] = ["diffusers", type(expert).__name__]
@@ -138,7 +152,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     conditional = not t2i and (student.denoiser.null_class is not None or bool(backbone.config.get("num_class_embeds")))
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
-    custom = not t2i and (mode == "lora" or bool(student.steps_per_expert)
+    guided = type(backbone).__name__ == "GuidedUNet2DModel"
+    custom = not t2i and (mode == "lora" or bool(student.steps_per_expert) or guided
                           or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     # version 1 readers would load only the first expert of a mixture: those exports are version 2
     record = {"format_version": FORMAT_VERSION if student.steps_per_expert else 1, "steps": int(student.steps), "boundary": student.boundary,
@@ -148,7 +163,9 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "null_class": meta.get("null_class") if conditional else None,
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
-              "checkpoint": meta.get("checkpoint")}
+              "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided}
+    if guided:
+        record["guidance_scale"] = default_guidance(meta)
     if t2i:
         record.update(t2i_record(student, meta))
     header, _ = front_matter(record, str(meta.get("objective") or "unknown"))  # reads the teacher folder's card
@@ -160,7 +177,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             convert = {"full": lambda b: b, "fused": merged_copy, "lora": base_copy}[mode]
             more = [convert(e.backbone) for e in student.experts[1:]]
             _write_pipeline(tmp, convert(backbone), cfg, student.steps, custom, student.sampler or "renoise",
-                            getattr(student, "gamma", 0.3), more, student.expert_bounds.tolist())
+                            getattr(student, "gamma", 0.3), more, student.expert_bounds.tolist(),
+                            record.get("guidance_scale", 1.0))
             if mode == "lora":
                 save_lora(backbone, tmp)
         scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from
@@ -170,6 +188,15 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
         record["files"] = _file_stats(tmp)  # what a later export may replace (check_replaceable)
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def default_guidance(meta: dict) -> float:
+    """The CFG scale an exported guidance-distilled student runs at by default: the middle of the
+    range it was trained on (as ``t2i.recommended_guidance``)."""
+    obj = (meta.get("config") or {}).get("objective") or {}
+    if "w_min" in obj and "w_max" in obj:
+        return (float(obj["w_min"]) + float(obj["w_max"])) / 2
+    return 1.0
 
 
 def _file_stats(folder: Path) -> dict[str, list[int]]:

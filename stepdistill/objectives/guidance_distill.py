@@ -13,10 +13,12 @@ DDIM steps down to ``final_steps``, ``iterations_per_round`` each: per iteration
 w_max] for both the round's teacher (stage 1's student, then the previous round's) and the student,
 whose one DDIM step must land on the teacher's two (``pd_target``). The student samples by DDIM.
 
-The w input is diffusers' guidance-scale embedding of w - 1 (``timestep_cond`` of a
-UNet2DConditionModel with ``time_cond_proj_dim``: ``student.time_cond_proj_dim``), the one
-StableDiffusionPipeline feeds from its ``guidance_scale`` and then runs a single pass: the exported
-student takes the CFG scale at call time.
+The w input is diffusers' guidance-scale embedding of w - 1 (``student.time_cond_proj_dim``): the
+``timestep_cond`` of a UNet2DConditionModel with ``time_cond_proj_dim``, the one StableDiffusionPipeline
+feeds from its ``guidance_scale`` and then runs a single pass; for a class-conditional UNet2DModel, an
+MLP of the same features added to its class embedding (``guided_unet``), which the exported
+StepDistillPipeline feeds from its ``guidance_scale``. Either way the exported student takes the CFG
+scale at call time.
 """
 from __future__ import annotations
 
@@ -82,8 +84,8 @@ class GuidanceDistill(Objective):
             raise UserError("guidance_distill: classifier-free guidance needs a conditional teacher")
         self._w_dim = cond_proj_dim(student)
         if self._w_dim is None:
-            raise UserError("guidance_distill: the student needs a w input; set student.time_cond_proj_dim=256 on a "
-                            "UNet2DConditionModel teacher (SD, SDXL); other backbones have no such input")
+            raise UserError("guidance_distill: the student needs a w input; set student.time_cond_proj_dim=256 (a "
+                            "UNet2DConditionModel teacher such as SD or SDXL, or a class-conditional UNet2DModel)")
         if not torch.equal(student.timesteps.cpu(), student_grid(student.schedule, self.cfg.final_steps)[:-1]):
             raise UserError(f"guidance_distill: build the student with steps={self.cfg.final_steps} and sampler ddim")
         return {"gd_teacher": copy.deepcopy(student).requires_grad_(False).eval()}  # stage 2's round teacher
