@@ -69,12 +69,26 @@ def _conds(prompts: CachePrompts | None, labels, i: int, n: int, device):
     return None if labels is None else {"class_labels": labels[i:i + n].to(device)}
 
 
+def trajectory_grid(schedule, steps: int, hold=None) -> torch.Tensor:
+    """The grid a trajectory cache samples on: the schedule's own `steps`-step grid, with the times in
+    `hold` (a multi-step student's timesteps) added where it lacks them. VP's trailing grids nest, so
+    there a grid of a multiple of the student's steps already holds them and nothing is added; EDM's
+    Karras grid and the flow grid (which ends at sigma 1/1000) do not nest."""
+    grid = schedule.timesteps(int(steps)).to(torch.float64).cpu()
+    if hold is None:
+        return grid
+    hold = torch.as_tensor(hold, dtype=torch.float64).reshape(-1).cpu()
+    new = hold[~torch.isclose(hold[:, None], grid[None, :], rtol=1e-9, atol=1e-9).any(1)]
+    return torch.cat([grid, new]).unique().flip(0) if len(new) else grid
+
+
 def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                 seed: int = 0, batch: int = 256, *, trajectory: bool = False, shape=None,
-                prompts: CachePrompts | None = None, progress: bool = False) -> Path:
+                prompts: CachePrompts | None = None, progress: bool = False, grid=None) -> Path:
     """Sample `num` teacher pairs in `steps` steps of `sampler` (CFG `guidance`) from noise seeded by
-    `seed`, and write them to `out_dir` (which must not exist yet); ``progress``: report count, rate
-    and ETA (``stepdistill.progress``)."""
+    `seed`, and write them to `out_dir` (which must not exist yet); ``grid``: the descending times to
+    sample on (``trajectory_grid``; default the schedule's `steps`-step grid); ``progress``: report
+    count, rate and ETA (``stepdistill.progress``)."""
     from safetensors.torch import save_file
 
     from .progress import Counter
@@ -94,7 +108,8 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
     labels = _labels(teacher, num)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    shards, grid = [], None
+    shards, grid_list = [], None
+    ts = teacher.schedule.timesteps(int(steps)) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
     try:
         with Counter("teacher-output cache", num, "pairs", enabled=progress) as bar:
             for s, i in enumerate(range(0, num, batch)):
@@ -102,21 +117,21 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
                 noise = torch.randn((n, *shape), generator=gen)
                 cond = _conds(prompts, labels, i, n, device)
                 res = sample(teacher, noise.to(device), steps, sampler=sampler, cond=cond, guidance=guidance,
-                             generator=gen, return_trajectory=trajectory)
+                             generator=gen, return_trajectory=trajectory, ts=ts)
                 x0, traj = (res if trajectory else (res, None))
                 tensors = {"noise": noise, "x0": x0.float().cpu()}
                 if cond is not None:
                     tensors.update({f"cond.{k}": v.cpu() for k, v in cond.items()})
                 if traj is not None:
                     tensors["trajectory"] = torch.stack([st.float().cpu() for st in traj.states], 1)
-                    grid = [float(t) for t in traj.ts]
+                    grid_list = [float(t) for t in ts]  # the float64 times (a student's own among them)
                 name = f"shard-{s:05d}.safetensors"
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
                 shards.append(name)
                 bar.advance(n)
         manifest = {"format": FORMAT, "teacher_hash": teacher_hash(teacher), "sampler": sampler, "steps": int(steps),
                     "guidance": float(guidance), "seed": int(seed), "num": int(num), "shape": list(shape),
-                    "trajectory": bool(trajectory), "grid": grid, "shards": shards,
+                    "trajectory": bool(trajectory), "grid": grid_list, "shards": shards,
                     "cond_keys": sorted(cond) if cond is not None else [],
                     "prompts": None if prompts is None else prompts.id}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -189,9 +204,10 @@ def load_cache(path, teacher: Denoiser | None = None) -> TeacherPairs:
 
 
 def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
-                         seed: int = 0, prompts: str | None = None, trajectory: bool = False) -> dict | None:
-    """The manifest at `path` if it matches these settings, None if there is no cache yet; a
-    UserError naming each difference otherwise."""
+                         seed: int = 0, prompts: str | None = None, trajectory: bool = False,
+                         grid=None) -> dict | None:
+    """The manifest at `path` if it matches these settings (trajectories on `grid`, where given), None
+    if there is no cache yet; a UserError naming each difference otherwise."""
     p = Path(path)
     m = read_manifest(p)
     if m is None:
@@ -206,6 +222,11 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
         diff["num"] = (m.get("num"), num)
     if trajectory and not m.get("trajectory"):
         diff["trajectory"] = (False, True)
+    if trajectory and grid is not None and m.get("trajectory"):
+        want_grid = [round(float(t), 6) for t in grid]
+        have = [round(float(t), 6) for t in m.get("grid") or []]
+        if have != want_grid:
+            diff["grid"] = (have, want_grid)
     if diff:
         said = ", ".join(f"{k}: cache {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"cache {str(p)!r} was built with other settings ({said}); point objective.cache at a "
@@ -232,19 +253,20 @@ def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> Non
 
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                  seed: int = 0, batch: int = 256, trajectory: bool = False, prompts: CachePrompts | None = None,
-                 log=None) -> TeacherPairs:
+                 log=None, grid=None) -> TeacherPairs:
     """Load the cache at `path` if it matches these settings, this teacher and these prompts (with
-    trajectories, where asked); build it if absent (saying so through ``log``)."""
+    trajectories on `grid`, where asked); build it if absent (saying so through ``log``)."""
     if check_cache_settings(path, num=num, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                            prompts=None if prompts is None else prompts.id, trajectory=trajectory) is None:
+                            prompts=None if prompts is None else prompts.id, trajectory=trajectory,
+                            grid=grid) is None:
         if Path(path).exists():
             Path(path).rmdir()  # an empty folder
         if log is not None:
             log(f"teacher-output cache: sampling {num} pairs ({sampler}, {steps} steps) into {path}")
         build_cache(teacher, path, num, steps, sampler, guidance, seed, batch, trajectory=trajectory, prompts=prompts,
-                    progress=log is not None)
+                    progress=log is not None, grid=grid)
     return load_cache(path, teacher)
 
 
-__all__ = ["build_cache", "load_cache", "ensure_cache", "check_cache_settings", "check_grid_holds", "teacher_hash",
+__all__ = ["trajectory_grid", "build_cache", "load_cache", "ensure_cache", "check_cache_settings", "check_grid_holds", "teacher_hash",
            "TeacherPairs", "CachePrompts", "MANIFEST"]

@@ -187,13 +187,48 @@ def test_multistep_regression_follows_the_teachers_trajectory(sampler, tmp_path,
     assert scores[0] < 0.1 * 0.5 * 0.01 and scores[1] == pytest.approx(0.5 * 0.01 + scores[0], rel=0.15)
 
 
-def test_multistep_regression_needs_the_students_times_on_the_cache_grid(tmp_path):
-    teacher = tiny_teacher()
-    student = build_student(teacher, steps=4)
-    obj = DMD(DMD.Config(cache=str(tmp_path / "c"), cache_steps=50))
-    with pytest.raises(UserError, match=r"50-step grid lacks the times \[249.0, 749.0\].*cache_steps"):
-        obj.build(teacher, student)
-    assert not (tmp_path / "c").exists()
+@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
+def test_multistep_regression_trajectories_hold_the_students_times_on_every_kind(kind, gaussian_data, tmp_path):
+    """A 4-step student's regression cache samples on the teacher's own grid (here 128 steps) with the student's
+    timesteps added where that grid lacks them (EDM's Karras grid and the flow grid do not nest; VP's
+    trailing grid already holds them, and gains nothing). On the Gaussian teacher each cached state at a
+    student time is the probability-flow ODE's exact solution from the trajectory's start."""
+    from stepdistill.cache import trajectory_grid
+    from stepdistill.export.scheduler import student_timesteps
+    from stepdistill.generator import Student
+    from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+
+    from conftest import GaussianTeacher
+
+    vp = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+          "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    sched = {"vp": lambda: VPSchedule(vp), "edm": EDMSchedule, "flow": lambda: FlowSchedule({})}[kind]()
+    mu, sd = gaussian_data
+    teacher = GaussianTeacher(sched, mu, sd)
+    teacher.sample_shape = (4,)
+    ts = student_timesteps(sched, 4, sampler="renoise")
+    grid = trajectory_grid(sched, 128, ts)
+    own = sched.timesteps(128)
+    added = sorted(set(grid.tolist()) - set(own.tolist()))
+    assert set(own.tolist()) <= set(grid.tolist()) and set(added) <= set(ts.tolist())  # only student times added
+    assert (added == []) == (kind == "vp")  # VP's trailing grids nest; EDM's and flow's do not
+    assert bool((grid[1:] < grid[:-1]).all())
+    obj = DMD(DMD.Config(cache=str(tmp_path / "c"), cache_num=16, cache_steps=128, cache_sampler="heun",
+                         regression_loss="mse"))
+    student = Student(teacher, ts, sampler="renoise")
+    obj.regression.check(student)
+    obj.regression.load(teacher, student)
+    pairs = obj.regression.pairs
+    pos = pairs.grid_index(ts[1:])
+    start = pairs.trajectory[:, 0].double()
+    for j, t in enumerate(ts[1:]):
+        got = pairs.trajectory[:, int(pos[j])].double()
+        want = teacher.exact(start, ts[0], t)
+        torch.testing.assert_close(got, want, rtol=0, atol=1.5e-3 * float(want.abs().max()))  # Heun's error at 128
+    if kind != "vp":  # a cache built on another grid is refused, not misread
+        two = Student(teacher, student_timesteps(sched, 2, sampler="renoise"), sampler="renoise")
+        with pytest.raises(UserError, match="other settings.*grid"):
+            obj.regression.check(two)
 
 
 def _tiled(pattern: torch.Tensor, shape) -> torch.Tensor:

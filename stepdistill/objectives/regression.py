@@ -61,7 +61,7 @@ class Regression:
     def check(self, student) -> None:
         """Fail before training if the cache holds pairs made with other settings, its grid misses a
         multi-step student's timesteps, or LPIPS cannot load."""
-        from ..cache import check_cache_settings, check_grid_holds
+        from ..cache import check_cache_settings
 
         c = self.cfg
         if not self.on:
@@ -70,13 +70,9 @@ class Regression:
             raise UserError("the regression loss needs teacher noise->image pairs: set objective.cache to a folder "
                             "(built there on first use) or objective.regression_weight=0 and "
                             "objective.regression_warmup=0")
-        if student.steps > 1:
-            check_grid_holds(student.schedule, c.cache_steps, student.timesteps[1:],
-                             f"a {student.steps}-step student regresses each step onto teacher trajectories; set "
-                             f"objective.cache_steps to a multiple of {student.steps} whose grid holds its timesteps "
-                             f"(e.g. {8 * student.steps})")
         check_cache_settings(c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
-                             guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1)
+                             guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1,
+                             grid=self.grid(student))
         if c.regression_loss == "lpips":
             self._lpips = _load_lpips()
 
@@ -87,6 +83,13 @@ class Regression:
         if context is not None and context.load_caches:
             self.load(teacher, student, context)
 
+    def grid(self, student):
+        """A multi-step student's trajectory grid: the teacher's cache_steps-step grid holding the
+        student's timesteps (``cache.trajectory_grid``), so each step has its own start state."""
+        from ..cache import trajectory_grid
+
+        return trajectory_grid(student.schedule, self.cfg.cache_steps, student.timesteps) if student.steps > 1 else None
+
     def load(self, teacher, student, context=None) -> None:
         """Load the pairs, building them first if the cache is missing (with the context's prompts)."""
         from ..cache import ensure_cache
@@ -96,7 +99,8 @@ class Regression:
             return
         self.pairs = ensure_cache(teacher, c.cache, num=c.cache_num, steps=c.cache_steps, sampler=c.cache_sampler,
                                   guidance=c.guidance, seed=c.cache_seed, trajectory=student.steps > 1,
-                                  prompts=getattr(context, "prompts", None), log=getattr(context, "log", None))
+                                  prompts=getattr(context, "prompts", None), log=getattr(context, "log", None),
+                                  grid=self.grid(student))
         if student.steps > 1:  # grid positions of the student's timesteps after its first (whose input
             ts = student.timesteps  # is its own noise) and of each step's end
             pos = torch.cat([torch.zeros(1, dtype=torch.long), self.pairs.grid_index(ts[1:])])
