@@ -91,21 +91,24 @@ def test_segment_ends(setup):
 @pytest.mark.parametrize("teacher_steps", [6, 200])
 def test_multistep_loss_of_the_exact_jump_is_the_solver_error(teacher_steps, setup):
     """With the exact multistep consistency function as student and target, the loss is what the
-    teacher's solver step gets wrong, carried to the segment end by the exact flow; a teacher step
-    that would cross a segment end (6 steps: 832 -> 666 crosses 749) stops there."""
+    teacher's solver step gets wrong, carried to the segment end by the exact flow. The student's
+    timesteps join a grid that lacks them (6 steps: 999, 832, 666, 499, 333, 166 gains 749 and 249),
+    so every segment bound is a link start and no teacher step crosses a segment end."""
     sched, mu, sd, teacher = setup
     ts = student_timesteps(sched, 4, sampler="ddim")
     obj = CD(CD.Config(solver="heun", teacher_steps=teacher_steps, target_ema=0.0, loss="l2", multistep=True))
-    idx = torch.arange(400) % teacher_steps
+    own = sched.timesteps(teacher_steps)
+    grid = torch.cat([own, torch.tensor([749.0, 249.0], dtype=torch.float64)]).unique().flip(0) \
+        if teacher_steps == 6 else own  # 200 steps hold the student's times already
+    idx = torch.arange(400) % (len(grid) - 1)
     batch = _batch(mu, sd, 400, idx)
     student = Student(ExactJump(teacher, ts), ts, sampler="ddim")
+    obj.build(teacher, student)  # the grid learns the student's timesteps here
     loss = obj.losses("generator", Nets(teacher=teacher, student=student), batch)["loss"]
-    grid = sched.timesteps(teacher_steps)
     t = grid[idx]
     end = _ends_by_hand(ts, t, sched.t_clean)
-    t_prev = torch.maximum(grid[idx + 1], end)
-    if teacher_steps == 6:
-        assert bool((t_prev > grid[idx + 1]).any())  # some links were cut at a segment end
+    t_prev = grid[idx + 1]
+    assert bool((t_prev >= end).all())  # no link crosses a segment end
     x_t = sched.add_noise(batch["x0"], batch["rng"].noise, t)
     x_prev = SAMPLERS["heun"](teacher, x_t, [t, t_prev])
     want = (teacher.exact(x_t, t, end) - teacher.exact(x_prev, t_prev, end)).square().mean(1)
@@ -115,7 +118,7 @@ def test_multistep_loss_of_the_exact_jump_is_the_solver_error(teacher_steps, set
         with_target = CD(CD.Config(solver="heun", teacher_steps=teacher_steps, target_ema=0.5, loss="l2",
                                    multistep=True))
         bad = with_target.losses("generator", Nets(teacher=teacher, student=student, target=off), batch)["loss"]
-        inner = idx < teacher_steps - 1  # Heun's step into clean data is an Euler step, as in EDM
+        inner = idx < len(grid) - 2  # Heun's step into clean data is an Euler step, as in EDM
         assert loss[inner].mean() < 1e-3 * bad[inner].mean()
 
 
@@ -354,9 +357,11 @@ def test_cached_links_are_checked_before_any_compute(setup, tmp_path):
     sched, mu, sd, teacher = setup
     ts = student_timesteps(sched, 4, sampler="ddim")
     student = Student(teacher, ts, sampler="ddim")
-    with pytest.raises(UserError, match=r"30-step grid lacks the times \[249.0, 749.0\].*cache_steps"):
-        _cached(teacher, tmp_path, 30).build(teacher, student)
-    assert not (tmp_path / "c30").exists()
+    obj30 = _cached(teacher, tmp_path, 30)
+    obj30.build(teacher, student)  # the 30-step grid lacks 749 and 249: the cache's grid gains them
+    grid = obj30.links.grid(sched, *obj30._link_times(student))
+    assert set(grid.tolist()) == set(sched.timesteps(30).tolist()) | {749.0, 249.0}
+    assert not (tmp_path / "c30").exists()  # nothing is sampled before training
     with pytest.raises(UserError, match="teacher_substeps=1"):
         _cached(teacher, tmp_path, 8, teacher_substeps=2)
     with pytest.raises(UserError, match="w_embedding=false"):
@@ -366,3 +371,31 @@ def test_cached_links_are_checked_before_any_compute(setup, tmp_path):
     build_cache(teacher, tmp_path / "pairs", num=40, steps=8, sampler="heun")  # pairs without trajectories
     with pytest.raises(UserError, match="trajectory: cache False vs config True"):
         _cached(teacher, tmp_path, 8, cache=str(tmp_path / "pairs")).build(teacher, student)
+
+
+@pytest.mark.parametrize("kind", ["edm", "flow"])
+def test_cached_links_start_at_the_students_times_where_grids_do_not_nest(kind, gaussian_data, tmp_path):
+    """EDM's Karras grid and the flow grid (ending at sigma 1/1000) do not nest: a 4-step student's
+    timesteps join the teacher's 4-step grid (as link starts) and the cache's grid where they lack them, and each
+    cached link's target is the Gaussian teacher's exact ODE solution at the segment end (Heun on 62
+    steps plus the added times)."""
+    from stepdistill.schedules import EDMSchedule, FlowSchedule
+
+    mu, sd = gaussian_data
+    sched = EDMSchedule() if kind == "edm" else FlowSchedule({})
+    teacher = GaussianTeacher(sched, mu, sd)
+    ts = student_timesteps(sched, 4, sampler="ddim")
+    obj = _cached(teacher, tmp_path, 62)
+    student = Student(teacher, ts, sampler="ddim")
+    obj.build(teacher, student)
+    starts, ends = obj._link_times(student)
+    assert set(ts.tolist()) <= set(starts.tolist())
+    assert not set(ts.tolist()) <= set(sched.timesteps(62).tolist())  # the cache's own grid lacks them
+    nets = Nets(teacher=teacher, student=student)
+    j = torch.arange(40)
+    for n in range(len(starts)):
+        batch = {"x0": torch.zeros(40, 4, dtype=torch.float64), "cond": None, "rng": QueuedRng(j, torch.full((40,), n))}
+        x_t, t, t_end, target, _ = obj.cached_links(nets, batch)
+        assert bool((t == starts[n]).all()) and bool((t_end == student.segment_end(t)).all())
+        want = teacher.exact(x_t.double(), t, t_end)
+        torch.testing.assert_close(target.double(), want, rtol=0, atol=5e-3 * float(want.abs().max()))

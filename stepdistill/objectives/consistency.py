@@ -135,6 +135,7 @@ class Consistency(Objective):
 
     def build(self, teacher, student, context=None) -> dict:
         c = self.cfg
+        self._hold = student.timesteps.cpu() if c.multistep else None  # segment bounds on the teacher's grid
         if c.multistep and getattr(student, "sampler", None) != "ddim":
             raise UserError("consistency: multistep students sample deterministically; set student.sampler=ddim")
         if (c.w_embedding or c.guidance != 1.0) and not teacher.is_conditional:
@@ -146,9 +147,7 @@ class Consistency(Objective):
                                 "student.time_cond_proj_dim=256 (LCM) on a UNet2DConditionModel teacher, or "
                                 "w_embedding=false")
         if c.cache:
-            self.links.check(student.schedule, *self._link_times(student),
-                             f"consistency: set objective.cache_steps to a multiple of teacher_steps={c.teacher_steps} "
-                             f"whose grid holds them (e.g. {8 * c.teacher_steps})")
+            self.links.check(student.schedule, *self._link_times(student))
             if context is not None and context.load_caches:  # on the trainer's main process first
                 self.links.load(teacher, *self._link_times(student), context)
         if c.target_ema == 0.0 or c.cache:  # cached links end at segment ends: no target network is asked
@@ -173,9 +172,14 @@ class Consistency(Objective):
 
     # -- loss -------------------------------------------------------------------------------------
     def _grid(self, schedule: Schedule, device) -> torch.Tensor:
+        """The teacher's teacher_steps grid; multistep: with the student's timesteps added where it lacks
+        them (EDM's and flow's grids do not nest; VP's trailing grid holds them), so that every segment
+        bound is a link start, where the student samples."""
+        from ..cache import trajectory_grid
+
         key = id(schedule)
         if key not in self._grids:
-            self._grids[key] = schedule.timesteps(self.cfg.teacher_steps)
+            self._grids[key] = trajectory_grid(schedule, self.cfg.teacher_steps, getattr(self, "_hold", None))
         return self._grids[key].to(device)
 
     def _scales(self, batch: dict, n: int, device):
@@ -217,7 +221,7 @@ class Consistency(Objective):
         cond = batch.get("cond")
         grid = self._grid(schedule, x.device)
         draws = Draws(batch)
-        n = draws.randint(0, self.cfg.teacher_steps).to(x.device)
+        n = draws.randint(0, len(grid) - 1).to(x.device)
         t, t_prev = grid[n], grid[n + 1]                       # t_{n+k}, t_n
         x_t = draws.noised(schedule, x, t)
         w = self._scales(batch, x.shape[0], x.device)

@@ -21,14 +21,19 @@ class TrajectoryLinks:
         self.pairs = None
         self._links = None
 
-    def check(self, schedule, starts: torch.Tensor, ends: torch.Tensor, fix: str) -> None:
-        """The cache's grid (built or not) holds every link's start and end, and an existing cache
-        matches these settings."""
-        from ..cache import check_cache_settings, check_grid_holds
+    def grid(self, schedule, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The trajectories' grid: the teacher's `steps`-step grid holding every link's start and end
+        (``cache.trajectory_grid``)."""
+        from ..cache import trajectory_grid
 
-        check_grid_holds(schedule, self.steps, torch.cat([starts, ends]), fix)
+        return trajectory_grid(schedule, self.steps, torch.cat([starts, ends]))
+
+    def check(self, schedule, starts: torch.Tensor, ends: torch.Tensor) -> None:
+        """An existing cache matches these settings, its grid included."""
+        from ..cache import check_cache_settings
+
         check_cache_settings(self.path, num=self.num, steps=self.steps, sampler=self.solver, guidance=self.guidance,
-                             seed=self.seed, trajectory=True)
+                             seed=self.seed, trajectory=True, grid=self.grid(schedule, starts, ends))
 
     def load(self, teacher, starts: torch.Tensor, ends: torch.Tensor, context=None) -> None:
         """Load the trajectories (sampling them first where the cache is missing, with the context's prompts)."""
@@ -36,7 +41,8 @@ class TrajectoryLinks:
 
         self.pairs = ensure_cache(teacher, self.path, num=self.num, steps=self.steps, sampler=self.solver,
                                   guidance=self.guidance, seed=self.seed, trajectory=True,
-                                  prompts=getattr(context, "prompts", None), log=getattr(context, "log", None))
+                                  prompts=getattr(context, "prompts", None), log=getattr(context, "log", None),
+                                  grid=self.grid(teacher.schedule, starts, ends))
         self._links = (starts, ends, self.pairs.grid_index(starts), self.pairs.grid_index(ends))
 
     def draw(self, draws: Draws, device):
