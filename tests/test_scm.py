@@ -220,3 +220,21 @@ def test_one_step_scm_generator_converges_on_the_mixture():
     sw, sw_exact = eval_sw(teacher, student)
     assert sw0 > 10 * sw_exact, (sw0, sw_exact)
     assert sw < 2 * sw_exact, (sw0, sw, sw_exact)
+
+
+@pytest.mark.parametrize("tangent", ["finite_difference", "split"])
+def test_differences_stop_at_the_teachers_noisiest_time(tangent, gaussian_data):
+    """At t = t_max (where the proposal's times are clamped) the step ahead would leave the teacher's
+    range (VP: past its last training timestep): the difference turns one-sided there and still
+    matches the closed-form derivative of the exact denoiser, to first order in the step."""
+    mu, s = gaussian_data
+    sched = schedules()["vp-v"]
+    obj = SCM(SCM.Config(tangent=tangent, fd_eps=1e-3, fd_t_eps=1e-3))
+    obj.trig = TrigFlow(sched, SD)
+    t = torch.full((3,), obj.trig.t_max, dtype=torch.float64)
+    x = _state(mu, s, t, seed=3)
+    teacher = GaussianTeacher(sched, mu, s)
+    g, _ = obj.tangent_g(Student(GaussianTeacher(sched, mu, s), sched.timesteps(1)[:-1]), teacher, x, t, None, r=1.0)
+    expected = bcast(torch.cos(t), x) * _closed(mu, s, x, t)[1]
+    assert torch.isfinite(g).all()
+    assert torch.allclose(g, expected, rtol=2e-2, atol=2e-3), (g - expected).abs().max()

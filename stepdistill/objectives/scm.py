@@ -149,12 +149,18 @@ class SCM(Objective):
                     v, dv = torch.func.jvp(velocity, (x, t), (dxdt, dt))
                 if self.cfg.tangent == "jvp":
                     return v, dv
-                h = (self.cfg.fd_t_eps * t).clamp_min(1e-6)                   # d/dt at fixed x, over a wide step
-                return v, dv + (velocity(x, t + h) - velocity(x, t - h)) / (2 * bcast(h, x))
-            eps = (self.cfg.fd_eps * t).clamp_min(1e-6)
-            e = bcast(eps, x)
-            ahead, behind = velocity(x + e * dxdt, t + eps), velocity(x - e * dxdt, t - eps)
-            return velocity(x, t), (ahead - behind) / (2 * e)
+                lo, hi = self._span(t, self.cfg.fd_t_eps)                  # d/dt at fixed x, over a wide step
+                return v, dv + (velocity(x, t + hi) - velocity(x, t - lo)) / bcast(hi + lo, x)
+            lo, hi = self._span(t, self.cfg.fd_eps)
+            ahead = velocity(x + bcast(hi, x) * dxdt, t + hi)
+            behind = velocity(x - bcast(lo, x) * dxdt, t - lo)
+            return velocity(x, t), (ahead - behind) / bcast(hi + lo, x)
+
+    def _span(self, t: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(back, ahead) steps of a central difference of size rel * t, the step ahead cut at the
+        largest time the teacher knows (t_max): one-sided there, never past it."""
+        h = (rel * t).clamp_min(1e-6)
+        return h, torch.minimum(h, (self.trig.t_max - t).clamp_min(0.0))
 
     def tangent_g(self, student, teacher, x: torch.Tensor, t: torch.Tensor, cond, r: float):
         """Eq. 8 before normalisation: g = cos t df_-/dt along the teacher's ODE (with the warm-up factor
