@@ -226,7 +226,8 @@ def check_cache_settings(path, *, num: int, steps: int, sampler: str = "ddim", g
         want_grid = [round(float(t), 6) for t in grid]
         have = [round(float(t), 6) for t in m.get("grid") or []]
         if have != want_grid:
-            diff["grid"] = (have, want_grid)
+            only = sorted(set(want_grid) ^ set(have), reverse=True)
+            diff["grid"] = (f"{len(have)} times", f"{len(want_grid)} times; they differ at {only[:6]}")
     if diff:
         said = ", ".join(f"{k}: cache {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"cache {str(p)!r} was built with other settings ({said}); point objective.cache at a "

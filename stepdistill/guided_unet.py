@@ -38,7 +38,7 @@ class GuidedUNet2DModel(nn.Module):
             raise UserError("a guidance-distilled student is class-conditional; pass class labels")
         if timestep_cond is None:
             timestep_cond = self.embedding.w_features(torch.ones(len(class_labels)))
-        return self.unet(x, t, class_labels=self.embedding(class_labels, timestep_cond.to(x.device)))
+        return self.unet(x, t, class_labels=self.embedding(class_labels, timestep_cond))
 
 
 def with_w_input(backbone: nn.Module, dim: int) -> GuidedUNet2DModel:

@@ -20,7 +20,8 @@ from .models import SampleableModel, TeacherModel
 #: the record an exported folder carries (read here, written by ``export.writer``)
 EXPORT_META = "stepdistill_student.json"
 FORMAT_VERSION = 2  # 2: a mixture-of-experts student (record "experts", unet_2, ...); single-network exports write 1
-READ_VERSIONS = (1, 2)
+GUIDED_VERSION = 3  # 3: a guidance-distilled UNet2DModel (guidance_embedding/): earlier readers would drop its w input
+READ_VERSIONS = (1, 2, 3)
 
 
 def is_run_dir(path) -> bool:
@@ -112,7 +113,8 @@ class StudentModel(SampleableModel):
 
         dim = cond_proj_dim(self.student)
         if dim and cond is not None:  # a w input (guidance distillation, LCM's w-embedding): w in one pass
-            cond = {**cond, "timestep_cond": guidance_embedding(torch.full((len(noise),), float(guidance)), dim)}
+            w = guidance_embedding(torch.full((len(noise),), float(guidance)), dim)
+            cond = {**cond, "timestep_cond": w.to(noise.device)}
         elif guidance != 1.0:
             raise UserError("a distilled student samples without classifier-free guidance (its guidance was "
                             "distilled in); use --guidance 1")

@@ -73,6 +73,9 @@ def test_export_takes_the_guidance_scale_at_call_time_in_plain_diffusers(tmp_pat
     index = json.loads((out / "model_index.json").read_text())
     assert index["guidance_embedding"] == ["guidance_embedding", "GuidanceEmbedding"] and index["guidance_scale"] == 2.0
     assert json.loads((out / "unet" / "config.json").read_text())["class_embed_type"] == "identity"
+    assert json.loads((out / "stepdistill_student.json").read_text())["format_version"] == 3  # older readers refuse it
+    card = (out / "README.md").read_text()
+    assert "guidance_scale=2.0" in card and "trained on [1.0, 3.0]" in card and "guidance_embedding.py" in card
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-I", "-c", SNIPPET, str(out), str(tmp_path / "x.safetensors")], env=env,
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -18,7 +18,8 @@ def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> l
                 else f"pipe(batch_size=4, num_inference_steps={k})")
         return ["from diffusers import DiffusionPipeline",
                 f'pipe = DiffusionPipeline.from_pretrained("{folder}")', f"images = {call}.images"]
-    call = f"pipe(class_labels={labels}).images" if labels else "pipe(batch_size=4).images"
+    w = f", guidance_scale={record['guidance_scale']}" if record.get("guidance_embedding") else ""
+    call = f"pipe(class_labels={labels}{w}).images" if labels else "pipe(batch_size=4).images"
     lines = ["from diffusers import DiffusionPipeline",
              f'pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)']
     if record["mode"] == "lora":
@@ -137,9 +138,11 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
            f"| guidance_scale | {record['guidance_scale']} |"] if t2i else []),
         f"| objective | `{name}` |",
         f"| sampling steps | {k} (timesteps {[int(t) if float(t).is_integer() else t for t in record['timesteps']]}) |",
-        f"| {'teacher guidance in training' if t2i else 'guidance'} | "
-        f"{guidance if guidance is not None else 'none (1.0)'}"
-        f"{' (distilled in; sample without CFG)' if guidance not in (None, 1, 1.0) else ''} |",
+        (f"| guidance | an input: `guidance_scale` at call time, trained on [{hyper.get('w_min')}, {hyper.get('w_max')}], "
+         f"default {record.get('guidance_scale')} |" if record.get("guidance_embedding") else
+         f"| {'teacher guidance in training' if t2i else 'guidance'} | "
+         f"{guidance if guidance is not None else 'none (1.0)'}"
+         f"{' (distilled in; sample without CFG)' if guidance not in (None, 1, 1.0) else ''} |"),
         f"| training steps | {record.get('training_step')} |",
         f"| weights | {weights}{' (EMA)' if record.get('ema') else ''} |",
         f"| boundary condition | {record.get('boundary') or 'none'} |",
@@ -157,6 +160,12 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
             "(diffusers' custom-pipeline mechanism), because diffusers has no pipeline for this model; "
             "diffusers refuses to run code from a folder without that argument. Read `pipeline.py` before "
             f"you pass it. `num_inference_steps` defaults to the trained {k}.", ""]
+        if record.get("guidance_embedding"):
+            lines += [
+                "The student takes the CFG scale as an input (guidance distillation, Meng et al., 2023): "
+                f"`guidance_scale` (default {record['guidance_scale']}, the middle of the trained range; 1 = the "
+                "conditional model) selects it in one pass per step, no CFG. The input is the custom component "
+                "`guidance_embedding/guidance_embedding.py`, which `trust_remote_code=True` also runs.", ""]
     else:
         lines += [f"This is diffusers' own `ConsistencyModelPipeline` with the student's scheduler: no custom code. "
                   f"Pass `num_inference_steps={k}` (the pipeline's default is 1)"

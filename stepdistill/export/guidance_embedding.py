@@ -33,12 +33,12 @@ class GuidanceEmbedding(ModelMixin, ConfigMixin):
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
     def w_features(self, w) -> torch.Tensor:
-        """LCM's sinusoids of 1000 (w - 1), [B, cond_dim], computed by diffusers' own function."""
+        """LCM's sinusoids of 1000 (w - 1), [B, cond_dim] on the CPU (``forward`` moves them where the
+        weights are, also under accelerate's offload hooks), computed by diffusers' own function."""
         w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).cpu()
-        emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1.0,
-                                                                          embedding_dim=self.config.cond_dim)
-        return emb.to(self.linear_1.weight.device)
+        return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1.0,
+                                                                           embedding_dim=self.config.cond_dim)
 
     def forward(self, class_labels: torch.Tensor, w_features: torch.Tensor) -> torch.Tensor:
         emb = self.class_embedding(class_labels)
-        return emb + self.linear_2(self.act(self.linear_1(w_features.to(emb.dtype))))
+        return emb + self.linear_2(self.act(self.linear_1(w_features.to(device=emb.device, dtype=emb.dtype))))

@@ -70,7 +70,7 @@ class StepDistillPipeline(DiffusionPipeline):
         """What the unet takes as class_labels: the labels, or for a guidance-distilled student the
         guidance embedding of (labels, w) (Meng et al., 2023, sec. 3: one pass at any w)."""
         if self.guidance_embedding is None:
-            if guidance_scale is not None:
+            if guidance_scale is not None and float(guidance_scale) != 1.0:
                 raise ValueError("this model has no guidance input (its guidance, if any, was distilled in at a fixed "
                                  "scale); call it without guidance_scale")
             return labels

@@ -79,7 +79,7 @@ def front_matter(record: dict, objective: str) -> tuple[str, dict]:
 
 def write_samples(student, meta: dict, record: dict, folder: Path) -> str | None:
     """``samples.png`` in ``folder``: the exported student's own samples (seed 0; every class in turn
-    for a class-conditional one). A text-to-image student has no prompts here, so its run's newest
+    for a class-conditional one; a guidance-distilled one at its exported default scale). A text-to-image student has no prompts here, so its run's newest
     preview is copied when there is one. The file name, or None when no image could be made."""
     if record.get("kind") == "text-to-image":
         return _copy_preview(meta, folder)
@@ -93,7 +93,8 @@ def write_samples(student, meta: dict, record: dict, folder: Path) -> str | None
     g = torch.Generator().manual_seed(0)
     noise = torch.randn((n, *model.shape), generator=g)
     labels = class_cycle(n, classes) if classes else None
-    x = model.to_pixels(model.generate(noise, model.make_cond(labels), generator=g))
+    w = float(record.get("guidance_scale", 1.0)) if record.get("guidance_embedding") else 1.0  # the pipeline's default
+    x = model.to_pixels(model.generate(noise, model.make_cond(labels), guidance=w, generator=g))
     save_grid(x, folder / "samples.png", nrow=len(classes) if classes else 8)
     return "samples.png"
 

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_folder
-from ..loaders import EXPORT_META, FORMAT_VERSION
+from ..loaders import EXPORT_META, FORMAT_VERSION, GUIDED_VERSION
 from .card import model_card
 from .share import front_matter, portable, scrub_local_paths, write_samples
 from .lora import base_copy, has_lora, merged_copy, save_lora
@@ -156,7 +156,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     custom = not t2i and (mode == "lora" or bool(student.steps_per_expert) or guided
                           or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     # version 1 readers would load only the first expert of a mixture: those exports are version 2
-    record = {"format_version": FORMAT_VERSION if student.steps_per_expert else 1, "steps": int(student.steps), "boundary": student.boundary,
+    version = GUIDED_VERSION if guided else FORMAT_VERSION if student.steps_per_expert else 1
+    record = {"format_version": version, "steps": int(student.steps), "boundary": student.boundary,
               "sampler": student.sampler, "gamma": getattr(student, "gamma", 0.3), "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "experts": student.steps_per_expert, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
               "num_classes": int(meta.get("num_classes") or 0) if conditional else 0,
@@ -192,11 +193,17 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
 
 def default_guidance(meta: dict) -> float:
     """The CFG scale an exported guidance-distilled student runs at by default: the middle of the
-    range it was trained on (as ``t2i.recommended_guidance``)."""
-    obj = (meta.get("config") or {}).get("objective") or {}
-    if "w_min" in obj and "w_max" in obj:
-        return (float(obj["w_min"]) + float(obj["w_max"])) / 2
-    return 1.0
+    range it was trained on (as ``t2i.recommended_guidance``), the objective's defaults filling in
+    what the run's config leaves out."""
+    from ..objectives import get_objective
+
+    obj = dict((meta.get("config") or {}).get("objective") or {})
+    try:
+        defaults = get_objective(obj.get("name", "guidance_distill")).Config()
+    except Exception:  # an objective this version does not know: only the run's own values
+        defaults = None
+    lo, hi = (obj.get(k, getattr(defaults, k, None)) for k in ("w_min", "w_max"))
+    return (float(lo) + float(hi)) / 2 if lo is not None and hi is not None else 1.0
 
 
 def _file_stats(folder: Path) -> dict[str, list[int]]:

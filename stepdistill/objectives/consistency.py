@@ -136,6 +136,7 @@ class Consistency(Objective):
     def build(self, teacher, student, context=None) -> dict:
         c = self.cfg
         self._hold = student.timesteps.cpu() if c.multistep else None  # segment bounds on the teacher's grid
+        self._grids = {}  # a grid made before build lacks them
         if c.multistep and getattr(student, "sampler", None) != "ddim":
             raise UserError("consistency: multistep students sample deterministically; set student.sampler=ddim")
         if (c.w_embedding or c.guidance != 1.0) and not teacher.is_conditional:

@@ -88,7 +88,9 @@ class Regression:
         student's timesteps (``cache.trajectory_grid``), so each step has its own start state."""
         from ..cache import trajectory_grid
 
-        return trajectory_grid(student.schedule, self.cfg.cache_steps, student.timesteps) if student.steps > 1 else None
+        if student.steps < 2:
+            return None  # the first step's input is the student's own noise: only the later times are read
+        return trajectory_grid(student.schedule, self.cfg.cache_steps, student.timesteps[1:])
 
     def load(self, teacher, student, context=None) -> None:
         """Load the pairs, building them first if the cache is missing (with the context's prompts)."""
