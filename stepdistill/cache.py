@@ -108,8 +108,9 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
     labels = _labels(teacher, num)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    shards, grid_list = [], None
+    shards = []
     ts = teacher.schedule.timesteps(int(steps)) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
+    grid_list = [float(t) for t in ts] if trajectory else None  # the float64 times (a student's own among them)
     try:
         with Counter("teacher-output cache", num, "pairs", enabled=progress) as bar:
             for s, i in enumerate(range(0, num, batch)):
@@ -124,7 +125,6 @@ def build_cache(teacher: Denoiser, out_dir, num: int, steps: int, sampler: str =
                     tensors.update({f"cond.{k}": v.cpu() for k, v in cond.items()})
                 if traj is not None:
                     tensors["trajectory"] = torch.stack([st.float().cpu() for st in traj.states], 1)
-                    grid_list = [float(t) for t in ts]  # the float64 times (a student's own among them)
                 name = f"shard-{s:05d}.safetensors"
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
                 shards.append(name)
@@ -246,12 +246,6 @@ def grid_positions(grid: torch.Tensor, times, steps: int, fix: str) -> torch.Ten
     return hit.float().argmax(1)
 
 
-def check_grid_holds(schedule, steps: int, times: torch.Tensor, fix: str) -> None:
-    """Before any sampling: the `steps`-step grid that a trajectory cache is built on
-    (``schedule.timesteps(steps)``, as ``build_cache`` samples it) holds every time in `times`."""
-    grid_positions(schedule.timesteps(int(steps)), times, steps, fix)
-
-
 def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str = "ddim", guidance: float = 1.0,
                  seed: int = 0, batch: int = 256, trajectory: bool = False, prompts: CachePrompts | None = None,
                  log=None, grid=None) -> TeacherPairs:
@@ -269,5 +263,5 @@ def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str 
     return load_cache(path, teacher)
 
 
-__all__ = ["trajectory_grid", "build_cache", "load_cache", "ensure_cache", "check_cache_settings", "check_grid_holds", "teacher_hash",
+__all__ = ["trajectory_grid", "build_cache", "load_cache", "ensure_cache", "check_cache_settings", "teacher_hash",
            "TeacherPairs", "CachePrompts", "MANIFEST"]

@@ -77,6 +77,19 @@ def front_matter(record: dict, objective: str) -> tuple[str, dict]:
     return ModelCardData(**data).to_yaml(), data
 
 
+def trained_w_range(meta: dict) -> tuple[float, float]:
+    """(w_min, w_max): the CFG scales a student with a w input was trained on, the objective's
+    defaults filling in what the run's config leaves out; (1, 1) for an objective without a w range."""
+    from ..objectives import get_objective
+
+    obj = dict((meta.get("config") or {}).get("objective") or {})
+    try:
+        defaults = get_objective(obj.get("name", "guidance_distill")).Config()
+    except Exception:  # an objective this version does not know: only the run's own values
+        defaults = None
+    return tuple(float(obj.get(k, getattr(defaults, k, 1.0))) for k in ("w_min", "w_max"))
+
+
 def write_samples(student, meta: dict, record: dict, folder: Path) -> str | None:
     """``samples.png`` in ``folder``: the exported student's own samples (seed 0; every class in turn
     for a class-conditional one; a guidance-distilled one at its exported default scale). A text-to-image student has no prompts here, so its run's newest

@@ -30,6 +30,7 @@ import torch
 from ..errors import UserError
 from ..t2i.pipeline import PIPELINES
 from .scheduler import make_scheduler
+from .share import trained_w_range
 
 #: the pipeline class written to model_index.json: the one whose call is described above
 PIPELINE_CLASS = {kind: name for name, kind in PIPELINES.items()}
@@ -71,11 +72,11 @@ def recommended_guidance(student, meta: dict) -> tuple[float, str]:
     obj = (meta.get("config") or {}).get("objective") or {}
     info = meta["t2i"]
     if obj.get("name") == "guidance_distill":
-        lo, hi = float(obj["w_min"]), float(obj["w_max"])
+        lo, hi = trained_w_range(meta)
         return (lo + hi) / 2, (f"the student takes the CFG scale as an input (guidance distillation, trained on [{lo}, "
                                f"{hi}]): the pipeline feeds it guidance_scale - 1 and runs one pass, no CFG")
     if obj.get("w_embedding") and student.denoiser.backbone.config.get("time_cond_proj_dim"):
-        lo, hi = float(obj["w_min"]), float(obj["w_max"])
+        lo, hi = trained_w_range(meta)
         return (lo + hi) / 2, (f"the student embeds the CFG scale (LCM's w-embedding, trained on [{lo}, {hi}]): with "
                                "a time_cond_proj_dim the pipeline feeds it guidance_scale - 1 and runs no CFG")
     if info.kind == "flux" and info.backbone_config.get("guidance_embeds"):

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..fsutil import atomic_folder
 from ..loaders import EXPORT_META, FORMAT_VERSION, GUIDED_VERSION
 from .card import model_card
-from .share import front_matter, portable, scrub_local_paths, write_samples
+from .share import front_matter, portable, scrub_local_paths, trained_w_range, write_samples
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
@@ -166,7 +166,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
               "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided}
     if guided:
-        record["guidance_scale"] = default_guidance(meta)
+        record["guidance_scale"] = sum(trained_w_range(meta)) / 2  # the middle, as t2i.recommended_guidance
     if t2i:
         record.update(t2i_record(student, meta))
     header, _ = front_matter(record, str(meta.get("objective") or "unknown"))  # reads the teacher folder's card
@@ -189,21 +189,6 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
         record["files"] = _file_stats(tmp)  # what a later export may replace (check_replaceable)
         (tmp / EXPORT_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def default_guidance(meta: dict) -> float:
-    """The CFG scale an exported guidance-distilled student runs at by default: the middle of the
-    range it was trained on (as ``t2i.recommended_guidance``), the objective's defaults filling in
-    what the run's config leaves out."""
-    from ..objectives import get_objective
-
-    obj = dict((meta.get("config") or {}).get("objective") or {})
-    try:
-        defaults = get_objective(obj.get("name", "guidance_distill")).Config()
-    except Exception:  # an objective this version does not know: only the run's own values
-        defaults = None
-    lo, hi = (obj.get(k, getattr(defaults, k, None)) for k in ("w_min", "w_max"))
-    return (float(lo) + float(hi)) / 2 if lo is not None and hi is not None else 1.0
 
 
 def _file_stats(folder: Path) -> dict[str, list[int]]:

@@ -126,6 +126,7 @@ class Consistency(Objective):
                             f"{c.cache_steps}")
         self.uses_real_data = not c.cache  # cached links need no data
         self._grids: dict[int, torch.Tensor] = {}
+        self._hold: Optional[torch.Tensor] = None  # multistep: the student's timesteps (build)
         self._w_dim: Optional[int] = None
         self.links = TrajectoryLinks(c.cache, num=c.cache_num, steps=c.cache_steps, solver=c.solver,
                                      guidance=c.guidance, seed=c.cache_seed) if c.cache else None
@@ -180,7 +181,7 @@ class Consistency(Objective):
 
         key = id(schedule)
         if key not in self._grids:
-            self._grids[key] = trajectory_grid(schedule, self.cfg.teacher_steps, getattr(self, "_hold", None))
+            self._grids[key] = trajectory_grid(schedule, self.cfg.teacher_steps, self._hold)
         return self._grids[key].to(device)
 
     def _scales(self, batch: dict, n: int, device):
