@@ -234,3 +234,27 @@ def test_plot_kinds_reads_every_kinds_table_cell_for_cell(tmp_path):
     assert students == [("dmd2 (891 it)", 1, 21.73, 20.92, 22.84)]
     kinds.main(["--tables", str(tmp_path), "--out", str(tmp_path / "kinds.png")])
     assert (tmp_path / "kinds.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("warmup, switches, expected", [
+    (["objective.regression_warmup=500", "objective.regression_warmup_fraction=null"], {},
+     {"warmup": 500, "critic": 391, "generator": 391}),
+    (["objective.regression_warmup=0", "objective.regression_warmup_fraction=0.2"], {"0.2": 420},
+     {"warmup": 420, "critic": 471, "generator": 471}),
+    # the fraction was never reached (a run cut short): the warm-up held every iteration
+    (["objective.regression_warmup=0", "objective.regression_warmup_fraction=0.2"], {},
+     {"warmup": 891, "critic": 0, "generator": 0}),
+])
+def test_phase_iterations_count_each_phase_from_iterations_or_recorded_fractions(warmup, switches, expected,
+                                                                                tmp_path):
+    """A row says how its run split into phases: a fixed warm-up by its iteration count, a fraction by the
+    iteration the trainer recorded reaching it (trainer.json's phase_switches)."""
+    from stepdistill.train.setup import resolve
+
+    tool = load_tool("benchmark")
+    cfg, _ = resolve(str(PRESETS / "digits" / "dmd2.yaml"), [f"output_dir={tmp_path}", *warmup])
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    counts = tool.phase_iterations(tmp_path, {"step": 891, "phase_switches": switches})
+    assert counts == expected
+    assert tool.phases_said(counts) == ", ".join(f"{k} {v}" for k, v in expected.items())
+    assert tool.phases_said({"generator": 891}) == ""  # one phase: nothing to split

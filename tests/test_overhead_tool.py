@@ -33,5 +33,8 @@ def test_timed_configs_are_the_presets_without_io():
     assert cfg.checkpoint_every >= 10**9 and cfg.log_every >= 10**9
     cfg, obj = resolve(*tool.config_args("sid", 64, "digits16", "/tmp/never-written"))
     assert obj.cfg.regression_warmup == 0 and [ph.start for ph in obj.phases()] == [0, 0]  # the main iterations
+    cfg, obj = resolve(*tool.config_args("dmd2", 64, "digits16", "/tmp/never-written"))  # a warm-up by share
+    assert obj.cfg.regression_warmup_fraction is None and [ph.name for ph in obj.phases()] == ["critic", "generator"]
+    assert all(ph.start == 0 and ph.start_fraction is None for ph in obj.phases())
     _, over = tool.config_args("no-such-preset", 64, "t", "o")
     assert "objective.name=no-such-preset" in over

@@ -442,3 +442,42 @@ def test_phase_fractions_switch_at_the_share_of_the_run_and_resume(tiny_teacher_
     # resumed with a longer run, the recorded switch stands: the generator's half is over
     trainer, res = run(tiny_teacher_dir, tiny_data_npz, out, **kw, max_steps=6, checkpoint_every=6)
     assert res["step"] == 6 and trainer.updates == {"critic": 4, "student": 2}
+
+
+def test_phase_fractions_count_the_time_left_after_setup(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """A warm-up of a share of the run is that share of the training time: the setup (a teacher-output
+    cache, a fixed cost of the machine) is charged to the budget but not to the phases' progress, so a
+    slower machine or a shorter budget keeps the warm-up and the main phase in proportion. The setup
+    time is checkpointed, so a resumed run keeps measuring progress the same way."""
+    import time
+
+    from stepdistill.objectives import OBJECTIVES, register
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    if _Fractions.name not in OBJECTIVES:
+        register(_Fractions)
+    out = tmp_path / "run"
+    kw = {"objective.name": "toy-fractions", "objective.critic_repeats": 1, "optim.critic.lr": 1e-3,
+          "max_minutes": 1.0, "max_steps": 1000}
+    trainer = Trainer(*resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, out, **kw)))
+
+    class Quiet:
+        received = None
+
+    trainer.setup_total = 30.0  # half the 60-second budget went to setup
+    assert not trainer._should_stop(time.perf_counter() - 45.0, Quiet())
+    assert trainer.seconds == pytest.approx(45.0, abs=0.5)
+    assert trainer.time_progress == pytest.approx((45.0 - 30.0) / (60.0 - 30.0), abs=0.02)  # not 45 / 60
+    assert trainer._should_stop(time.perf_counter() - 60.0, Quiet())
+    trainer.setup_total = 90.0  # setup alone outlasted the budget: every fraction is reached
+    trainer._should_stop(time.perf_counter() - 90.0, Quiet())
+    assert trainer.time_progress == 1.0
+    trainer.release()
+
+    trainer, _ = run(tiny_teacher_dir, tiny_data_npz, out, **{**kw, "max_steps": 2, "checkpoint_every": 2})
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer.json").read_text())
+    assert state["setup_seconds"] == pytest.approx(trainer.setup_total) and state["setup_seconds"] > 0
+    resumed = Trainer(*resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, out, **{**kw, "max_steps": 3})))
+    assert resumed.setup_before == pytest.approx(state["setup_seconds"])
+    resumed.release()

@@ -208,6 +208,29 @@ def plot_point(row: str) -> tuple[str, int, float, float, float]:
     return cells[0], int(cells[1]), float(mean), float(lo or mean), float(hi or mean)
 
 
+def phase_iterations(run_dir: Path, state: dict) -> dict[str, int]:
+    """Outer iterations each of the run's phases ran in ({phase: count}), from its config.yaml and the
+    iterations its checkpoint recorded for each phase fraction (``Phase.start_fraction`` / ``stop_fraction``)."""
+    import math
+
+    from stepdistill.train import resolve
+
+    _, obj = resolve(str(run_dir / "config.yaml"))
+    switches, iters = state.get("phase_switches") or {}, int(state["step"])
+    counts = {}
+    for ph in obj.phases():
+        start = ph.start if ph.start_fraction is None else switches.get(repr(float(ph.start_fraction)), math.inf)
+        stop = ph.stop if ph.stop_fraction is None else switches.get(repr(float(ph.stop_fraction)), iters)
+        stop = iters if stop is None else min(stop, iters)
+        counts[ph.name] = int(max(0, stop - min(start, iters)))
+    return counts
+
+
+def phases_said(counts: dict[str, int] | None) -> str:
+    """'warmup 500, critic 391, generator 391' (empty for a one-phase run or a record without counts)."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts and len(counts) > 1 else ""
+
+
 def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     """Train one preset (or reuse the finished run: its bench.json records how it was measured)."""
     run_dir = work / f"run_{name}"
@@ -234,7 +257,8 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
-            "minutes": minutes, "preset": preset_id(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "minutes": minutes, "preset": preset_id(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "phases": phase_iterations(run_dir, state)}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
 
@@ -299,7 +323,9 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info['preset']}, {info['date']}")
+                          f"preset {info['preset']}, {info['date']}"
+                          + (f"; iterations per phase: {phases_said(info.get('phases'))}"
+                             if phases_said(info.get("phases")) else ""))
     carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
     for name, (r, m) in carried.items():
         student_rows[name], measured[name] = r, m

@@ -61,8 +61,11 @@ def config_args(objective: str, batch: int, teacher, out) -> tuple[str | None, l
 
     preset = PRESETS / "digits" / f"{objective}.yaml"
     path, base = (str(preset), []) if preset.is_file() else (None, [f"objective.name={objective}"])
-    if path and OmegaConf.load(path).get("objective", {}).get("regression_warmup"):
+    objective = OmegaConf.load(path).get("objective", {}) if path else {}
+    if objective.get("regression_warmup"):
         base = base + ["objective.regression_warmup=0"]
+    if objective.get("regression_warmup_fraction") is not None:
+        base = base + ["objective.regression_warmup_fraction=null"]
     return path, base + [
         f"teacher={teacher}", "data=digits-train", f"output_dir={out}", f"batch_size={batch}", "max_minutes=null",
         "log_every=1000000000", "checkpoint_every=1000000000", "preview_every=null", "eval_every=null",

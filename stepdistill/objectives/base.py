@@ -34,8 +34,9 @@ class Phase:
     start: int = 0            # the first outer iteration (0-based) the phase runs in (a critic waiting out a warm-up)
     stop: int | None = None   # the outer iteration it stops before (a warm-up); None = never
     # the same as shares of the run instead (a warm-up sized to the machine): the phase starts / stops at
-    # the first iteration where the run's progress, the larger of train_seconds / max_minutes and
-    # step / max_steps, has reached the fraction; the trainer records that iteration in its checkpoints
+    # the first iteration where the run's progress, the larger of step / max_steps and the share of
+    # max_minutes left after setup (teacher-output caches) that training has spent, has reached the
+    # fraction; the trainer records that iteration in its checkpoints
     start_fraction: float | None = None
     stop_fraction: float | None = None
 

@@ -37,8 +37,9 @@ class RegressionConfig:
     cache_seed: int = 0
     regression_batch: Optional[int] = None         # pairs per step; None = the batch size
     regression_warmup: int = 0                     # first iterations: regression alone, critic waits (DMD2 1-step)
-    regression_warmup_fraction: Optional[float] = None  # the warm-up as a share of the run instead (of max_minutes
-                                                   # or max_steps, whichever ends it first): sized to the machine
+    regression_warmup_fraction: Optional[float] = None  # the warm-up as a share of the run instead (of max_steps,
+                                                   # or of max_minutes left after the cache is built, whichever
+                                                   # ends it first): sized to the machine
 
 
 class Regression:

@@ -248,7 +248,9 @@ class Trainer:
                                   workers=cfg.data_workers)
         self.step = self.draws = self.skipped_total = self.nonfinite_in_row = 0
         self.seconds_before = self.seconds = 0.0  # training wall time, summed over resumes (max_minutes)
-        self.time_progress = 0.0  # train_seconds / max_minutes, the same on every process (_should_stop)
+        self.time_progress = 0.0  # share of the budget after setup spent, the same on every process (_should_stop)
+        self.setup_before = self.setup_total = 0.0  # seconds earlier starts (and all starts) spent in setup:
+                                                    # teacher-output caches, counted in train_seconds
         self.switches: dict[str, int] = {}  # phase fraction -> the iteration it was reached at (Phase.*_fraction)
         self.updates = {n: 0 for n in self.trained}
         last = ckpt.latest(self.out)
@@ -385,6 +387,7 @@ class Trainer:
         # the budget counts this start's setup (the objective's teacher-output caches, sampled or
         # loaded in build) as it counted a cache sampled inside the first step: a preset pays for its cache
         start = time.perf_counter() - self.setup_seconds
+        self.setup_total = self.setup_before + self.setup_seconds
         if self.main and self.setup_seconds >= 1.0:
             self.log.write({"step": self.step, "setup_seconds": round(self.setup_seconds, 3)})
         self.setup_seconds = 0.0
@@ -428,12 +431,15 @@ class Trainer:
     def _should_stop(self, start: float, signals: StopSignals) -> bool:
         """Whether the wall-clock budget (summed over resumes) is spent or a stop signal came; every
         process agrees, so none stops alone while the others wait in a collective. Also agrees on the
-        share of the time budget spent (``time_progress``), which phase fractions switch on."""
+        share of the time budget spent (``time_progress``), which phase fractions switch on: the share of
+        the time left after setup (teacher-output caches, a fixed cost of the machine), so a warm-up of a
+        fifth of the run is a fifth of the training time on a fast machine, a slow one or a shorter budget."""
         self.seconds = self.seconds_before + time.perf_counter() - start
         budget = None if self.cfg.max_minutes is None else 60.0 * self.cfg.max_minutes
         out_of_time = budget is not None and self.seconds >= budget
         stop = float(out_of_time or signals.received is not None)
-        progress = 0.0 if not budget else self.seconds / budget
+        setup = self.setup_total
+        progress = 0.0 if not budget else 1.0 if budget <= setup else (self.seconds - setup) / (budget - setup)
         if self.world > 1:
             both = self.acc.reduce(torch.tensor([stop, progress], device=self.acc.device), reduction="max")
             stop, progress = float(both[0]), float(both[1])
@@ -530,7 +536,8 @@ class Trainer:
                              "objective": self.objective.state_dict()}, tmp / "optim.pt")
             ckpt.write_json({"step": self.step, "draws": self.draws, "updates": self.updates,
                              "skipped_total": self.skipped_total, "nonfinite_in_row": self.nonfinite_in_row,
-                             "train_seconds": self.seconds, "phase_switches": self.switches,
+                             "train_seconds": self.seconds, "setup_seconds": self.setup_total,
+                             "phase_switches": self.switches,
                              "ema": self.ema.scalars() if self.ema is not None else None,
                              "teacher": _teacher_location(self.cfg.teacher), "teacher_hash": self.teacher_hash,
                              "objective": self.objective.name,
@@ -577,6 +584,7 @@ class Trainer:
         self.updates = {n: int(state["updates"].get(n, 0)) for n in self.trained}
         self.skipped_total, self.nonfinite_in_row = int(state["skipped_total"]), int(state["nonfinite_in_row"])
         self.seconds_before = self.seconds = float(state.get("train_seconds", 0.0))
+        self.setup_before = self.setup_total = float(state.get("setup_seconds", 0.0))
         self.switches = {str(k): int(v) for k, v in (state.get("phase_switches") or {}).items()}
         ckpt.load_rng(folder, self.rank)
 
