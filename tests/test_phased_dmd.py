@@ -313,3 +313,36 @@ def test_learning_rate_schedules_count_the_updates_of_one_iteration():
     assert updates_per_iteration(both, "student") == 3  # b runs alongside a
     mixed = [Phase("a", ("student",), stop=5), Phase("b", ("student",), start_fraction=0.5)]
     assert updates_per_iteration(mixed, "student") == 2  # spans in different units: taken to overlap
+
+
+def test_each_later_expert_warms_its_learning_rate_up_from_its_phase_start(tiny_teacher_dir, tiny_data_npz,
+                                                                          tmp_path):
+    """Expert 2 starts mid-run from the teacher's weights with fresh Adam moments, as expert 1 did at the
+    run's start: its updates get a linear warm-up of expert_warmup iterations (1/4, 2/4, 3/4, 1 of the
+    configured LR), the fake scores none; resumed mid-warm-up, the warm-up continues where it was."""
+    from accelerate.state import AcceleratorState
+
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    def run(max_steps):
+        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=tmp_path / "run", cpu="true",
+                    batch_size=2, max_steps=max_steps, checkpoint_every=6, log_every=1, preview_every="null",
+                    progress="false", **{"objective.name": "phased_dmd", "objective.experts": "[1,1]",
+                                         "objective.critic_repeats": 1, "objective.expert_warmup": 4,
+                                         "objective.margin": 2, "student.steps": 2, "optim.student.lr": 1e-3,
+                                         "optim.student.warmup_steps": 0, "optim.student.lr_schedule": "constant",
+                                         "optim.fake_score_1.lr": 1e-3, "optim.fake_score_2.lr": 1e-3,
+                                         "optim.fake_score_2.lr_schedule": "constant"})
+        try:
+            Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()])).train()
+        finally:
+            AcceleratorState._reset_state(True)
+        lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        return {x["step"]: x["lr"] for x in lines if "lr" in x}
+
+    lr = run(6)  # shares [1, 1] of 8 iterations would switch at 4; a 6-iteration first start switches at 3
+    assert [round(lr[s]["student"] / 1e-3, 6) for s in range(1, 7)] == [1.0, 1.0, 1.0, 0.25, 0.5, 0.75]
+    assert all(lr[s]["fake_score_2"] == 1e-3 for s in range(4, 7))
+    lr = run(8)  # resumed at iteration 6: the warm-up's fourth iteration (a restart would give 0.25), then 1
+    assert [round(lr[s]["student"] / 1e-3, 6) for s in (7, 8)] == [1.0, 1.0]

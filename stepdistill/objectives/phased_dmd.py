@@ -21,7 +21,10 @@ Per outer iteration of phase k, whose expert maps x_{t_{k-1}} to x_s, s = t_k (c
             g = (F_k x0(x_t) - T x0(x_t)) / mean|x0 - T x0(x_t)|   (DMD eq. 7-8, on x0 as LightX2V's
             dmd math); L = 0.5 mean((x0 - sg(x0 - g))^2). x_s is affine in x0 with a positive factor,
             so the gradient through x0 differs from the paper's through x_s by a per-sample scale.
-Each phase's fake score starts from the teacher (full weights).
+Each phase's fake score starts from the teacher (full weights). Each later expert's learning rate
+warms up again from its phase's first iteration (``expert_warmup`` iterations, linear), as a phase
+trained on its own would: its weights start from the teacher and its Adam moments from zero, like the
+first expert's at the run's start, whose warm-up is the optimizer's own (``optim.student.warmup_steps``).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class PhasedDMD(Objective):
         margin: int = 20                       # grid steps kept above a phase's end time s (sigma_{t|s} > 0)
         critic_repeats: int = 5                # fake-score updates per generator update (paper: 5)
         fake_loss: str = "raw"                 # "raw" (teacher's parameterisation) | "x0"
+        expert_warmup: int = 20                # iterations of linear LR warm-up at each later expert's start
+                                               # (set it to optim.student.warmup_steps; 0 = none)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -65,10 +70,13 @@ class PhasedDMD(Objective):
         if c.shares is not None and (len(c.shares) != len(c.experts) or any(float(f) <= 0 for f in c.shares)):
             raise UserError(f"objective.shares {list(c.shares)} must give one positive share per phase "
                             f"({len(c.experts)} phases)")
-        if c.critic_repeats < 1 or c.margin < 1:
-            raise UserError("objective.critic_repeats and objective.margin must be >= 1")
+        if c.critic_repeats < 1 or c.margin < 1 or c.expert_warmup < 0:
+            raise UserError("objective.critic_repeats and objective.margin must be >= 1, objective.expert_warmup "
+                            ">= 0")
         if len(c.t_range) != 2 or not 0.0 <= float(c.t_range[0]) < float(c.t_range[1]) <= 1.0:
             raise UserError(f"objective.t_range {list(c.t_range)} must satisfy 0 <= lo < hi <= 1")
+        self.iteration = 0
+        self.expert_start: dict[int, int] = {}  # phase -> the iteration its generator first trained at
 
     # -- contract -------------------------------------------------------------------------------
     def student_steps(self) -> int:
@@ -95,6 +103,27 @@ class PhasedDMD(Objective):
                           start_fraction=start, stop_fraction=stop),
                     Phase(f"generator_{k + 1}", ("student",), start_fraction=start, stop_fraction=stop)]
         return out
+
+    # -- each expert's own LR warm-up ------------------------------------------------------------------
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration = step
+
+    def lr_factor(self, net: str) -> float:
+        """Linear warm-up over ``expert_warmup`` iterations from the start of the expert in training
+        (1 for the first expert, whose warm-up is the optimizer's schedule, and for the fake scores)."""
+        if net != "student" or not self.expert_start or not self.cfg.expert_warmup:
+            return 1.0
+        k = max(self.expert_start)
+        if k == 0:
+            return 1.0
+        return min(1.0, (self.iteration - self.expert_start[k] + 1) / self.cfg.expert_warmup)
+
+    def state_dict(self):
+        return {"iteration": self.iteration, "expert_start": {str(k): v for k, v in self.expert_start.items()}}
+
+    def load_state_dict(self, state):
+        self.iteration = int(state.get("iteration", 0))
+        self.expert_start = {int(k): int(v) for k, v in (state.get("expert_start") or {}).items()}
 
     def build(self, teacher, student, context=None):
         for k in range(self.n_phases):
@@ -168,6 +197,7 @@ class PhasedDMD(Objective):
 
     def _generator(self, k: int, nets: Nets, batch: dict) -> dict:
         c, cond, draws, student = self.cfg, batch.get("cond"), Draws(batch), nets.student
+        self.expert_start.setdefault(k, self.iteration)  # this expert's first iteration (its LR warm-up)
         first, last = self._steps(k)
         j = first + draws.randint(0, last - first + 1)
         x0, x_s = self._rollout(student, cond, draws, j, k)
