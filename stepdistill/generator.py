@@ -33,9 +33,10 @@ class Student(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: Sequence[float], *, boundary: str | None = None,
                  sigma_data: float = 0.5, timestep_scaling: float = 10.0, first_timestep: float | None = None,
                  sampler: str | None = "renoise", gamma: float = 0.3, experts: Sequence[Denoiser] = (),
-                 steps_per_expert: Sequence[int] | None = None):
+                 steps_per_expert: Sequence[int] | None = None, custom_times: bool = False):
         """``experts``: the networks after ``denoiser`` of a mixture-of-experts student, each taking
-        the run of steps that ``steps_per_expert`` gives it (``experts.py``)."""
+        the run of steps that ``steps_per_expert`` gives it (``experts.py``). ``custom_times``: the
+        timesteps are the student's own (``StudentConfig.timesteps``), not its scheduler's K-step grid."""
         super().__init__()
         from .export.scheduler import check_first_timestep, check_sampler
 
@@ -48,6 +49,7 @@ class Student(nn.Module):
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
         self.register_buffer("timesteps", ts, persistent=False)
+        self.custom_times = bool(custom_times)
         self.boundary = None if boundary in (None, "none") else boundary
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
         self.first_timestep = check_first_timestep(denoiser.schedule, first_timestep)  # see StudentConfig
@@ -207,7 +209,8 @@ class Student(nn.Module):
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         from .export.scheduler import student_timesteps  # as the exported scheduler runs `steps`
-        return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep, self.sampler)
+        return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep, self.sampler,
+                                 self.custom_times)
 
 
 # -- building a student from a teacher --------------------------------------------------------------
@@ -229,6 +232,10 @@ class StudentConfig:
                                          # students), "ddim" (deterministic) or "tcd" (TCD's strategic
                                          # stochastic sampling); None = what the objective fixes, else "renoise"
     gamma: float = 0.3                   # TCD's gamma (TCDScheduler's eta) for sampler "tcd"
+    timesteps: Optional[List[float]] = None  # the student's own sampling times, noisiest first, in the teacher's
+                                         # units (VP training timesteps, EDM sigmas, flow t = 1000 sigma); None
+                                         # = what the objective fixes (scm's 2-step sampler), else the
+                                         # exported scheduler's K-step grid
     experts: Optional[List[int]] = None  # a mixture of experts: the steps each expert takes, noisiest first
                                          # ([2, 2]: two networks, two steps each; Phased DMD); None = one network
     lora_rank: int = 0                   # 0 = train full weights; > 0 = LoRA adapters of this rank
@@ -292,8 +299,9 @@ def _with_w_input(backbone: nn.Module, dim: int) -> nn.Module:
 def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps: int | None = None) -> Student:
     """A student initialised from the teacher: a deep copy of its backbone (trainable), or the copy
     frozen with LoRA adapters, sampling on the timesteps that the exported diffusers scheduler's
-    ``set_timesteps(K)`` produces (``export.scheduler.student_timesteps``), so export needs no
-    custom timesteps. ``cfg.experts``: one such copy per expert."""
+    ``set_timesteps(K)`` produces (``export.scheduler.student_timesteps``), or on ``cfg.timesteps``
+    where given (which the exported pipeline passes to its scheduler at the trained step count).
+    ``cfg.experts``: one such copy per expert."""
 
     cfg = cfg or StudentConfig()
     k = int(steps if steps is not None else (cfg.steps or 1))
@@ -306,10 +314,12 @@ def build_student(teacher: Denoiser, cfg: StudentConfig | None = None, *, steps:
 
     per_expert = check_steps_per_expert(cfg.experts, k)
     nets = [_student_denoiser(teacher, backbone, cfg) for _ in (per_expert or [k])]  # each expert from the teacher
-    from .export.scheduler import student_timesteps  # the exported scheduler's set_timesteps(K)
+    from .export.scheduler import check_timesteps, student_timesteps  # the exported scheduler's set_timesteps(K)
     ft, sampler = cfg.first_timestep, cfg.sampler or "renoise"
-    return Student(nets[0], student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler), boundary=cfg.boundary,
-                   first_timestep=ft, sampler=sampler, gamma=cfg.gamma, experts=nets[1:], steps_per_expert=per_expert)
+    own = check_timesteps(teacher.schedule, cfg.timesteps, k, sampler, ft)
+    ts = own if own is not None else student_timesteps(teacher.schedule, k, cfg.boundary, ft, sampler)
+    return Student(nets[0], ts, boundary=cfg.boundary, first_timestep=ft, sampler=sampler, gamma=cfg.gamma,
+                   experts=nets[1:], steps_per_expert=per_expert, custom_times=own is not None)
 
 
 def _student_denoiser(teacher: Denoiser, backbone: nn.Module, cfg: StudentConfig):

@@ -21,7 +21,8 @@ from .models import SampleableModel, TeacherModel
 EXPORT_META = "stepdistill_student.json"
 FORMAT_VERSION = 2  # 2: a mixture-of-experts student (record "experts", unet_2, ...); single-network exports write 1
 GUIDED_VERSION = 3  # 3: a guidance-distilled UNet2DModel (guidance_embedding/): earlier readers would drop its w input
-READ_VERSIONS = (1, 2, 3)
+OWN_TIMES_VERSION = 4  # 4: a student sampled at times of its own (trained_timesteps): earlier readers would use the grid
+READ_VERSIONS = (1, 2, 3, 4)
 
 
 def is_run_dir(path) -> bool:
@@ -50,7 +51,10 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
     state = ckpt.read_json(folder / "trainer.json")
     teacher = load_teacher(state.get("teacher") or cfg.teacher, resolution=cfg.resolution)
     torch.manual_seed(int(cfg.seed))
-    student = build_student(teacher, OmegaConf.to_object(cfg.student), steps=int(state["student_steps"]))
+    from .train.setup import make_objective, student_config
+
+    scfg = student_config(cfg, make_objective(cfg.objective), teacher)  # the objective's own times
+    student = build_student(teacher, scfg, steps=int(state["student_steps"]))
     tensors = ckpt.load_tensors(folder / "nets.safetensors")
     own = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
     if ema and (folder / "ema.safetensors").is_file():
@@ -150,7 +154,8 @@ def load_exported(path, *, trust_pickle: bool = False):
     boundary = record.get("boundary")
     first = record.get("first_timestep")
     sampler = record.get("sampler") or "renoise"  # exports written before the option re-noised
-    expected = student_scheduler_config(schedule, boundary, int(record["steps"]), first, sampler)
+    own = bool(record.get("custom_timesteps"))  # the student's own sampling times, in the record
+    expected = student_scheduler_config(schedule, boundary, int(record["steps"]), first, sampler, own)
     for key in ("_class_name", "timestep_scaling", "original_inference_steps", "stochastic_sampling"):
         if key in expected and sched_cfg.get(key) != expected[key]:
             raise UserError(f"{str(p)!r}: scheduler/scheduler_config.json has {key}={sched_cfg.get(key)!r} but the "
@@ -167,9 +172,10 @@ def load_exported(path, *, trust_pickle: bool = False):
     per_expert = record.get("experts")  # a mixture of experts: the later experts in unet_2, unet_3, ...
     more = [DiffusersDenoiser(_load_backbone(p / f"unet_{i}", None, trust_pickle), schedule,
                               null_class=record.get("null_class")) for i in range(2, len(per_expert or [1]) + 1)]
-    student = Student(den, student_timesteps(schedule, int(record["steps"]), boundary, first, sampler),
-                      boundary=boundary, first_timestep=first, sampler=sampler, gamma=float(record.get("gamma", 0.3)),
-                      experts=more, steps_per_expert=per_expert)
+    times = (torch.tensor(record["timesteps"], dtype=torch.float64) if own
+             else student_timesteps(schedule, int(record["steps"]), boundary, first, sampler))
+    student = Student(den, times, boundary=boundary, first_timestep=first, sampler=sampler,
+                      gamma=float(record.get("gamma", 0.3)), experts=more, steps_per_expert=per_expert, custom_times=own)
     if not torch.equal(student.timesteps, torch.tensor(record["timesteps"], dtype=torch.float64)):
         raise UserError(f"{str(p)!r}: the scheduler gives timesteps {student.timesteps.tolist()}, but the student was "
                         f"trained at {record['timesteps']}; restore the exported scheduler config")

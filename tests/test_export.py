@@ -455,3 +455,50 @@ def test_no_ema_takes_the_raw_student_weights(runs, tmp_path):
     for k, v in raw.denoiser.backbone.state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=0, atol=0)
     assert "(EMA)" not in (out / "README.md").read_text()
+
+
+def test_students_sampled_at_their_own_times_export_and_run_them_in_plain_diffusers(tmp_path):
+    """A student with its own sampling times (sCM's 2-step sampler: student.timesteps) on VP, EDM and flow
+    (shift 3) teachers: the shipped pipeline, loaded by a process without stepdistill, passes the times to
+    the scheduler at the trained step count and reproduces the student's samples; other step counts run the
+    scheduler's own grid (the student's timesteps_for); the folder loads back with the same times; refused:
+    times the exported scheduler cannot take."""
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.loaders import OWN_TIMES_VERSION, load_for_sampling
+
+    kinds = {"vp": (_vp(), [999.0, 349.0]), "edm": (EDMSchedule(), [80.0, 0.98]),
+             "flow": (FlowSchedule({"shift": 3.0}), [1000.0, 495.5])}
+    students, jobs = {}, {}
+    for name, (sched, times) in kinds.items():
+        teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), sched, null_class=2)
+        student = build_student(teacher, StudentConfig(steps=2, timesteps=times)).eval()
+        assert student.timesteps.tolist() == times and student.custom_times
+        # other step counts: the exported scheduler's grid (flow's without shift_terminal, which would move the
+        # last of the student's own times)
+        assert student.timesteps_for(3).tolist() == student_timesteps(sched, 3, custom_times=True).tolist()
+        out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / name)
+        record = json.loads((out / "stepdistill_student.json").read_text())
+        assert record["format_version"] == OWN_TIMES_VERSION and record["custom_timesteps"] is True
+        assert json.loads((out / "model_index.json").read_text())["trained_timesteps"] == times
+        students[name] = student
+        jobs[name] = {"dir": str(out), "load": {"trust_remote_code": True}, "seed": SEED,
+                      "call": {"class_labels": LABELS, "output_type": "latent"}}
+        jobs[name + "_3"] = {**jobs[name], "call": {**jobs[name]["call"], "num_inference_steps": 3}}
+    got, stdout = _run_without_stepdistill(jobs, tmp_path)
+    for name, student in students.items():
+        assert f"{name} StepDistillPipeline" in stdout
+        torch.testing.assert_close(got[name], _student_sample(student, LABELS), rtol=0, atol=1e-4)
+        g = torch.Generator().manual_seed(SEED)  # three steps: the scheduler's grid, as the student samples it
+        noise = torch.randn((len(LABELS), *student_shape(student)), generator=g)
+        with torch.no_grad():
+            want = student(noise, {"class_labels": torch.tensor(LABELS)}, steps=3, generator=g)
+        torch.testing.assert_close(got[name + "_3"], want, rtol=0, atol=1e-4)
+        back = load_for_sampling(tmp_path / name).student
+        assert back.custom_times and back.timesteps.tolist() == student.timesteps.tolist()
+    vp = tiny_teacher()
+    for bad, match in [({"timesteps": [999.0, 349.5]}, "integer"), ({"timesteps": [349.0, 999.0]}, "decreasing"),
+                       ({"timesteps": [999.0]}, "2 strictly"), ({"timesteps": [999.0, 349.0], "sampler": "ddim"},
+                                                                "re-noising"),
+                       ({"timesteps": [999.0, 349.0], "first_timestep": 700}, "first_timestep")]:
+        with pytest.raises(UserError, match=match):
+            build_student(vp, StudentConfig(steps=2, **bad))

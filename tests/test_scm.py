@@ -238,3 +238,68 @@ def test_differences_stop_at_the_teachers_noisiest_time(tangent, gaussian_data):
     expected = bcast(torch.cos(t), x) * _closed(mu, s, x, t)[1]
     assert torch.isfinite(g).all()
     assert torch.allclose(g, expected, rtol=2e-2, atol=2e-3), (g - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_step_sampler_starts_its_second_step_at_trigflow_time_1_1(kind):
+    """sCM's 2-step sampler (sec. 5.2, App. G.2: "an intermediate t = 1.1 for all the experiments"): the
+    second time has the SNR of TrigFlow t = 1.1, sigma / alpha = sigma_d tan(1.1) (a VP teacher: the
+    nearest training timestep); the first is the scheduler's own; other step counts keep the grid."""
+    from stepdistill.errors import UserError
+    from stepdistill.export.scheduler import student_timesteps
+
+    from conftest import tiny_unet2d
+    from stepdistill.denoisers import DiffusersDenoiser
+
+    sched = schedules()[kind]
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), sched, null_class=2)
+    times = SCM().student_timesteps(teacher, 2)
+    assert times[0] == float(student_timesteps(sched, 2)[0])
+    a, s = sched.alpha_sigma(torch.tensor(times[1], dtype=torch.float64))
+    target = 0.5 * math.tan(1.1)
+    if kind.startswith("vp"):
+        assert times[1] == round(times[1])
+        lo, hi = (float(v[1] / v[0]) for v in (sched.alpha_sigma(torch.tensor(times[1] + d, dtype=torch.float64))
+                                                for d in (-1.0, 1.0)))
+        assert lo < target < hi  # between the neighbouring training timesteps
+    else:
+        assert float(s / a) == pytest.approx(target, rel=1e-9)
+    assert SCM().student_timesteps(teacher, 1) is None and SCM().student_timesteps(teacher, 4) is None
+    assert SCM(SCM.Config(intermediate_t=None)).student_timesteps(teacher, 2) is None
+    teacher.backbone = torch.nn.Linear(1, 1)  # not a UNet2DModel: a text-to-image export keeps the grid
+    assert SCM().student_timesteps(teacher, 2) is None
+    with pytest.raises(UserError, match="intermediate_t"):
+        SCM(SCM.Config(intermediate_t=2.0))
+
+
+def test_a_trained_two_step_run_samples_loads_and_exports_at_its_own_times(tiny_teacher_dir, tiny_data_npz,
+                                                                           tmp_path):
+    """The run's student (objective's times, student.timesteps unset), ``load_run`` and the export all sample
+    at [999, the VP timestep of TrigFlow 1.1]; student.timesteps in the config overrides the objective."""
+    from accelerate.state import AcceleratorState
+
+    from stepdistill.export import export_run
+    from stepdistill.loaders import load_for_sampling, load_run
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    def run(out, **kw):
+        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=out, cpu="true", batch_size=2,
+                    max_steps=1, checkpoint_every=1, preview_every="null", progress="false", **{"student.steps": 2,
+                    "objective.name": "scm", "objective.tangent": "finite_difference"}, **kw)
+        try:
+            trainer = Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()]))
+            trainer.train()
+        finally:
+            AcceleratorState._reset_state(True)
+        return trainer
+
+    trainer = run(tmp_path / "run")
+    want = SCM().student_timesteps(trainer.teacher, 2)
+    assert trainer.student.timesteps.tolist() == want and want[1] != 499.0  # not the scheduler's 2-step grid
+    student, _ = load_run(tmp_path / "run")
+    assert student.timesteps.tolist() == want and student.custom_times
+    export_run(tmp_path / "run", tmp_path / "export")
+    assert load_for_sampling(tmp_path / "export").student.timesteps.tolist() == want
+    trainer = run(tmp_path / "own", **{"student.timesteps": "[999,600]"})
+    assert trainer.student.timesteps.tolist() == [999.0, 600.0]

@@ -17,6 +17,9 @@ and re-noises it (``renoise``) or takes the Euler step (Karras et al., 2022). A 
 ``TCDScheduler`` takes TCD's strategic stochastic step with ``eta`` = the trained gamma by default.
 A guidance-distilled student (Meng et al., 2023) has a ``guidance_embedding`` component that feeds the
 CFG scale to the unet: ``pipe(class_labels=..., guidance_scale=w)`` runs it in one pass per step.
+A student trained at times of its own (sCM's 2-step sampler) has them in ``trained_timesteps``: at the
+trained step count they are passed to the scheduler (``set_student_timesteps``); other counts run the
+scheduler's own grid.
 """
 from __future__ import annotations
 
@@ -30,6 +33,25 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the LoraConfig in the file header
 
 
+def set_student_timesteps(scheduler, steps: int, times=None, device=None) -> None:
+    """``scheduler.set_timesteps(steps)``, or with the student's own ``times`` (the scheduler's timestep
+    units): LCMScheduler takes them as ``timesteps``; FlowMatchEulerDiscreteScheduler as ``sigmas`` =
+    t / num_train_timesteps, given before its shift s, which it applies: u = sigma / (s - (s - 1) sigma)
+    maps to s u / (1 + (s - 1) u) = sigma."""
+    if not times:
+        scheduler.set_timesteps(steps, device=device)
+        return
+    name = type(scheduler).__name__
+    if name == "LCMScheduler":
+        scheduler.set_timesteps(timesteps=[int(t) for t in times], device=device)
+    elif name == "FlowMatchEulerDiscreteScheduler":
+        n, s = float(scheduler.config.num_train_timesteps), float(scheduler.config.shift)
+        sigmas = [float(t) / n for t in times]
+        scheduler.set_timesteps(sigmas=[x / (s - (s - 1.0) * x) for x in sigmas], device=device)
+    else:
+        raise ValueError(f"{name} cannot take a student's own timesteps; re-export the model")
+
+
 class StepDistillPipeline(DiffusionPipeline):
     """unet: a UNet2DModel (class-conditional when its config has num_class_embeds);
     scheduler: the student's scheduler; trained_steps: the step count the student was trained for."""
@@ -39,18 +61,20 @@ class StepDistillPipeline(DiffusionPipeline):
 
     def __init__(self, unet, scheduler, trained_steps: int = 1, renoise: bool = True, gamma: float = 0.3,
                  unet_2=None, unet_3=None, unet_4=None, expert_bounds=None, guidance_embedding=None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, trained_timesteps=None):
         """``unet_2``..``unet_4``: the later experts of a mixture-of-experts student (Phased DMD); expert
         k + 1 runs at the timesteps t <= ``expert_bounds[k - 1]`` (in the loop's units: the scheduler's
         timesteps, EDM's sigmas), ``unet`` at the times above them. ``guidance_embedding``: the class
         and CFG-scale input of a guidance-distilled unet (``class_embed_type="identity"``), run at
-        ``guidance_scale`` by default."""
+        ``guidance_scale`` by default. ``trained_timesteps``: the student's own sampling times at
+        ``trained_steps`` (None: the scheduler's grid)."""
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, unet_2=unet_2, unet_3=unet_3, unet_4=unet_4,
                               guidance_embedding=guidance_embedding)
         self.register_to_config(trained_steps=int(trained_steps), renoise=bool(renoise), gamma=float(gamma),
                                 expert_bounds=[float(b) for b in (expert_bounds or [])],
-                                guidance_scale=float(guidance_scale))
+                                guidance_scale=float(guidance_scale),
+                                trained_timesteps=[float(t) for t in (trained_timesteps or [])])
 
     def _unet_at(self, t):
         """The expert for time t: the number of bounds b with t <= b picks unet, unet_2, ..."""
@@ -128,11 +152,21 @@ class StepDistillPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _own_times(self, steps):
+        """The student's own sampling times where it runs its trained step count, else None."""
+        times = list(self.config.get("trained_timesteps") or [])
+        return times if times and steps == int(self.config.trained_steps) else None
+
     def _edm(self, latents, labels, steps, generator):
-        """EDM (Karras et al., 2022): the scheduler's preconditioning (Table 1) at each of its sigmas;
-        x0, then fresh noise at the next sigma (``renoise``), or the Euler (DDIM) step to it."""
-        self.scheduler.set_timesteps(steps, device=self._execution_device)
-        sigmas = self.scheduler.sigmas.to(self._execution_device)
+        """EDM (Karras et al., 2022): the scheduler's preconditioning (Table 1) at each of its sigmas
+        (or the student's own, then 0); x0, then fresh noise at the next sigma (``renoise``), or the
+        Euler (DDIM) step to it."""
+        own = self._own_times(steps)
+        if own:
+            sigmas = torch.tensor([*own, 0.0], dtype=torch.float32).to(self._execution_device)
+        else:
+            self.scheduler.set_timesteps(steps, device=self._execution_device)
+            sigmas = self.scheduler.sigmas.to(self._execution_device)
         x = latents * sigmas[0]
         for i in self.progress_bar(range(steps)):
             s, s_next = sigmas[i], sigmas[i + 1]
@@ -149,7 +183,7 @@ class StepDistillPipeline(DiffusionPipeline):
     def _scheduler_loop(self, latents, labels, steps, generator, eta=None):
         # the prior's scale at the first timestep (1 for LCMScheduler; flow schedulers define none: 1)
         x = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self.scheduler.set_timesteps(steps, device=self._execution_device)
+        set_student_timesteps(self.scheduler, steps, self._own_times(steps), self._execution_device)
         kw = {}
         if type(self.scheduler).__name__ == "TCDScheduler":
             kw["eta"] = float(self.config.get("gamma", 0.3) if eta is None else eta)

@@ -26,6 +26,12 @@ its timesteps and re-noises that x0 with *fresh* noise to the next one. In diffu
   not "x0, then fresh noise", so the shipped ``pipeline.py`` takes x0 from ``precondition_outputs``
   and re-noises it, x_next = x0 + sigma_next z (``sampler="ddim"``: x0 + sigma_next (x - x0) / sigma,
   the Euler / DDIM step).
+
+A student may sample at times of its own (``StudentConfig.timesteps``: sCM's 2-step sampler, whose second
+step starts at TrigFlow t = 1.1, Lu & Song, 2024, sec. 5.2 and App. G.2). The exported scheduler then runs its K-step
+grid only for other step counts; at the trained count the pipeline passes the times in:
+``LCMScheduler.set_timesteps(timesteps=...)``, flow's ``set_timesteps(sigmas=...)`` (before the shift,
+which it applies; no ``shift_terminal``, which would move the last one), EDM's sigmas directly.
 """
 from __future__ import annotations
 
@@ -115,11 +121,12 @@ def check_first_timestep(schedule: Schedule, first_timestep: float | None) -> fl
 
 def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
                              steps: int | None = None, first_timestep: float | None = None,
-                             sampler: str | None = "renoise") -> dict[str, Any]:
+                             sampler: str | None = "renoise", custom_times: bool = False) -> dict[str, Any]:
     """The diffusers scheduler config (with ``_class_name``) whose ``set_timesteps(K)`` gives a
     K-step student's timesteps and whose ``step`` is the student's sampling step (K = ``steps``;
     only flow grids depend on it; ``first_timestep`` moves a VP grid's first timestep down;
-    ``sampler`` is the step between timesteps, "renoise" or "ddim")."""
+    ``sampler`` is the step between timesteps, "renoise" or "ddim"; ``custom_times``: the student
+    samples its trained step count at times of its own, passed to ``set_timesteps``)."""
     boundary = _boundary(boundary)
     first_timestep = check_first_timestep(schedule, first_timestep)
     sampler = check_sampler(sampler, boundary, first_timestep)
@@ -156,7 +163,7 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
                             "with student.boundary=null")
         cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule.config,
                "stochastic_sampling": sampler == "renoise"}
-        if steps and steps > 1 and not getattr(schedule, "linspace_sigmas", False):
+        if steps and steps > 1 and not custom_times and not getattr(schedule, "linspace_sigmas", False):
             # set_timesteps(K) alone spaces K sigmas from 1 down to the training grid's last (~0.003 at
             # shift 3), so a K-step student's last step would sit at clean data. shift_terminal stretches
             # the grid to end at the shifted 1/K instead (the sigma of an evenly spaced K-step grid):
@@ -183,7 +190,8 @@ def make_scheduler(config: dict[str, Any]):
 
 
 def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = None,
-                      first_timestep: float | None = None, sampler: str | None = "renoise") -> torch.Tensor:
+                      first_timestep: float | None = None, sampler: str | None = "renoise",
+                      custom_times: bool = False) -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
     ``set_timesteps(K)`` produces (EDM: its sigmas without the final 0)."""
     if steps < 1:
@@ -197,12 +205,49 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
         return full * (first_timestep / float(full[0]))
     # the grid does not depend on the boundary condition; flow schedulers have none to configure
     sched = make_scheduler(student_scheduler_config(schedule, boundary if isinstance(schedule, VPSchedule) else None,
-                                                    steps, first_timestep, sampler))
+                                                    steps, first_timestep, sampler, custom_times))
     if isinstance(schedule, FlowSchedule):
         schedule.set_timesteps(sched, steps)  # FLUX: the pipeline's linspace sigmas
     else:
         sched.set_timesteps(steps)
     return sched.timesteps.to(torch.float64)
+
+
+def check_timesteps(schedule: Schedule, timesteps, steps: int, sampler: str | None = "renoise",
+                    first_timestep: float | None = None) -> torch.Tensor | None:
+    """A student's own sampling times (``StudentConfig.timesteps``, the teacher's units: VP training
+    timesteps, EDM sigmas, flow t = 1000 sigma) as a float64 tensor, or None; refused (one line) where
+    the exported scheduler cannot take them at call time."""
+    if timesteps is None:
+        return None
+    ts = torch.as_tensor([float(v) for v in timesteps], dtype=torch.float64)
+    how = "student.timesteps lists the student's sampling times, noisiest first"
+    if len(ts) != int(steps) or (len(ts) > 1 and not bool((ts[1:] < ts[:-1]).all())):
+        raise UserError(f"{how}: {int(steps)} strictly decreasing values for {int(steps)} steps, got {ts.tolist()}")
+    if first_timestep is not None:
+        raise UserError("student.timesteps and student.first_timestep both set where the student starts; keep one")
+    if (sampler or "renoise") != "renoise":
+        raise UserError(f"student.timesteps needs the re-noising sampler (the exported scheduler takes the times at "
+                        f"call time only then), got sampler {sampler!r}; set student.timesteps=null")
+    if isinstance(schedule, VPSchedule):
+        n = int(schedule.num_train_timesteps)
+        if not bool((ts == ts.round()).all()) or float(ts.min()) < 0 or float(ts.max()) > n - 1:
+            raise UserError(f"{how}: on a VP teacher integer training timesteps in [0, {n - 1}] (LCMScheduler takes "
+                            f"no others), got {ts.tolist()}")
+    elif isinstance(schedule, EDMSchedule):
+        if float(ts.min()) <= schedule.sigma_min or float(ts.max()) > schedule.sigma_max:
+            raise UserError(f"{how}: on an EDM teacher sigmas in ({schedule.sigma_min}, {schedule.sigma_max}], got "
+                            f"{ts.tolist()}")
+    elif isinstance(schedule, FlowSchedule):
+        n = schedule.num_train_timesteps
+        if schedule.config.get("use_dynamic_shifting") or getattr(schedule, "linspace_sigmas", False):
+            raise UserError("student.timesteps is not supported on a flow teacher with resolution-dependent shifting "
+                            "(its pipeline sets its own sigmas); set student.timesteps=null")
+        if float(ts.min()) <= 0 or float(ts.max()) > n:
+            raise UserError(f"{how}: on a flow teacher times in (0, {n}] (sigma = t / {n}), got {ts.tolist()}")
+    else:
+        raise UserError(f"student.timesteps is not supported for {type(schedule).__name__}; set student.timesteps=null")
+    return ts
 
 
 def boundary_scalings(config: dict[str, Any], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

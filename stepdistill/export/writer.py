@@ -28,10 +28,11 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_folder
-from ..loaders import EXPORT_META, FORMAT_VERSION, GUIDED_VERSION
+from ..loaders import EXPORT_META, FORMAT_VERSION, GUIDED_VERSION, OWN_TIMES_VERSION
 from .card import model_card
 from .share import front_matter, portable, scrub_local_paths, trained_w_range, write_samples
 from .lora import base_copy, has_lora, merged_copy, save_lora
+from .pipeline import set_student_timesteps
 from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
 
@@ -78,16 +79,27 @@ def check_exportable(student, meta: dict | None = None) -> dict:
         raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional) and students of "
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
+    own = getattr(student, "custom_times", False)
+    if own and info is not None:
+        raise UserError("export of a text-to-image student with its own sampling times (student.timesteps) is not "
+                        "supported yet; sample it with `stepdistill sample RUN_DIR`, or train with "
+                        "student.timesteps unset (scm: objective.intermediate_t=null)")
     cfg = student_scheduler_config(student.schedule, student.boundary, student.steps,
-                                   student.first_timestep, student.sampler)
+                                   student.first_timestep, student.sampler, own)
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
+    elif own and cfg["_class_name"] == "EDMEulerScheduler":
+        ts = student.timesteps.cpu()  # pipeline.py steps through the student's own sigmas
     else:
         sched = make_scheduler(cfg)
-        sched.set_timesteps(student.steps)  # as ConsistencyModelPipeline and pipeline.py call it
+        # as ConsistencyModelPipeline and pipeline.py call it (the student's own times passed in)
+        set_student_timesteps(sched, student.steps, student.timesteps.tolist() if own else None)
         # EDM's timesteps are c_noise values; its pipeline steps through the sigmas
         ts = (sched.sigmas[:-1] if cfg["_class_name"] == "EDMEulerScheduler" else sched.timesteps).to(torch.float64)
-    if not torch.equal(ts, student.timesteps.cpu()):
+    # a flow student's own times reach the scheduler as float32 sigmas through its shift: equal to rounding
+    rounded = own and cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    if not (torch.allclose(ts, student.timesteps.cpu(), rtol=1e-5, atol=0) if rounded
+            else torch.equal(ts, student.timesteps.cpu())):
         raise UserError(f"the student was trained at timesteps {student.timesteps.tolist()} but its exported scheduler "
                         f"runs {ts.tolist()} for {student.steps} steps; retrain with this version of stepdistill")
     if cfg["_class_name"] == "LCMScheduler":
@@ -104,11 +116,13 @@ def check_exportable(student, meta: dict | None = None) -> dict:
 
 
 def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sampler: str = "renoise",
-                    gamma: float = 0.3, experts=(), expert_bounds=None, guidance_scale: float = 1.0) -> None:
+                    gamma: float = 0.3, experts=(), expert_bounds=None, guidance_scale: float = 1.0,
+                    timesteps=None) -> None:
     """``experts``: the later experts of a mixture-of-experts student (unet_2, unet_3, ...), which the
     custom pipeline runs at times t <= their ``expert_bounds`` (``experts.py``). A guidance-distilled
     student (``guided_unet``) writes its unet and its ``guidance_embedding`` component, with the
-    component's code, run at ``guidance_scale`` by default."""
+    component's code, run at ``guidance_scale`` by default. ``timesteps``: a student's own sampling
+    times (``trained_timesteps``, passed to the scheduler at the trained step count)."""
     import diffusers
 
     scheduler = make_scheduler(cfg)
@@ -133,6 +147,8 @@ def _write_pipeline(tmp: Path, unet, cfg: dict, steps: int, custom: bool, sample
             index[f"unet_{i}"] = ["diffusers", type(expert).__name__]
         if experts:
             index["expert_bounds"] = [float(b) for b in expert_bounds]
+        if timesteps is not None:
+            index["trained_timesteps"] = [float(v) for v in timesteps]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
         # diffusers' own ConsistencyModelPipeline runs a (class-conditional) UNet2DModel through any
@@ -153,10 +169,13 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
     guided = type(backbone).__name__ == "GuidedUNet2DModel"
-    custom = not t2i and (mode == "lora" or bool(student.steps_per_expert) or guided
+    own = bool(getattr(student, "custom_times", False))  # its own times: passed to the scheduler by pipeline.py
+    custom = not t2i and (mode == "lora" or bool(student.steps_per_expert) or guided or own
                           or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
-    # version 1 readers would load only the first expert of a mixture: those exports are version 2
-    version = GUIDED_VERSION if guided else FORMAT_VERSION if student.steps_per_expert else 1
+    # version 1 readers would load only the first expert of a mixture: those exports are version 2; earlier
+    # readers would sample a student with its own times on the scheduler's grid: version 4
+    version = (OWN_TIMES_VERSION if own else GUIDED_VERSION if guided else FORMAT_VERSION if student.steps_per_expert
+               else 1)
     record = {"format_version": version, "steps": int(student.steps), "boundary": student.boundary,
               "sampler": student.sampler, "gamma": getattr(student, "gamma", 0.3), "first_timestep": student.first_timestep,
               "timesteps": student.timesteps.tolist(), "mode": mode, "experts": student.steps_per_expert, "pipeline": PIPELINE_CLASS if custom else "ConsistencyModelPipeline",
@@ -164,7 +183,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "null_class": meta.get("null_class") if conditional else None,
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
-              "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided}
+              "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided, "custom_timesteps": own}
     if guided:
         record["guidance_scale"] = sum(trained_w_range(meta)) / 2  # the middle, as t2i.recommended_guidance
     if t2i:
@@ -179,7 +198,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
             more = [convert(e.backbone) for e in student.experts[1:]]
             _write_pipeline(tmp, convert(backbone), cfg, student.steps, custom, student.sampler or "renoise",
                             getattr(student, "gamma", 0.3), more, student.expert_bounds.tolist(),
-                            record.get("guidance_scale", 1.0))
+                            record.get("guidance_scale", 1.0), student.timesteps.tolist() if own else None)
             if mode == "lora":
                 save_lora(backbone, tmp)
         scrub_local_paths(tmp)  # diffusers and transformers record where a component was loaded from

@@ -48,6 +48,7 @@ class BuildContext:
     cache) is made once and read by the rest."""
 
     prompts: Any = None        # a text-to-image run's training prompts (``cache.CachePrompts``), else None
+    texts: Any = None          # ... and their text, row for row (a list of str), else None
     load_caches: bool = True   # False: a dry run; caches are checked, not built
     log: Callable[[str], None] = print
 
@@ -99,6 +100,12 @@ class Objective:
 
     def student_sampler(self) -> str | None:
         """The student's step between timesteps ("renoise" or "ddim"), if the objective fixes it."""
+        return None
+
+    def student_timesteps(self, teacher, steps: int) -> list[float] | None:
+        """The student's own sampling times for ``steps`` steps in the ``teacher`` schedule's units, where
+        the method prescribes them (sCM's 2-step sampler); None = the scheduler's K-step grid. Used where
+        ``student.timesteps`` is unset."""
         return None
 
     def student_experts(self) -> list[int] | None:

@@ -122,6 +122,9 @@ class Hybrid(Objective):
     def student_sampler(self):
         return self.base.student_sampler()
 
+    def student_timesteps(self, teacher, steps):
+        return self.base.student_timesteps(teacher, steps)
+
     def needs_cache(self):
         return False  # a part with a teacher-output cache names its folder itself (cache: ...)
 

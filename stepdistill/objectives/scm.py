@@ -24,13 +24,16 @@ and the norm in the normalisation is its size-invariant RMS (``g_norm_spatial_in
 ``tangent_norm="l2"`` (Alg. 1's plain norm).
 
 The student is sampled by the paper's multistep consistency sampler: f at the first time, then the
-x0 estimate re-noised to the next time (the student's "renoise" step); a 2-step student uses the
-teacher schedule's own 2-step grid (so its exported scheduler reproduces it), not the paper's t = 1.1.
+x0 estimate re-noised to the next time (the student's "renoise" step). A 2-step student's second step
+starts at the paper's intermediate TrigFlow time t = 1.1 (``intermediate_t``; sec. 5.2, App. G.2), mapped to the teacher's
+units by equal SNR (a VP teacher's nearest training timestep); its export passes those times to the
+scheduler. ``intermediate_t=null`` uses the teacher schedule's own 2-step grid instead.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -90,6 +93,9 @@ class SCM(Objective):
         guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
         guidance_range: list | None = None
         weight_features: int = 128
+        intermediate_t: Optional[float] = 1.1  # 2-step sampler: the second step's TrigFlow time (the paper's
+                                         # 1.1, App. G.2; SANA-Sprint's SCMScheduler: 1.3); None = the
+                                         # teacher schedule's own 2-step grid
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -97,6 +103,10 @@ class SCM(Objective):
             from ..errors import UserError
             raise UserError(f"scm: tangent {self.cfg.tangent!r} is not supported; use 'jvp', 'finite_difference' or "
                             "'split'")
+        if self.cfg.intermediate_t is not None and not 0.0 < float(self.cfg.intermediate_t) < math.pi / 2:
+            from ..errors import UserError
+            raise UserError(f"scm: intermediate_t is a TrigFlow time in (0, pi/2), got {self.cfg.intermediate_t}; "
+                            "the paper's is 1.1")
         if self.cfg.tangent_norm not in ("rms", "l2"):
             from ..errors import UserError
             raise UserError(f"scm: tangent_norm {self.cfg.tangent_norm!r} is not supported; use 'rms' or 'l2'")
@@ -118,6 +128,23 @@ class SCM(Objective):
 
     def student_sampler(self):
         return "renoise"  # the multistep consistency sampler (Song et al., 2023, Alg. 1)
+
+    def student_timesteps(self, teacher, steps: int):
+        """[the noisiest time, the teacher time of TrigFlow t = intermediate_t] for a 2-step student
+        (None otherwise: the scheduler's grid): the scheduler's own first time, the second at equal
+        signal-to-noise ratio (``TrigFlow.native_time``), rounded to a training timestep on VP. Pixel-space
+        (UNet2DModel) students only: their shipped pipeline passes the times to its scheduler, while a
+        text-to-image student's export is its teacher's own pipeline, which runs the scheduler's grid."""
+        if steps != 2 or self.cfg.intermediate_t is None or type(teacher.backbone).__name__ != "UNet2DModel":
+            return None
+        schedule = teacher.schedule
+        from ..export.scheduler import student_timesteps
+        from ..schedules import VPSchedule
+
+        first = float(student_timesteps(schedule, 2)[0])
+        t_mid = torch.tensor(float(self.cfg.intermediate_t), dtype=torch.float64)
+        mid = float(TrigFlow(schedule, self.cfg.sigma_d).native_time(t_mid))
+        return [first, float(round(mid)) if isinstance(schedule, VPSchedule) else mid]
 
     def on_step_end(self, nets: Nets, step: int) -> None:
         self.iteration = step + 1

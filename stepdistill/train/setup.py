@@ -270,6 +270,17 @@ class Built:
     teacher: Any
 
 
+def student_config(cfg: DictConfig, objective: Objective, teacher) -> StudentConfig:
+    """The run's StudentConfig, its sampling times filled in from the objective where the config leaves
+    them unset (``Objective.student_timesteps``)."""
+    scfg = OmegaConf.to_object(cfg.student)
+    assert isinstance(scfg, StudentConfig)
+    if scfg.timesteps is None:
+        own = objective.student_timesteps(teacher, int(scfg.steps or 1))
+        scfg.timesteps = None if own is None else [float(v) for v in own]
+    return scfg
+
+
 def build_nets(cfg: DictConfig, objective: Objective, teacher, context: BuildContext | None = None) -> Built:
     """Student and the objective's extra networks; seeded by ``cfg.seed`` alone, so every process
     (and a resumed run) builds identical initial weights. ``context`` reaches ``objective.build``
@@ -278,9 +289,7 @@ def build_nets(cfg: DictConfig, objective: Objective, teacher, context: BuildCon
     # frozen before the objective builds: a LoRA fake score adds trainable adapters to this very
     # module (one copy of the teacher's weights), which must stay trainable
     teacher.requires_grad_(False)
-    scfg = OmegaConf.to_object(cfg.student)
-    assert isinstance(scfg, StudentConfig)
-    student = build_student(teacher, scfg)
+    student = build_student(teacher, student_config(cfg, objective, teacher))
     extra = objective.build(teacher, student, context) or {}
     for name in ("teacher", "student"):
         if name in extra:
