@@ -12,8 +12,12 @@ student. Per iteration (VinAIResearch/SwiftBrush train_swiftbrush.py, the traini
 Both scores take classifier-free guidance at the same scale (``guidance``). Unlike DMD, the gradient
 is VSD's w(t)-weighted epsilon difference, not normalised by the mean |x - real x0|, and there is no
 regression loss and no real data. In x0 terms, g = alpha_t sigma_t (x0_lora - x0_teacher) on any
-schedule (eps = (x_t - alpha x0) / sigma). SwiftBrush v2's weight merging and clamped CLIP loss are
-not built (the CLIP loss needs downloaded weights).
+schedule (eps = (x_t - alpha x0) / sigma).
+
+SwiftBrush v2 (Dao et al., 2024): ``clip_model`` (a local CLIP folder) adds its clamped CLIP loss to the
+generator, lambda(k) max(0, tau - cos(E_image(D(x)), E_text(y))) (eq. 5, ``clip_loss.py``) on
+text-to-image teachers, D the teacher's VAE decoder or a TinyVAE (``clip_decoder``, sec. 4.4), lambda
+from 0.1 to 0 over the run; its weight-space merging of two students is ``stepdistill merge``.
 """
 from __future__ import annotations
 
@@ -57,6 +61,12 @@ class SwiftBrush(Objective):
         fake_lora_alpha: Optional[float] = 32.0
         fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
         cond_drop: float = 0.1                 # condition dropout in the LoRA's update
+        clip_model: Optional[str] = None       # SwiftBrush v2's clamped CLIP loss: a local CLIP folder (the paper:
+                                               # ViT-B/32); None = off
+        clip_decoder: Optional[str] = None     # the latents' decoder for it: an AutoencoderTiny folder (TAESD, the
+                                               # paper's TinyVAE); None = the teacher's VAE
+        clip_weight: float = 0.1               # lambda at the first iteration, falling linearly to 0 at max_steps
+        clip_margin: float = 0.35              # tau (sec. 5.1)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -66,13 +76,74 @@ class SwiftBrush(Objective):
                             f"{c.fake_lora_rank}")
         if not 0.0 <= c.cond_drop < 1.0:
             raise UserError(f"swiftbrush: cond_drop must be in [0, 1), got {c.cond_drop}")
+        if c.clip_weight < 0 or not -1.0 <= c.clip_margin <= 1.0:
+            raise UserError(f"swiftbrush: clip_weight must be >= 0 and clip_margin a cosine in [-1, 1], got "
+                            f"{c.clip_weight} and {c.clip_margin}")
+        self.clip = self.decoder = self.clip_text = None
+        self.iteration, self.total = 0, 1
 
     def phases(self):
         return [Phase("generator", ("student",)), Phase("critic", ("fake_score",))]  # student first, then the LoRA
 
     def build(self, teacher, student, context=None):
+        if self.cfg.clip_model:
+            self._build_clip(teacher, context)
         return {"fake_score": FakeScore(teacher, lora_rank=self.cfg.fake_lora_rank, lora_alpha=self.cfg.fake_lora_alpha,
                                         target_modules=self.cfg.fake_target_modules)}
+
+    # -- SwiftBrush v2's clamped CLIP loss -----------------------------------------------------------
+    def _build_clip(self, teacher, context) -> None:
+        """CLIP, its text embedding of every training prompt, and the decoder from latents to images."""
+        from .clip_loss import CLIPScorer
+
+        info = getattr(teacher, "info", None)
+        texts = getattr(context, "texts", None)
+        if info is None or not texts:
+            raise UserError("swiftbrush: the CLIP loss (objective.clip_model) scores images against their prompts; it "
+                            "needs a text-to-image teacher and prompts, so set objective.clip_model=null here")
+        self.clip = CLIPScorer(self.cfg.clip_model)
+        self.clip_text = self.clip.text_features(list(texts))           # one row per training prompt
+        if self.cfg.clip_decoder:
+            from diffusers import AutoencoderTiny
+
+            try:
+                self.decoder = AutoencoderTiny.from_pretrained(self.cfg.clip_decoder, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot load objective.clip_decoder {self.cfg.clip_decoder!r} "
+                                f"({str(err).splitlines()[0]}); pass an AutoencoderTiny folder (TAESD) or null for "
+                                "the teacher's VAE") from None
+        else:
+            from ..t2i.pipeline import load_vae
+
+            self.decoder = load_vae(info, device="cpu", dtype=torch.float32)
+        self.decoder.requires_grad_(False).eval()
+
+    def check_budget(self, max_steps: int) -> None:
+        self.total = int(max_steps)  # the CLIP weight reaches 0 here
+
+    def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration = step
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.iteration = int(state.get("iteration", 0))
+
+    def clip_term(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """lambda max(0, tau - cos(E_image(D(x)), E_text(y))) per sample, with gradient to the latents x."""
+        from ..t2i.pipeline import _factors
+        from .clip_loss import clamped_clip_loss, clip_weight
+
+        for m in (self.clip, self.decoder):
+            if next(m.parameters()).device != x.device:
+                m.to(x.device)
+        scale, shift = _factors(self.decoder)
+        p = next(self.decoder.parameters())
+        images = self.decoder.decode((x / scale + shift).to(p.dtype)).sample                  # D, differentiable
+        feats = self.clip.image_features(images)
+        loss = clamped_clip_loss(feats, self.clip_text.to(x.device)[rows.to(x.device)], self.cfg.clip_margin)
+        return clip_weight(self.cfg.clip_weight, self.iteration, self.total) * loss
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c, cond, draws = self.cfg, batch.get("cond"), Draws(batch)
@@ -86,7 +157,10 @@ class SwiftBrush(Objective):
             fake_x0 = guided(nets.fake_score, w)(x_t, t, cond)
             alpha, sigma = sched.alpha_sigma(t)
             g = vsd_gradient(x_t, alpha, sigma, real_x0, fake_x0)
-        return {"vsd": target_loss(x, g), "_vsd_grad_norm": g.flatten(1).norm(dim=1)}
+        out = {"vsd": target_loss(x, g), "_vsd_grad_norm": g.flatten(1).norm(dim=1)}
+        if self.clip is not None:
+            out["clip"] = self.clip_term(x, batch["rows"])                   # SwiftBrush v2, eq. 5
+        return out
 
     def critic_loss(self, nets: Nets, batch: dict) -> dict:
         cond, draws = batch.get("cond"), Draws(batch)

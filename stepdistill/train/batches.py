@@ -96,4 +96,4 @@ class BatchStream:
         rng = BatchRandom(derive_seed(self.seed, step, phase, repeat, micro), self.G, self.rows, self.device)
         return {"x0": x0.to(self.device),
                 "cond": None if cond is None else {k: v.to(self.device) for k, v in cond.items()},
-                "rng": rng}
+                "rng": rng, "rows": self.indices(draw)}  # the dataset rows (a per-prompt table's index)

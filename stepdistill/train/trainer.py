@@ -206,6 +206,7 @@ class Trainer:
             data.labels = torch.full((len(data),), int(teacher.null_class), dtype=torch.long)
         self.data = data
         context = BuildContext(prompts=getattr(data, "cache_prompts", None),
+                               texts=getattr(getattr(data, "prompts", None), "prompts", None),
                                log=print if self.main else (lambda *a, **k: None))
         t0 = time.perf_counter()
         with self.acc.main_process_first():  # what build writes (a teacher-output cache) is made once
