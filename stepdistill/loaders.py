@@ -51,9 +51,9 @@ def load_run(run_dir, *, ema: bool = True, checkpoint: str | None = None):
     state = ckpt.read_json(folder / "trainer.json")
     teacher = load_teacher(state.get("teacher") or cfg.teacher, resolution=cfg.resolution)
     torch.manual_seed(int(cfg.seed))
-    from .train.setup import make_objective, student_config
-
-    scfg = student_config(cfg, make_objective(cfg.objective), teacher)  # the objective's own times
+    scfg = OmegaConf.to_object(cfg.student)
+    # the times the run trained at, as its checkpoint records them (earlier runs: the scheduler's grid)
+    scfg.timesteps = state.get("student_timesteps") if state.get("student_custom_times") else None
     student = build_student(teacher, scfg, steps=int(state["student_steps"]))
     tensors = ckpt.load_tensors(folder / "nets.safetensors")
     own = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}

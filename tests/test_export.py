@@ -472,6 +472,7 @@ def test_students_sampled_at_their_own_times_export_and_run_them_in_plain_diffus
     for name, (sched, times) in kinds.items():
         teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), sched, null_class=2)
         student = build_student(teacher, StudentConfig(steps=2, timesteps=times)).eval()
+        times = torch.tensor(times).tolist()  # held as the pipeline holds them, in float32
         assert student.timesteps.tolist() == times and student.custom_times
         # other step counts: the exported scheduler's grid (flow's without shift_terminal, which would move the
         # last of the student's own times)

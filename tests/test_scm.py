@@ -285,8 +285,9 @@ def test_a_trained_two_step_run_samples_loads_and_exports_at_its_own_times(tiny_
 
     def run(out, **kw):
         over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=out, cpu="true", batch_size=2,
-                    max_steps=1, checkpoint_every=1, preview_every="null", progress="false", **{"student.steps": 2,
-                    "objective.name": "scm", "objective.tangent": "finite_difference"}, **kw)
+                    checkpoint_every=1, preview_every="null", progress="false", **{"student.steps": 2,
+                    "objective.name": "scm", "objective.tangent": "finite_difference"})
+        over.update({"max_steps": 1, **kw})
         try:
             trainer = Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()]))
             trainer.train()
@@ -303,3 +304,18 @@ def test_a_trained_two_step_run_samples_loads_and_exports_at_its_own_times(tiny_
     assert load_for_sampling(tmp_path / "export").student.timesteps.tolist() == want
     trainer = run(tmp_path / "own", **{"student.timesteps": "[999,600]"})
     assert trainer.student.timesteps.tolist() == [999.0, 600.0]
+    # a checkpoint from before the sampler's times were recorded trained on the scheduler's grid: loaded
+    # there, and not resumed at other times
+    import json
+
+    import pytest
+
+    from stepdistill.errors import UserError
+
+    state = tmp_path / "run" / "checkpoints" / "step-00000001" / "trainer.json"
+    old = {k: v for k, v in json.loads(state.read_text()).items() if not k.startswith("student_timesteps")
+           and k != "student_custom_times"}
+    state.write_text(json.dumps(old))
+    assert load_run(tmp_path / "run")[0].timesteps.tolist() == [999.0, 499.0]
+    with pytest.raises(UserError, match="intermediate_t=null"):
+        run(tmp_path / "run", max_steps=2)

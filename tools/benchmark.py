@@ -226,6 +226,15 @@ def phase_iterations(run_dir: Path, state: dict) -> dict[str, int]:
     return counts
 
 
+def _phases_or_none(run_dir: Path, state: dict) -> dict[str, int] | None:
+    """``phase_iterations``, or None where the run's config no longer resolves (the record is kept)."""
+    try:
+        return phase_iterations(run_dir, state)
+    except Exception as err:  # noqa: BLE001 -- a finished run's record matters more than its phase split
+        print(f"iterations per phase not recorded: {err}")
+        return None
+
+
 def phases_said(counts: dict[str, int] | None) -> str:
     """'warmup 500, critic 391, generator 391' (empty for a one-phase run or a record without counts)."""
     return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts and len(counts) > 1 else ""
@@ -258,7 +267,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
             "minutes": minutes, "preset": preset_id(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "phases": phase_iterations(run_dir, state)}
+            "phases": _phases_or_none(run_dir, state)}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
 

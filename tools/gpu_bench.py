@@ -183,7 +183,7 @@ class Loop:
                                           eps=o.eps) for n, ps in self.params.items()}
         b, side = run.batch, run.model.latent
         self.fixed = {"x0": torch.randn(b, 4, side, side, generator=torch.Generator().manual_seed(2)).to(device),
-                      "cond": conditions(run.model, b, device)}
+                      "cond": conditions(run.model, b, device), "rows": torch.arange(b)}
         self.b = b
 
     def autocast(self):

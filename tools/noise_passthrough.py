@@ -12,10 +12,10 @@ A one-step student starts as the teacher there, so such a residual shows as pixe
 samples unless distillation removes it.
 
 For each teacher and class this draws ``--num`` noises z (unit Gaussian, scaled to the teacher's
-prior), takes x0_hat = D(x_T(z), T, class) and reports, per pixel over the draws, the share of the
-variance of x0_hat explained by z (R^2 of the per-pixel regression of x0_hat on z, averaged over
-pixels and classes; the exact denoiser's is ~0), the regression slope (how much of z passes through),
-and the RMS of the residual around the class's mean estimate. Writes a table to ``--out`` with the
+prior), takes x0_hat = D(x_T(z), T, class) and reports, per pixel over the draws, the regression of
+x0_hat on the same pixel's z: its slope (how much of z passes through; the exact denoiser's is ~0) and
+R^2 (the share of x0_hat's variance that pixel's own noise explains; noise elsewhere in the image is
+not counted), averaged over pixels and classes, and the RMS of x0_hat around the class's mean estimate. Writes a table to ``--out`` with the
 command and machine.
 """
 from __future__ import annotations
@@ -83,8 +83,9 @@ def main() -> int:
         f"`{cmd.strip()}`", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.num} noise draws per class.", "",
-        "R^2: share of the per-pixel variance of x0_hat over the draws explained by the input noise z (the exact "
-        "denoiser's is ~0); slope: the per-pixel regression slope of x0_hat on z (how much of z passes through); "
+        "Per pixel, x0_hat over the draws regressed on the same pixel's input noise z: slope (how much of z passes "
+        "through; the exact denoiser's is ~0) and R^2 (the share of x0_hat's variance that pixel's own noise "
+        "explains); "
         "RMS: x0_hat's spread around the class's mean estimate, in data units ([-1, 1]).", "",
         "| teacher | kind | time T | R^2 (z) | slope | RMS spread |", "|---|---|---|---|---|---|", *rows, ""])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

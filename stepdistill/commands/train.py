@@ -41,10 +41,13 @@ def _dry_run(cfg, objective) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..objectives.base import BuildContext
     from ..train.setup import build_nets, load_teacher_and_data, parameter_counts
 
-    teacher, _ = load_teacher_and_data(cfg)
-    nets = build_nets(cfg, objective, teacher).nets
+    teacher, data = load_teacher_and_data(cfg)
+    context = BuildContext(prompts=getattr(data, "cache_prompts", None), load_caches=False,
+                           texts=getattr(getattr(data, "prompts", None), "prompts", None))
+    nets = build_nets(cfg, objective, teacher, context).nets
     console = Console()
     console.print(OmegaConf.to_yaml(cfg, resolve=True), highlight=False, markup=False)
     table = Table(title="parameters")

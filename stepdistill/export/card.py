@@ -173,10 +173,14 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
                      "their number; without labels it draws random ones, including the no-class label "
                      + str(record["num_classes"]) if record["num_classes"] else "") + ". No guidance is applied: "
                   "any guidance was distilled in.", ""]
+    own = (f"At {k} steps the pipeline passes the student's own timesteps {record.get('timesteps')} (its "
+           "`trained_timesteps`) to the scheduler; other step counts run the scheduler's `set_timesteps` grid. "
+           if record.get("custom_timesteps") else
+           f"The scheduler's `set_timesteps({k})` gives exactly the timesteps the student was trained at (the student's "
+           "timesteps are computed from this scheduler config). ")
     lines += [] if t2i else [
-        f"The scheduler's `set_timesteps({k})` gives exactly the timesteps the student was trained at (the student's "
-        "timesteps are computed from this scheduler config). Each step predicts x0 and re-noises it with fresh noise "
-        "from `generator` to the next timestep (multi-step consistency sampling).", ""]
+        own + "Each step predicts x0 and re-noises it with fresh noise from `generator` to the next timestep "
+        "(multi-step consistency sampling).", ""]
     if eval_report:
         lines += ["## Evaluation", "", *_results_table(eval_report["results"]), "", "Protocol:", "", "```json",
                   json.dumps(eval_report["protocol"], indent=2, sort_keys=True, default=str), "```", ""]

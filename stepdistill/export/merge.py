@@ -36,7 +36,7 @@ def merge_students(a, b, alpha: float):
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must lie in [0, 1] (the share of the second student), got {alpha}")
     same = (a.timesteps.tolist() == b.timesteps.tolist() and a.sampler == b.sampler and a.boundary == b.boundary
-            and a.steps_per_expert == b.steps_per_expert)
+            and a.steps_per_expert == b.steps_per_expert and a.custom_times == b.custom_times)
     if not same:
         raise UserError(f"the students sample differently (timesteps {a.timesteps.tolist()} / {b.timesteps.tolist()}, "
                         f"sampler {a.sampler} / {b.sampler}, boundary {a.boundary} / {b.boundary}, experts "

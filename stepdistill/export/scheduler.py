@@ -243,11 +243,16 @@ def check_timesteps(schedule: Schedule, timesteps, steps: int, sampler: str | No
         if schedule.config.get("use_dynamic_shifting") or getattr(schedule, "linspace_sigmas", False):
             raise UserError("student.timesteps is not supported on a flow teacher with resolution-dependent shifting "
                             "(its pipeline sets its own sigmas); set student.timesteps=null")
+        moved = [k for k in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                 if schedule.config.get(k)]
+        if moved:  # FlowMatchEulerDiscreteScheduler would move sigmas passed to it
+            raise UserError(f"student.timesteps is not supported on a flow teacher whose scheduler sets {moved[0]} "
+                            "(it would move the student's times); set student.timesteps=null")
         if float(ts.min()) <= 0 or float(ts.max()) > n:
             raise UserError(f"{how}: on a flow teacher times in (0, {n}] (sigma = t / {n}), got {ts.tolist()}")
     else:
         raise UserError(f"student.timesteps is not supported for {type(schedule).__name__}; set student.timesteps=null")
-    return ts
+    return ts.float().double()  # as the exported pipeline holds them (float32 sigmas and timesteps)
 
 
 def boundary_scalings(config: dict[str, Any], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

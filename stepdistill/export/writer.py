@@ -88,8 +88,11 @@ def check_exportable(student, meta: dict | None = None) -> dict:
                                    student.first_timestep, student.sampler, own)
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
-    elif own and cfg["_class_name"] == "EDMEulerScheduler":
-        ts = student.timesteps.cpu()  # pipeline.py steps through the student's own sigmas
+    elif own and cfg["_class_name"] == "EDMEulerScheduler":  # pipeline.py steps through the student's own sigmas,
+        ts = student.timesteps.cpu()                          # inside the scheduler's range (its preconditioning's)
+        if float(ts.max()) > float(cfg["sigma_max"]) or float(ts.min()) <= float(cfg["sigma_min"]):
+            raise UserError(f"the student's sigmas {ts.tolist()} leave the exported EDMEulerScheduler's range "
+                            f"({cfg['sigma_min']}, {cfg['sigma_max']}]; retrain with times inside it")
     else:
         sched = make_scheduler(cfg)
         # as ConsistencyModelPipeline and pipeline.py call it (the student's own times passed in)

@@ -116,6 +116,11 @@ class Objective:
     def on_step_end(self, nets: Nets, step: int) -> None:
         """Called after each outer iteration (target EMA, progressive rounds)."""
 
+    def set_progress(self, progress: float) -> None:
+        """Told before each outer iteration: the share of the run done (the larger of step / max_steps
+        and of the time budget's share spent), for weights scheduled over the run (SwiftBrush v2's CLIP
+        weight)."""
+
     def check_budget(self, max_steps: int) -> None:
         """Refuse (UserError) a run length the objective cannot use; called before any compute."""
 

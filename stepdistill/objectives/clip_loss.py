@@ -29,10 +29,11 @@ def clamped_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return torch.relu(float(margin) - cos)
 
 
-def clip_weight(start: float, iteration: int, total: int) -> float:
-    """The CLIP term's weight: ``start`` at the first iteration, falling linearly to 0 at ``total``
-    (SwiftBrush v2 sec. 5.1: "starting with a weight of 0.1 and gradually reducing to zero")."""
-    return float(start) * max(0.0, 1.0 - iteration / max(int(total), 1))
+def clip_weight(start: float, progress: float) -> float:
+    """The CLIP term's weight: ``start`` at the run's start, falling linearly to 0 at its end (``progress``:
+    the share of the run done; SwiftBrush v2 sec. 5.1: "starting with a weight of 0.1 and gradually reducing
+    to zero")."""
+    return float(start) * min(1.0, max(0.0, 1.0 - float(progress)))
 
 
 class CLIPScorer(nn.Module):

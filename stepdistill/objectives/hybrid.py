@@ -136,6 +136,10 @@ class Hybrid(Objective):
         for _, _, part in self._parts():
             part.on_step_end(nets, step)
 
+    def set_progress(self, progress: float) -> None:
+        for _, _, part in self._parts():
+            part.set_progress(progress)
+
     def lr_factor(self, net: str) -> float:
         return self.base.lr_factor(net)
 

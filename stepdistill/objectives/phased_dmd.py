@@ -22,9 +22,10 @@ Per outer iteration of phase k, whose expert maps x_{t_{k-1}} to x_s, s = t_k (c
             dmd math); L = 0.5 mean((x0 - sg(x0 - g))^2). x_s is affine in x0 with a positive factor,
             so the gradient through x0 differs from the paper's through x_s by a per-sample scale.
 Each phase's fake score starts from the teacher (full weights). Each later expert's learning rate
-warms up again from its phase's first iteration (``expert_warmup`` iterations, linear), as a phase
-trained on its own would: its weights start from the teacher and its Adam moments from zero, like the
-first expert's at the run's start, whose warm-up is the optimizer's own (``optim.student.warmup_steps``).
+warms up again from its phase's first iteration, linearly over ``expert_warmup`` updates (1/W of the
+rate at its first, the full rate from its W-th), as a phase trained on its own would: its weights start
+from the teacher and its Adam moments from zero, as the first expert's did at the run's start, whose
+warm-up is the optimizer's own schedule (``optim.student.warmup_steps``).
 """
 from __future__ import annotations
 

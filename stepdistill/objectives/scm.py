@@ -144,7 +144,12 @@ class SCM(Objective):
         first = float(student_timesteps(schedule, 2)[0])
         t_mid = torch.tensor(float(self.cfg.intermediate_t), dtype=torch.float64)
         mid = float(TrigFlow(schedule, self.cfg.sigma_d).native_time(t_mid))
-        return [first, float(round(mid)) if isinstance(schedule, VPSchedule) else mid]
+        mid = float(round(mid)) if isinstance(schedule, VPSchedule) else mid
+        if not mid < first:
+            from ..errors import UserError
+            raise UserError(f"scm: intermediate_t={self.cfg.intermediate_t} maps to time {mid:g}, not below the "
+                            f"student's first time {first:g}; lower objective.intermediate_t (the paper's is 1.1)")
+        return [first, mid]
 
     def on_step_end(self, nets: Nets, step: int) -> None:
         self.iteration = step + 1

@@ -17,7 +17,7 @@ schedule (eps = (x_t - alpha x0) / sigma).
 SwiftBrush v2 (Dao et al., 2024): ``clip_model`` (a local CLIP folder) adds its clamped CLIP loss to the
 generator, lambda(k) max(0, tau - cos(E_image(D(x)), E_text(y))) (eq. 5, ``clip_loss.py``) on
 text-to-image teachers, D the teacher's VAE decoder or a TinyVAE (``clip_decoder``, sec. 4.4), lambda
-from 0.1 to 0 over the run; its weight-space merging of two students is ``stepdistill merge``.
+from 0.1 to 0 over the run (steps or time budget, whichever ends it); its weight-space merging of two students is ``stepdistill merge``.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class SwiftBrush(Objective):
                                                # ViT-B/32); None = off
         clip_decoder: Optional[str] = None     # the latents' decoder for it: an AutoencoderTiny folder (TAESD, the
                                                # paper's TinyVAE); None = the teacher's VAE
-        clip_weight: float = 0.1               # lambda at the first iteration, falling linearly to 0 at max_steps
+        clip_weight: float = 0.1               # lambda at the run's start, falling linearly to 0 at its end
         clip_margin: float = 0.35              # tau (sec. 5.1)
 
     def __init__(self, cfg=None):
@@ -80,7 +80,7 @@ class SwiftBrush(Objective):
             raise UserError(f"swiftbrush: clip_weight must be >= 0 and clip_margin a cosine in [-1, 1], got "
                             f"{c.clip_weight} and {c.clip_margin}")
         self.clip = self.decoder = self.clip_text = None
-        self.iteration, self.total = 0, 1
+        self.progress = 0.0
 
     def phases(self):
         return [Phase("generator", ("student",)), Phase("critic", ("fake_score",))]  # student first, then the LoRA
@@ -118,17 +118,8 @@ class SwiftBrush(Objective):
             self.decoder = load_vae(info, device="cpu", dtype=torch.float32)
         self.decoder.requires_grad_(False).eval()
 
-    def check_budget(self, max_steps: int) -> None:
-        self.total = int(max_steps)  # the CLIP weight reaches 0 here
-
-    def on_step_end(self, nets: Nets, step: int) -> None:
-        self.iteration = step
-
-    def state_dict(self):
-        return {"iteration": self.iteration}
-
-    def load_state_dict(self, state):
-        self.iteration = int(state.get("iteration", 0))
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)  # the CLIP weight falls to 0 at the run's end
 
     def clip_term(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """lambda max(0, tau - cos(E_image(D(x)), E_text(y))) per sample, with gradient to the latents x."""
@@ -140,10 +131,11 @@ class SwiftBrush(Objective):
                 m.to(x.device)
         scale, shift = _factors(self.decoder)
         p = next(self.decoder.parameters())
-        images = self.decoder.decode((x / scale + shift).to(p.dtype)).sample                  # D, differentiable
-        feats = self.clip.image_features(images)
+        with torch.autocast(x.device.type, enabled=False):  # fp16 VAE decodes overflow: run in the weights' dtype
+            images = self.decoder.decode((x.float() / scale + shift).to(p.dtype)).sample      # D, differentiable
+            feats = self.clip.image_features(images)
         loss = clamped_clip_loss(feats, self.clip_text.to(x.device)[rows.to(x.device)], self.cfg.clip_margin)
-        return clip_weight(self.cfg.clip_weight, self.iteration, self.total) * loss
+        return clip_weight(self.cfg.clip_weight, self.progress) * loss
 
     def generator_loss(self, nets: Nets, batch: dict) -> dict:
         c, cond, draws = self.cfg, batch.get("cond"), Draws(batch)

@@ -275,7 +275,7 @@ def student_config(cfg: DictConfig, objective: Objective, teacher) -> StudentCon
     them unset (``Objective.student_timesteps``)."""
     scfg = OmegaConf.to_object(cfg.student)
     assert isinstance(scfg, StudentConfig)
-    if scfg.timesteps is None:
+    if scfg.timesteps is None and scfg.first_timestep is None:  # a chosen first time keeps the scheduler's grid
         own = objective.student_timesteps(teacher, int(scfg.steps or 1))
         scfg.timesteps = None if own is None else [float(v) for v in own]
     return scfg

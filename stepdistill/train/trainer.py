@@ -359,6 +359,7 @@ class Trainer:
         objective's end-of-step hook. No I/O: logging, previews and checkpoints are the loop's."""
         stepped_student = False
         self._resolve_fractions()
+        self.objective.set_progress(self.progress())
         for ph in self.phases:
             start, stop = self._bounds(ph)
             if self.step < start or (stop is not None and self.step >= stop):
@@ -448,9 +449,14 @@ class Trainer:
         return bool(stop)
 
     # -- phases sized as shares of the run (Phase.start_fraction / stop_fraction) -------------------
+    def progress(self) -> float:
+        """The share of the run done: the larger of step / max_steps and the share of the time budget
+        left after setup that training has spent (``_should_stop``)."""
+        return max(self.time_progress, self.step / max(self.cfg.max_steps, 1))
+
     def _resolve_fractions(self) -> None:
         """Record the iteration at which the run's progress first reaches each phase fraction."""
-        progress = max(self.time_progress, self.step / max(self.cfg.max_steps, 1))
+        progress = self.progress()
         for ph in self.phases:
             for f in (ph.start_fraction, ph.stop_fraction):
                 if f is not None and repr(float(f)) not in self.switches and progress >= f:
@@ -542,7 +548,9 @@ class Trainer:
                              "ema": self.ema.scalars() if self.ema is not None else None,
                              "teacher": _teacher_location(self.cfg.teacher), "teacher_hash": self.teacher_hash,
                              "objective": self.objective.name,
-                             "student_steps": self.student.steps, "world_size": self.world},
+                             "student_steps": self.student.steps, "world_size": self.world,
+                             "student_timesteps": self.student.timesteps.tolist(),
+                             "student_custom_times": self.student.custom_times},
                             tmp / "trainer.json")
             final = ckpt.commit(tmp, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -562,6 +570,13 @@ class Trainer:
 
     def load(self, folder: Path) -> None:
         state = ckpt.read_json(folder / "trainer.json")
+        trained = state.get("student_timesteps")  # earlier checkpoints: the scheduler's grid
+        if (trained is not None and trained != self.student.timesteps.tolist()) or (
+                trained is None and self.student.custom_times):
+            raise UserError(f"checkpoint {str(folder)!r} trained the student at timesteps "
+                            f"{trained if trained is not None else 'of its scheduler'}, but this config samples it at "
+                            f"{self.student.timesteps.tolist()}; resume with the run's own times (set student.timesteps, "
+                            "or for scm objective.intermediate_t=null on runs from before it) or use a new output_dir")
         tensors = ckpt.load_tensors(folder / "nets.safetensors")
         expected = self.net_state()
         missing = sorted(set(expected) - set(tensors))
