@@ -211,16 +211,13 @@ def plot_point(row: str) -> tuple[str, int, float, float, float]:
 def phase_iterations(run_dir: Path, state: dict) -> dict[str, int]:
     """Outer iterations each of the run's phases ran in ({phase: count}), from its config.yaml and the
     iterations its checkpoint recorded for each phase fraction (``Phase.start_fraction`` / ``stop_fraction``)."""
-    import math
-
     from stepdistill.train import resolve
 
     _, obj = resolve(str(run_dir / "config.yaml"))
     switches, iters = state.get("phase_switches") or {}, int(state["step"])
     counts = {}
     for ph in obj.phases():
-        start = ph.start if ph.start_fraction is None else switches.get(repr(float(ph.start_fraction)), math.inf)
-        stop = ph.stop if ph.stop_fraction is None else switches.get(repr(float(ph.stop_fraction)), iters)
+        start, stop = ph.span(switches)  # the trainer's own rule (Phase.span)
         stop = iters if stop is None else min(stop, iters)
         counts[ph.name] = int(max(0, stop - min(start, iters)))
     return counts

@@ -61,10 +61,10 @@ def config_args(objective: str, batch: int, teacher, out) -> tuple[str | None, l
 
     preset = PRESETS / "digits" / f"{objective}.yaml"
     path, base = (str(preset), []) if preset.is_file() else (None, [f"objective.name={objective}"])
-    objective = OmegaConf.load(path).get("objective", {}) if path else {}
-    if objective.get("regression_warmup"):
+    section = OmegaConf.load(path).get("objective", {}) if path else {}
+    if section.get("regression_warmup"):
         base = base + ["objective.regression_warmup=0"]
-    if objective.get("regression_warmup_fraction") is not None:
+    if section.get("regression_warmup_fraction") is not None:
         base = base + ["objective.regression_warmup_fraction=null"]
     return path, base + [
         f"teacher={teacher}", "data=digits-train", f"output_dir={out}", f"batch_size={batch}", "max_minutes=null",

@@ -45,8 +45,7 @@ def _dry_run(cfg, objective) -> int:
     from ..train.setup import build_nets, load_teacher_and_data, parameter_counts
 
     teacher, data = load_teacher_and_data(cfg)
-    context = BuildContext(prompts=getattr(data, "cache_prompts", None), load_caches=False,
-                           texts=getattr(getattr(data, "prompts", None), "prompts", None))
+    context = BuildContext.for_data(data, load_caches=False)
     nets = build_nets(cfg, objective, teacher, context).nets
     console = Console()
     console.print(OmegaConf.to_yaml(cfg, resolve=True), highlight=False, markup=False)

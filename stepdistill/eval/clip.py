@@ -58,7 +58,7 @@ class CLIPDetector(Detector):
         self.weights_sha256 = state_dict_sha256(self.model)
 
     @staticmethod
-    def _embeds(out) -> torch.Tensor:
+    def _embeds(out) -> torch.Tensor:  # also CLIPScorer's (objectives/clip_loss.py)
         # transformers 4.x returns the projected tensor; 5.x a model output with pooler_output
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 

@@ -33,7 +33,7 @@ from .card import model_card
 from .share import front_matter, portable, scrub_local_paths, trained_w_range, write_samples
 from .lora import base_copy, has_lora, merged_copy, save_lora
 from .pipeline import set_student_timesteps
-from .scheduler import boundary_scalings, make_scheduler, student_scheduler_config
+from .scheduler import boundary_scalings, check_timesteps, make_scheduler, student_scheduler_config
 from .t2i import check_backbone, pipeline_timesteps, t2i_record, write_t2i
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
@@ -79,7 +79,7 @@ def check_exportable(student, meta: dict | None = None) -> dict:
         raise UserError(f"export supports UNet2DModel students (unconditional or class-conditional) and students of "
                         f"text-to-image pipelines; this one is {type(backbone).__name__}; sample it with "
                         "`stepdistill sample RUN_DIR` instead")
-    own = getattr(student, "custom_times", False)
+    own = student.custom_times
     if own and info is not None:
         raise UserError("export of a text-to-image student with its own sampling times (student.timesteps) is not "
                         "supported yet; sample it with `stepdistill sample RUN_DIR`, or train with "
@@ -89,10 +89,8 @@ def check_exportable(student, meta: dict | None = None) -> dict:
     if info is not None:
         ts = pipeline_timesteps(cfg, info.kind, student.steps, info.latent_size)
     elif own and cfg["_class_name"] == "EDMEulerScheduler":  # pipeline.py steps through the student's own sigmas,
-        ts = student.timesteps.cpu()                          # inside the scheduler's range (its preconditioning's)
-        if float(ts.max()) > float(cfg["sigma_max"]) or float(ts.min()) <= float(cfg["sigma_min"]):
-            raise UserError(f"the student's sigmas {ts.tolist()} leave the exported EDMEulerScheduler's range "
-                            f"({cfg['sigma_min']}, {cfg['sigma_max']}]; retrain with times inside it")
+        # which must lie in the range of the scheduler whose preconditioning it applies (student.timesteps' rule)
+        ts = check_timesteps(student.schedule, student.timesteps.tolist(), student.steps, student.sampler)
     else:
         sched = make_scheduler(cfg)
         # as ConsistencyModelPipeline and pipeline.py call it (the student's own times passed in)
@@ -172,7 +170,7 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
     # ConsistencyModelPipeline needs scale_model_input and init_noise_sigma, which flow schedulers
     # lack; and no unconditional/class-conditional pipeline of diffusers loads LoRA adapters
     guided = type(backbone).__name__ == "GuidedUNet2DModel"
-    own = bool(getattr(student, "custom_times", False))  # its own times: passed to the scheduler by pipeline.py
+    own = student.custom_times  # its own times: passed to the scheduler by pipeline.py
     custom = not t2i and (mode == "lora" or bool(student.steps_per_expert) or guided or own
                           or cfg["_class_name"] not in ("LCMScheduler", "DDIMScheduler"))
     # version 1 readers would load only the first expert of a mixture: those exports are version 2; earlier

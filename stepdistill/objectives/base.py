@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -40,6 +41,13 @@ class Phase:
     start_fraction: float | None = None
     stop_fraction: float | None = None
 
+    def span(self, switches: dict[str, int]) -> tuple[float, int | None]:
+        """(start, stop) iterations, given the iterations at which the run reached each fraction
+        (``switches``, keyed by ``repr(float(fraction))``): a fraction not yet reached counts as never."""
+        start = self.start if self.start_fraction is None else switches.get(repr(float(self.start_fraction)), math.inf)
+        stop = self.stop if self.stop_fraction is None else switches.get(repr(float(self.stop_fraction)))
+        return start, stop
+
 
 @dataclass
 class BuildContext:
@@ -51,6 +59,12 @@ class BuildContext:
     texts: Any = None          # ... and their text, row for row (a list of str), else None
     load_caches: bool = True   # False: a dry run; caches are checked, not built
     log: Callable[[str], None] = print
+
+    @classmethod
+    def for_data(cls, data, **kw) -> "BuildContext":
+        """The context of a run on ``data``: a text-to-image set's prompts (cached embeddings and text)."""
+        return cls(prompts=getattr(data, "cache_prompts", None),
+                   texts=getattr(getattr(data, "prompts", None), "prompts", None), **kw)
 
 
 class Nets(nn.Module):

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..eval.clip import CLIPDetector
+
+_embeds = CLIPDetector._embeds  # the projected embeddings, from transformers 4.x and 5.x alike
 
 #: CLIP's image normalisation (CLIPImageProcessor's defaults), used where the folder has no processor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,18 +71,13 @@ class CLIPScorer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    @staticmethod
-    def _embeds(out) -> torch.Tensor:
-        # transformers 4.x returns the projected tensor; 5.x a model output with pooler_output
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
     @torch.no_grad()
     def text_features(self, texts: list[str], batch: int = 64) -> torch.Tensor:
         feats = []
         for i in range(0, len(texts), batch):
             tok = self.tokenizer(list(texts[i:i + batch]), padding=True, truncation=True, return_tensors="pt")
             dev = self.mean.device
-            feats.append(self._embeds(self.model.get_text_features(
+            feats.append(_embeds(self.model.get_text_features(
                 input_ids=tok["input_ids"].to(dev), attention_mask=tok["attention_mask"].to(dev))).float())
         return torch.cat(feats)
 
@@ -97,7 +95,7 @@ class CLIPScorer(nn.Module):
             x = x[..., top:top + self.size, left:left + self.size]
         x = ((x + 1) / 2 - self.mean) / self.std
         dtype = next(self.model.parameters()).dtype
-        return self._embeds(self.model.get_image_features(pixel_values=x.to(dtype))).float()
+        return _embeds(self.model.get_image_features(pixel_values=x.to(dtype))).float()
 
 
 __all__ = ["clamped_clip_loss", "clip_weight", "CLIPScorer"]

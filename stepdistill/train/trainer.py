@@ -205,9 +205,7 @@ class Trainer:
         elif data.labels is None:  # a class-conditional teacher on unlabelled data: its null class
             data.labels = torch.full((len(data),), int(teacher.null_class), dtype=torch.long)
         self.data = data
-        context = BuildContext(prompts=getattr(data, "cache_prompts", None),
-                               texts=getattr(getattr(data, "prompts", None), "prompts", None),
-                               log=print if self.main else (lambda *a, **k: None))
+        context = BuildContext.for_data(data, log=print if self.main else (lambda *a, **k: None))
         t0 = time.perf_counter()
         with self.acc.main_process_first():  # what build writes (a teacher-output cache) is made once
             built = build_nets(cfg, objective, teacher, context)
@@ -464,9 +462,7 @@ class Trainer:
 
     def _bounds(self, ph) -> tuple[float, float | None]:
         """A phase's (start, stop) iterations, a fraction not yet reached counting as never."""
-        start = ph.start if ph.start_fraction is None else self.switches.get(repr(float(ph.start_fraction)), math.inf)
-        stop = ph.stop if ph.stop_fraction is None else self.switches.get(repr(float(ph.stop_fraction)))
-        return start, stop
+        return ph.span(self.switches)
 
     def healthy(self) -> bool:
         """Whether the newest update was applied and every trained weight (and the EMA) is finite:
