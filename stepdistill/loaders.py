@@ -135,7 +135,7 @@ def load_exported(path, *, trust_pickle: bool = False):
     from .denoisers import DiffusersDenoiser
     from .export.lora import load_lora
     from .export.pipeline import LORA_WEIGHT_NAME
-    from .export.scheduler import student_scheduler_config, student_timesteps
+    from .export.scheduler import check_timesteps, student_scheduler_config, student_timesteps
     from .generator import Student
     from .schedules import schedule_from_config
     from .teachers import _load_backbone
@@ -172,7 +172,7 @@ def load_exported(path, *, trust_pickle: bool = False):
     per_expert = record.get("experts")  # a mixture of experts: the later experts in unet_2, unet_3, ...
     more = [DiffusersDenoiser(_load_backbone(p / f"unet_{i}", None, trust_pickle), schedule,
                               null_class=record.get("null_class")) for i in range(2, len(per_expert or [1]) + 1)]
-    times = (torch.tensor(record["timesteps"], dtype=torch.float64) if own
+    times = (check_timesteps(schedule, record["timesteps"], int(record["steps"]), sampler, first) if own
              else student_timesteps(schedule, int(record["steps"]), boundary, first, sampler))
     student = Student(den, times, boundary=boundary, first_timestep=first, sampler=sampler,
                       gamma=float(record.get("gamma", 0.3)), experts=more, steps_per_expert=per_expert, custom_times=own)

@@ -496,6 +496,11 @@ def test_students_sampled_at_their_own_times_export_and_run_them_in_plain_diffus
         torch.testing.assert_close(got[name + "_3"], want, rtol=0, atol=1e-4)
         back = load_for_sampling(tmp_path / name).student
         assert back.custom_times and back.timesteps.tolist() == student.timesteps.tolist()
+    meta = tmp_path / "vp" / "stepdistill_student.json"  # a record whose times LCMScheduler cannot take
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "timesteps": [999.0, 349.5]}))
+    with pytest.raises(UserError, match="integer training timesteps"):
+        load_for_sampling(tmp_path / "vp")
     vp = tiny_teacher()
     for bad, match in [({"timesteps": [999.0, 349.5]}, "integer"), ({"timesteps": [349.0, 999.0]}, "decreasing"),
                        ({"timesteps": [999.0]}, "2 strictly"), ({"timesteps": [999.0, 349.0], "sampler": "ddim"},
