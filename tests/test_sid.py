@@ -162,6 +162,23 @@ def test_regression_warmup_option(tmp_path):
         SiD(SiD.Config(regression_warmup=1)).regression.check(None)
 
 
+def test_regression_warmup_as_a_share_of_the_run(tmp_path):
+    """regression_warmup_fraction sizes SiD's warm-up as DMD2's: the warm-up stops, and the critic and
+    the generator (with SiDA's GAN term when it is on) start, at that share of the run; the iteration
+    starts generator_start / gan_start cannot be mixed with it."""
+    obj = SiD(SiD.Config(regression_warmup_fraction=0.2, cache=str(tmp_path / "pairs")))
+    assert [(p.name, p.start_fraction, p.stop_fraction) for p in obj.phases()] == [
+        ("warmup", None, 0.2), ("critic", 0.2, None), ("generator", 0.2, None)]
+    assert obj.needs_cache()
+    gan = SiD(SiD.Config(regression_warmup_fraction=0.25, gan_weight=1e-4, alpha=1.0, cache=str(tmp_path / "p")))
+    assert [(p.name, p.start_fraction) for p in gan.phases()] == [
+        ("warmup", None), ("critic", 0.25), ("generator_gan", 0.25)]
+    with pytest.raises(UserError, match="generator_start and gan_start count iterations"):
+        SiD(SiD.Config(regression_warmup_fraction=0.2, gan_weight=1e-4, alpha=1.0, generator_start=3)).phases()
+    with pytest.raises(UserError, match="regression_warmup_fraction must lie in"):
+        SiD(SiD.Config(regression_warmup_fraction=0.2, regression_warmup=5))
+
+
 def _sida(**kw):
     obj = SiD(SiD.Config(**{"gan_weight": 1e-4, "gan_form": "sida", "alpha": 1.0, **kw}))
     return obj, _nets(obj)

@@ -108,9 +108,15 @@ class SiD(Objective):
 
     def phases(self):
         c = self.cfg
-        if c.regression_warmup_fraction is not None:
-            raise UserError("sid: size the regression warm-up in iterations (objective.regression_warmup); "
-                            "regression_warmup_fraction is dmd/dmd2's")
+        f = c.regression_warmup_fraction
+        if f is not None:  # the warm-up as a share of the run (Phase.stop_fraction), as DMD2's
+            if c.generator_start or c.gan_start:
+                raise UserError("sid: generator_start and gan_start count iterations; with them size the warm-up in "
+                                "iterations too (objective.regression_warmup) and set regression_warmup_fraction=null")
+            gan = [Phase("generator_gan", ("student",), start_fraction=f)] if c.gan_weight > 0 else []
+            return [Phase("warmup", ("student",), stop_fraction=f),
+                    Phase("critic", critic_trains(c), repeats=c.critic_repeats, start_fraction=f),
+                    *(gan or [Phase("generator", ("student",), start_fraction=f)])]
         w = c.regression_warmup
         g0 = max(w, c.generator_start)
         out = [Phase("warmup", ("student",), stop=w)] if w else []
