@@ -78,3 +78,39 @@ def test_conflicts_are_refused_with_one_line():
     with pytest.raises(UserError, match="network called 'fake_score'"):
         _nets(both)
     assert get_objective("hybrid").name == "hybrid"
+
+
+def test_a_term_waits_for_its_start():
+    """rCM runs no DMD term and no fake-score update before the tangent warm-up is over: a term's
+    ``start`` holds its critic phases back and leaves its generator term out until that iteration;
+    the iteration is checkpointed."""
+    spec = {**RCM, "terms": [{**RCM["terms"][0], "start": 2}]}
+    hybrid = make_objective(spec)
+    phases = {ph.name: ph for ph in hybrid.phases()}
+    assert phases["dmd2_critic"].start == 2 and phases["generator"].start == 0
+    nets = _nets(hybrid)
+    hybrid.on_step_end(nets, 0)  # iteration 1: not yet
+    assert set(hybrid.losses("generator", nets, _batch())) == set(hybrid.base.losses("generator", nets, _batch()))
+    hybrid.on_step_end(nets, 1)  # iteration 2: the term joins
+    assert "dmd2/dmd" in hybrid.losses("generator", nets, _batch())
+    fresh = make_objective(spec)
+    fresh.load_state_dict(hybrid.state_dict())
+    assert fresh.iteration == 2 and "dmd2/dmd" in fresh.losses("generator", _nets(fresh), _batch())
+    with pytest.raises(UserError, match="start is an iteration"):
+        make_objective({**RCM, "terms": [{**RCM["terms"][0], "start": -1}]})
+
+
+def test_rcm_preset_builds_without_a_weighting_network():
+    """digits/rcm in rCM's loss form: the base sCM has no learned weighting, the DMD term waits out the
+    tangent warm-up and its fake score updates 4 times per student update."""
+    from omegaconf import OmegaConf
+
+    from stepdistill.resources import preset
+
+    cfg = OmegaConf.to_container(OmegaConf.load(preset("digits/rcm")).objective)
+    hybrid = make_objective(cfg)
+    phases = {ph.name: ph for ph in hybrid.phases()}
+    assert phases["generator"].trains == ("student",)
+    assert phases["dmd2_critic"].start == cfg["base"]["tangent_warmup"] == 300
+    assert phases["dmd2_critic"].repeats == 4
+    assert _nets(hybrid).get("weighting") is None and _nets(hybrid).get("fake_score") is not None

@@ -319,3 +319,35 @@ def test_a_trained_two_step_run_samples_loads_and_exports_at_its_own_times(tiny_
     assert load_run(tmp_path / "run")[0].timesteps.tolist() == [999.0, 499.0]
     with pytest.raises(UserError, match="intermediate_t=null"):
         run(tmp_path / "run", max_steps=2)
+
+
+def test_rcm_form_of_the_loss_without_learned_or_prior_weighting(gaussian_data):
+    """rCM's sCM loss (NVlabs/rcm t2v_model_distill_rcm.py): g / (||g||_2 + 0.1) over all elements,
+    sum (F_theta - F_- - g)^2 with no learned w and no prior weighting; here the per-element mean of
+    the same, i.e. the reference divided by D, and no weighting network is built or trained."""
+    mu, s = gaussian_data
+    sched = schedules()["vp-v"]
+    teacher = GaussianTeacher(sched, mu, s)
+    student = Student(GaussianTeacher(sched, mu * 0.9, s * 1.1), sched.timesteps(1)[:-1])
+    obj = SCM(SCM.Config(tangent_norm="l2", prior_weighting=False, adaptive_weighting=False, tangent_warmup=1))
+    extra = obj.build(teacher, student)
+    assert extra == {} and obj.phases()[0].trains == ("student",)
+    obj.iteration = 1  # r = 1
+    nets = Nets(teacher=teacher, student=student, **extra)
+    g = torch.Generator().manual_seed(2)
+    x0 = mu + s * torch.randn(6, *mu.shape, generator=g)
+    torch.manual_seed(4)
+    out = obj.generator_loss(nets, {"x0": x0, "cond": None})
+    # the reference, transcribed: same draws (the objective reads torch's global stream when no rng is given)
+    from stepdistill.objectives.common import Draws
+
+    torch.manual_seed(4)
+    draws = Draws({"x0": x0})
+    t = obj.times(draws)
+    x = obj.trig.add_noise(x0, SD * draws.randn_like(x0), t)
+    raw, v_minus = obj.tangent_g(student, teacher, x, t, None, 1.0)
+    g_hat = raw / bcast(raw.flatten(1).norm(dim=1) + 0.1, raw)
+    f = obj.trig.velocity(student.denoise, x, t, None) / SD
+    reference = (f - v_minus / SD - g_hat).pow(2).flatten(1).sum(1)          # rCM: summed, before loss_scale
+    torch.testing.assert_close(out["scm"] * x0[0].numel(), reference, rtol=1e-5, atol=1e-7)
+    assert torch.all(out["_logvar"] == 0)

@@ -14,9 +14,14 @@ This is how the sCM hybrids are built:
 
 * SANA-Sprint (Chen et al., 2025, sec. 3.3, eq. 8): sCM + LADD's adversarial loss on the frozen
   teacher's features (``adversarial`` with ``disc: teacher``, ``distill: none``), weight 0.5.
-* rCM (Zheng et al., 2025, sec. 4): sCM + DMD's reverse-divergence term with its fake score, the
-  fake score updated 5 times per student update (NVlabs/rcm: ``loss_scale`` 100 on sCM,
-  ``loss_scale_dmd`` 1, ``student_update_freq`` 5: a DMD weight of 0.01 relative to sCM).
+* rCM (Zheng et al., 2025, sec. 4): sCM + DMD's reverse-divergence term with its fake score
+  (NVlabs/rcm ``t2v_model_distill_rcm.py``): the sCM loss without adaptive weighting, its tangent
+  L2-normalised, summed over elements and scaled by ``loss_scale`` 100; DMD's summed with
+  ``loss_scale_dmd`` 1; the fake score updated 4 times per student update (``student_update_freq``
+  5); DMD and its fake score join once the tangent warm-up is over (the term's ``start``).
+
+A term may wait: ``start: N`` (iterations) holds its critic phases back until N and adds its
+generator term from iteration N on.
 
 Networks of different parts must not share a name (two critics called ``disc`` are refused).
 Each part is created by the registry (``make_objective``), so no objective module is imported here.
@@ -46,11 +51,17 @@ class Hybrid(Objective):
         super().__init__(cfg)
         self.base = make_objective(dict(self.cfg.base))
         self.terms: list[tuple[str, float, Objective]] = []
+        self.starts: dict[str, int] = {}
+        self.iteration = 0
         seen = {self.base.name}
         for spec in self.cfg.terms:
             spec = dict(spec)
             weight = float(spec.pop("weight", 1.0))
+            start = int(spec.pop("start", 0))
+            if start < 0:
+                raise UserError(f"objective hybrid: a term's start is an iteration >= 0, got {start}")
             part = make_objective(spec)
+            self.starts[part.name] = start
             if part.name in seen or part.name == self.name:
                 raise UserError(f"objective hybrid: {part.name!r} appears twice; give each objective once")
             seen.add(part.name)
@@ -81,7 +92,11 @@ class Hybrid(Objective):
                     trains += [n for n in ph.trains if n not in trains]
                     continue
                 key = f"{name}_{ph.name}"
-                out.append(dataclasses.replace(ph, name=key))
+                start = self.starts.get(name, 0)
+                if start and ph.start_fraction is not None:
+                    raise UserError(f"objective hybrid: {name!r} sizes its phases as shares of the run; give it "
+                                    "no start, or size them in iterations")
+                out.append(dataclasses.replace(ph, name=key, start=max(ph.start, start)))
                 self._owner[key] = (part, ph.name)
         return out + [dataclasses.replace(gen, trains=tuple(trains))]
 
@@ -111,6 +126,8 @@ class Hybrid(Objective):
     def generator_loss(self, nets: Nets, batch: dict):
         out = dict(self.base.losses(GENERATOR, nets, batch))
         for name, weight, part in self.terms:
+            if self.iteration < self.starts.get(name, 0):
+                continue  # the term has not joined yet
             for k, v in part.losses(GENERATOR, nets, batch).items():
                 out[f"{name}/{k}" if not k.startswith("_") else f"_{name}/{k[1:]}"] = v if k.startswith("_") else weight * v
         return out
@@ -133,6 +150,7 @@ class Hybrid(Objective):
             part.check_budget(max_steps)
 
     def on_step_end(self, nets: Nets, step: int) -> None:
+        self.iteration = step + 1
         for _, _, part in self._parts():
             part.on_step_end(nets, step)
 
@@ -144,9 +162,10 @@ class Hybrid(Objective):
         return self.base.lr_factor(net)
 
     def state_dict(self):
-        return {name: part.state_dict() for name, _, part in self._parts()}
+        return {"iteration": self.iteration, **{name: part.state_dict() for name, _, part in self._parts()}}
 
     def load_state_dict(self, state):
+        self.iteration = int(state.get("iteration", 0))
         for name, _, part in self._parts():
             part.load_state_dict(state.get(name, {}))
 

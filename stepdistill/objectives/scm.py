@@ -18,7 +18,8 @@ which keeps the fused kernels and costs a third forward pass. ``tangent="split"`
 of the total derivative apart: the JVP along x (tangent (dx_t/dt, 0)) plus a central difference in t
 alone over ``fd_t_eps`` (relative): a teacher trained at integer timesteps wiggles between them, and
 a step in t that spans several of them gives the smooth time derivative while x keeps the exact one.
-w(t) is a small learned network (``AdaptiveWeight``). lambda(t) = 1 / (sigma_d tan t) is the prior
+w(t) is a small learned network (``AdaptiveWeight``; ``adaptive_weighting=False``: w = 0, as in rCM's
+loss). lambda(t) = 1 / (sigma_d tan t) is the prior
 weighting of the reference implementation (FastGen ``sCM.py``, ``prior_weighting_enabled``: 1/sigma_t),
 and the norm in the normalisation is its size-invariant RMS (``g_norm_spatial_invariance``) unless
 ``tangent_norm="l2"`` (Alg. 1's plain norm).
@@ -93,6 +94,7 @@ class SCM(Objective):
         guidance: float = 1.0            # CFG scale of the teacher's velocity (1 = none)
         guidance_range: list | None = None
         weight_features: int = 128
+        adaptive_weighting: bool = True  # the learned w(t) of sec. 4.3; rCM's sCM loss has none (NVlabs/rcm)
         intermediate_t: Optional[float] = 1.1  # 2-step sampler: the second step's TrigFlow time (the paper's
                                          # 1.1, App. G.2; SANA-Sprint's SCMScheduler: 1.3); None = the
                                          # teacher schedule's own 2-step grid
@@ -113,13 +115,14 @@ class SCM(Objective):
         self.iteration = 0
 
     def phases(self):
-        return [Phase("generator", ("student", "weighting"))]
+        return [Phase("generator", ("student", "weighting") if self.cfg.adaptive_weighting else ("student",))]
 
     def build(self, teacher, student, context: BuildContext | None = None):
         self.trig = TrigFlow(teacher.schedule, self.cfg.sigma_d)
         grid = teacher.schedule.timesteps(1000)
         self.t_min = float(self.trig.time_from_sigma(self._sigma_ratio(teacher.schedule, grid[-2])))
-        return {"weighting": AdaptiveWeight(self.cfg.sigma_d, self.cfg.weight_features)}
+        return {"weighting": AdaptiveWeight(self.cfg.sigma_d, self.cfg.weight_features)} if self.cfg.adaptive_weighting \
+            else {}
 
     @staticmethod
     def _sigma_ratio(schedule, u):
@@ -219,7 +222,7 @@ class SCM(Objective):
         g = g / bcast(norm + cfg.tangent_c, g)                                 # tangent normalisation
         f_theta = trig.velocity(nets.student.denoise, x, t, cond) / cfg.sigma_d
         mse = (f_theta - (v_minus / cfg.sigma_d + g).detach()).pow(2).flatten(1).mean(1)
-        w = nets.weighting(t)
+        w = nets.weighting(t) if cfg.adaptive_weighting else torch.zeros_like(mse)
         prior = 1.0 / (cfg.sigma_d * torch.tan(t)) if cfg.prior_weighting else torch.ones_like(t)
         loss = prior.to(mse.dtype) * torch.exp(w) * mse - w                    # adaptive weighting
         return {"scm": loss, "_mse": mse.detach(), "_logvar": -w.detach(), "_r": torch.full_like(mse, r)}
