@@ -116,7 +116,7 @@ class Student(nn.Module):
         if grad_at is None:
             return self._chain(noise, cond, self.timesteps, renoise)
         ts, k = self.timesteps, torch.as_tensor(grad_at).cpu()
-        x = x_at = self._prior(noise, ts[0])
+        x = x_at = self.prior(noise, ts[0])
         with torch.no_grad():
             for i in range(int(k.max())):
                 x = self._step(x, self.denoise(x, ts[i], cond), ts[i], ts[i + 1], noise, renoise)
@@ -124,7 +124,7 @@ class Student(nn.Module):
         x0 = self.denoise(x_at, ts[k.to(ts.device)], cond)
         return (x0, x_at) if with_input else x0
 
-    def _prior(self, noise, t0):
+    def prior(self, noise, t0):
         """The generator's input from unit noise. EDM: sigma z, the noise of Karras et al. (2022,
         Alg. 1, x ~ N(0, sigma_max^2)) and SiD's generator input z * sigma_init (Zhou et al., 2024),
         not diffusers' init_noise_sigma sqrt(sigma^2 + 1), which differs by 7.7 % at sigma_init 2.5;
@@ -134,7 +134,7 @@ class Student(nn.Module):
         return self.schedule.prior(noise, t0)
 
     def _chain(self, noise, cond, ts, renoise):
-        x = self._prior(noise, ts[0])
+        x = self.prior(noise, ts[0])
         for i, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
             if i + 1 == len(ts):

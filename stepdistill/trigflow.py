@@ -33,6 +33,17 @@ class TrigFlow:
         lam_hi = float(log_snr(schedule, torch.tensor(schedule.t_max, dtype=torch.float64)))
         # the noisiest TrigFlow time the teacher covers: arctan(sigma / (alpha sigma_d)) at its t_max
         self.t_max = math.atan2(math.exp(-lam_hi), self.sigma_d) if math.isfinite(lam_hi) else math.pi / 2
+        # the least noisy one: the last time of its 1000-step grid before the clean end
+        a, s = schedule.alpha_sigma(schedule.timesteps(1000)[-2])
+        self.t_min = float(self.time_from_sigma(s / a))
+
+    def lognormal(self, u: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+        """TrigFlow times t = arctan(e^tau / sigma_d), tau ~ N(p_mean, p_std^2), by the inverse CDF of uniforms
+        ``u`` (sCM sec. 4.4's proposal; SANA-Sprint's ``logit_normal_trigflow``), kept inside the times the
+        teacher covers ([t_min, t_max])."""
+        u = u.clamp(1e-12, 1 - 1e-12)
+        tau = p_mean + p_std * math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+        return self.time_from_sigma(tau.exp()).to(u.device).clamp(self.t_min, self.t_max)
 
     def time_from_sigma(self, sigma) -> torch.Tensor:
         """t = arctan(sigma / sigma_d) for an EDM-scale noise level sigma = sigma(u) / alpha(u)."""

@@ -112,3 +112,50 @@ def test_add_student_denoises_real_images_noised_to_its_timesteps():
     seen.clear()
     Adversarial(Adversarial.Config(disc="pixels", distill="none", student_input="noise")).generator_loss(nets, batch)
     assert float(torch.as_tensor(seen[0][1]).flatten()[0]) == float(student.timesteps[0])  # the chain's first step
+
+
+def test_sana_sprint_student_input_mixes_the_proposal_with_pure_noise():
+    """SANA-Sprint (train_scm_ladd.py, train_largest_timestep): real images noised to TrigFlow times
+    t = arctan(e^tau / sigma_d), tau ~ N(0.2, 1.6^2), half of them replaced by pure noise at the
+    student's first time; the student's x0 estimate at each is what the discriminator judges."""
+    from stepdistill.schedules import bcast
+    from stepdistill.train.randomness import BatchRandom
+    from stepdistill.trigflow import TrigFlow
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, steps=1)
+    obj = Adversarial(Adversarial.Config(disc="pixels", distill="none", student_input="proposal"))
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    seen = []
+    student.denoiser.register_forward_pre_hook(lambda m, a: seen.append((a[0].detach().clone(), a[1])))
+    n = 256
+    x0 = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = {"x0": x0, "cond": {"class_labels": torch.arange(n) % 2}, "rng": BatchRandom(5, n, slice(0, n))}
+    obj.generator_loss(nets, batch)
+    rng = BatchRandom(5, n, slice(0, n))                      # the same draws, in the same order
+    u, top = rng.rand(dtype=torch.float64), rng.rand(dtype=torch.float64) < 0.5
+    eps, z = rng.randn_like(x0), rng.randn_like(x0)
+    trig = TrigFlow(student.schedule, 0.5)
+    t = torch.atan(torch.exp(0.2 + 1.6 * torch.special.ndtri(u)) / 0.5).clamp(trig.t_min, trig.t_max)
+    s = torch.where(top, torch.full_like(t, float(student.timesteps[0])), trig.native_time(t))
+    want = torch.where(bcast(top, x0).bool(), z, student.schedule.add_noise(x0, eps, s))  # VP prior: unit noise
+    assert len(seen) == 1 and 0.4 < float(top.float().mean()) < 0.6
+    torch.testing.assert_close(torch.as_tensor(seen[0][1]).double(), s)
+    torch.testing.assert_close(seen[0][0], want.to(x0.dtype))
+
+
+def test_sana_sprint_discriminator_times_are_its_log_normal():
+    """disc_proposal = [-0.6, 1.0] (SANA-Sprint's logit_mean/std_discriminator): on an EDM schedule, whose
+    time is sigma = sigma_d tan t, log sigma of the discriminator's times is N(-0.6, 1.0^2)."""
+    from types import SimpleNamespace
+
+    from stepdistill.objectives.common import Draws
+    from stepdistill.objectives.critic import disc_times
+    from stepdistill.schedules import EDMSchedule
+
+    torch.manual_seed(0)
+    view = SimpleNamespace(disc_proposal=[-0.6, 1.0], sigma_d=0.5, disc_t_range=[0.02, 0.98])
+    log_sigma = disc_times(view, EDMSchedule(), Draws({"x0": torch.zeros(20000, 1)})).log()
+    assert abs(float(log_sigma.mean()) + 0.6) < 0.03 and abs(float(log_sigma.std()) - 1.0) < 0.03
+    with pytest.raises(UserError, match="disc_proposal is"):
+        Adversarial(Adversarial.Config(disc_proposal=[0.0]))

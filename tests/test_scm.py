@@ -166,7 +166,7 @@ def test_proposal_is_the_papers_log_normal():
     from stepdistill.objectives.common import Draws
 
     obj = _objective(EDMSchedule(), "jvp")
-    obj.t_min = 0.0
+    obj.trig.t_min = 0.0
     torch.manual_seed(0)
     x0 = torch.zeros(20000, 1)
     t = obj.times(Draws({"x0": x0}))

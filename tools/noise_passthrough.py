@@ -46,7 +46,7 @@ def passthrough(teacher, num: int, seed: int = 0) -> dict:
     r2s, slopes, rmss = [], [], []
     for c in classes:
         z = torch.randn((num, *shape), generator=g)
-        x = student._prior(z, t[0])                                  # the sampler's input at T (EDM: sigma_max z)
+        x = student.prior(z, t[0])                                  # the sampler's input at T (EDM: sigma_max z)
         cond = None if c is None else {"class_labels": torch.full((num,), c, dtype=torch.long)}
         x0 = teacher(x, t.repeat(num), cond)
         dz, dx = z - z.mean(0), x0 - x0.mean(0)

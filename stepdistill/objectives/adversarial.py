@@ -8,6 +8,11 @@ samples, plus an optional score-distillation term towards the teacher:
 * disc="pixels": the head reads the clean images directly (a small conv discriminator).
 Losses come from ``gan`` (hinge by default, as ADD/LADD; non-saturating on request) with the
 approximate R1 penalty of APT (Lin et al., 2025).
+SANA-Sprint's LADD (Chen et al., 2025, sec. 3.3; NVlabs/Sana train_scm_ladd.py) is
+``student_input="proposal"`` with ``disc_proposal``: the student denoises real images noised to TrigFlow
+times from sCM's log-normal proposal, ``largest_prob`` of them replaced by pure noise at its noisiest
+time (``train_largest_timestep``), and the discriminator noises both sides at times from its own
+log-normal (``logit_mean_discriminator`` -0.6, ``logit_std_discriminator`` 1.0).
 distill="sds" adds ADD's distillation loss (eq. 4-5): d(x, sg(teacher_x0(x_t))) with the
 exponential weighting c(t) = alpha_t and d the per-pixel squared error.
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -25,6 +30,7 @@ from ..denoisers import guided
 from ..errors import UserError
 from ..fake_score import DiscHead, build_disc_head, frozen, sample_shape
 from ..schedules import bcast
+from ..trigflow import TrigFlow
 from . import gan
 from .base import Nets, Objective, Phase, register
 from .common import Draws, sample_student
@@ -48,22 +54,35 @@ class Adversarial(Objective):
         r1_weight: float = 0.0              # approximate R1 on real inputs; 0 = off
         r1_noise: float = 0.01              # its input perturbation std
         t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # disc noise levels (teacher disc)
+        disc_proposal: Optional[List[float]] = None  # [p_mean, p_std]: disc noise times from TrigFlow's log-normal
+                                            # instead (SANA-Sprint: [-0.6, 1.0]); None = uniform over t_range
+        sigma_d: float = 0.5                # TrigFlow's data standard deviation (the log-normals' units)
         distill: str = "sds"                # "sds" (ADD's distillation term) | "none"
         distill_weight: float = 2.5         # ADD's lambda
         distill_t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
         guidance: float = 1.0               # teacher CFG scale in the distillation term
         student_input: str = "data"         # "data": real images noised to one of the student's timesteps (ADD
                                             # sec. 3.1, x_s = alpha_s x0 + sigma_s eps); "noise": the student's own
-                                            # sampling chain from pure noise
+                                            # sampling chain from pure noise; "proposal": SANA-Sprint's, real
+                                            # images at TrigFlow times from student_proposal, largest_prob of them
+                                            # pure noise at the student's first time
+        student_proposal: List[float] = field(default_factory=lambda: [0.2, 1.6])  # [p_mean, p_std] (Sana's sCM)
+        largest_prob: float = 0.5           # SANA-Sprint's largest_timestep_prob
         backward_simulation: bool = True    # multi-step students with student_input "noise"
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         if self.cfg.disc not in DISCS:
             raise UserError(f"objective.disc {self.cfg.disc!r} is not supported; use one of {', '.join(DISCS)}")
-        if self.cfg.student_input not in ("data", "noise"):
+        if self.cfg.student_input not in ("data", "noise", "proposal"):
             raise UserError(f"objective.student_input {self.cfg.student_input!r} is not supported; use 'data' (ADD: "
-                            "noised real images) or 'noise' (the student's own chain)")
+                            "noised real images), 'noise' (the student's own chain) or 'proposal' (SANA-Sprint)")
+        for key in ("disc_proposal", "student_proposal"):
+            value = getattr(self.cfg, key)
+            if value is not None and (len(value) != 2 or float(value[1]) <= 0):
+                raise UserError(f"objective.{key} is [p_mean, p_std] with p_std > 0, got {list(value)}")
+        if not 0.0 <= self.cfg.largest_prob <= 1.0:
+            raise UserError(f"objective.largest_prob is a probability in [0, 1], got {self.cfg.largest_prob}")
         if self.cfg.distill not in ("sds", "none"):
             raise UserError(f"objective.distill {self.cfg.distill!r} is not supported; use 'sds' or 'none'")
         gan._check(self.cfg.gan_loss)
@@ -84,7 +103,8 @@ class Adversarial(Objective):
         """This objective's discriminator settings as the shared critic reads them (critic.py): a head on
         the frozen teacher's features at x_t, real and fake noised alike at t from t_range (LADD sec. 3)."""
         c = self.cfg
-        return SimpleNamespace(feature_module=c.feature_module, disc_t_range=c.t_range, gan_critic_weight=1.0,
+        return SimpleNamespace(feature_module=c.feature_module, disc_t_range=c.t_range, disc_proposal=c.disc_proposal,
+                               sigma_d=c.sigma_d, gan_critic_weight=1.0,
                                gan_loss=c.gan_loss, gan_weight=c.gan_weight, r1_weight=c.r1_weight,
                                r1_noise=c.r1_noise)
 
@@ -104,10 +124,27 @@ class Adversarial(Objective):
         c, student, cond = self.cfg, nets.student, batch.get("cond")
         if c.student_input == "noise":
             return sample_student(student, cond, draws, backward_simulation=c.backward_simulation, grad=grad)
+        if c.student_input == "proposal":
+            return self.proposal_output(nets, batch, draws, grad)
         s = student.timesteps[draws.randint(0, student.steps).to(student.timesteps.device)]
         x_s = draws.noised(student.schedule, batch["x0"], s)
         with torch.set_grad_enabled(grad):
             return student.denoise(x_s, s, cond)
+
+    def proposal_output(self, nets: Nets, batch: dict, draws: Draws, grad: bool) -> torch.Tensor:
+        """SANA-Sprint (train_scm_ladd.py, train_largest_timestep): x_t = cos t x0 + sin t z of real images at
+        TrigFlow times t from the sCM proposal, with probability ``largest_prob`` pure noise at the
+        student's first time instead (the input it samples from), and the student's x0 estimate at each."""
+        c, student, x0, cond = self.cfg, nets.student, batch["x0"], batch.get("cond")
+        trig = TrigFlow(student.schedule, c.sigma_d)
+        u = trig.native_time(trig.lognormal(draws.rand(), *map(float, c.student_proposal))).to(x0.device)
+        first = student.timesteps[0].to(device=x0.device, dtype=u.dtype)
+        top = draws.rand() < c.largest_prob
+        x_data = draws.noised(student.schedule, x0, u)
+        x_noise = student.prior(draws.randn_like(x0), first)
+        x_s = torch.where(bcast(top, x0).bool(), x_noise.to(x0.dtype), x_data.to(x0.dtype))
+        with torch.set_grad_enabled(grad):
+            return student.denoise(x_s, torch.where(top, first, u), cond)
 
     # -- phases ---------------------------------------------------------------------------------------
     def disc_loss(self, nets: Nets, batch: dict) -> dict:

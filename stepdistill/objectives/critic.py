@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
                           forward_with_features, frozen)
 from . import gan
+from ..trigflow import TrigFlow
 from .common import Draws
 
 #: where the fake score's DSM times come from ("grid": the DM term's grid; "train": the teacher's training times)
@@ -114,6 +115,18 @@ def disc_logits(c, nets, x: torch.Tensor, t: torch.Tensor, cond, draws: Draws, n
     return nets.disc(feats, cond)
 
 
+def disc_times(c, schedule, draws: Draws) -> torch.Tensor:
+    """The classifier's noise times: uniform over ``disc_t_range`` of the noise grid (DMD2), or with
+    ``disc_proposal = [p_mean, p_std]`` the TrigFlow log-normal (SANA-Sprint's discriminator times,
+    ``logit_normal_trigflow`` with ``logit_mean_discriminator`` / ``logit_std_discriminator``) in the
+    schedule's own time."""
+    proposal = getattr(c, "disc_proposal", None)
+    if proposal is None:
+        return draws.times(schedule, c.disc_t_range)
+    trig = TrigFlow(schedule, getattr(c, "sigma_d", 0.5))
+    return trig.native_time(trig.lognormal(draws.rand(), *map(float, proposal))).to(draws.device)
+
+
 def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None, cond, draws: Draws,
                      net=None) -> dict:
     """The classifier's loss on real images against the student's (DMD2 sec. 4.3, eq. 4; LADD with the
@@ -121,7 +134,7 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
     if real_x is None:
         raise UserError("the GAN term needs real images in the batch; set data to an image set or gan_weight=0")
     fs = net if net is not None else nets.fake_score
-    t_r, t_f = draws.times(fs.schedule, c.disc_t_range), draws.times(fs.schedule, c.disc_t_range)
+    t_r, t_f = disc_times(c, fs.schedule, draws), disc_times(c, fs.schedule, draws)
     real_logits = disc_logits(c, nets, real_x, t_r, cond, draws, fs)
     fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws, fs)
     out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
@@ -140,7 +153,7 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
 def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws, net=None) -> torch.Tensor:
     """The generator's GAN term: gan_weight * g_loss(D(x)) at times from disc_t_range (DMD2: softplus(-D))."""
     fs = net if net is not None else nets.fake_score
-    t = draws.times(fs.schedule, c.disc_t_range)
+    t = disc_times(c, fs.schedule, draws)
     with frozen(fs, nets.disc):
         logits = disc_logits(c, nets, x, t, cond, draws, fs)
     return c.gan_weight * gan.g_loss(logits, c.gan_loss)

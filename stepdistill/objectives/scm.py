@@ -119,15 +119,8 @@ class SCM(Objective):
 
     def build(self, teacher, student, context: BuildContext | None = None):
         self.trig = TrigFlow(teacher.schedule, self.cfg.sigma_d)
-        grid = teacher.schedule.timesteps(1000)
-        self.t_min = float(self.trig.time_from_sigma(self._sigma_ratio(teacher.schedule, grid[-2])))
         return {"weighting": AdaptiveWeight(self.cfg.sigma_d, self.cfg.weight_features)} if self.cfg.adaptive_weighting \
             else {}
-
-    @staticmethod
-    def _sigma_ratio(schedule, u):
-        a, s = schedule.alpha_sigma(u)
-        return s / a
 
     def student_sampler(self):
         return "renoise"  # the multistep consistency sampler (Song et al., 2023, Alg. 1)
@@ -167,9 +160,7 @@ class SCM(Objective):
     def times(self, draws: Draws) -> torch.Tensor:
         """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (inverse-CDF of the per-sample uniform),
         kept inside the times the teacher was trained on."""
-        u = draws.rand().clamp(1e-12, 1 - 1e-12)
-        tau = self.cfg.p_mean + self.cfg.p_std * math.sqrt(2.0) * torch.erfinv(2 * u - 1)
-        return self.trig.time_from_sigma(tau.exp()).to(u.device).clamp(self.t_min, self.trig.t_max)
+        return self.trig.lognormal(draws.rand(), self.cfg.p_mean, self.cfg.p_std)
 
     def tangent(self, student, x: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, cond):
         """(sigma_d F_-, sigma_d dF_-/dt): the student's velocity and its total time derivative along
