@@ -247,30 +247,43 @@ class _FeaturesCaught(Exception):
     """Raised by the feature hook to stop a forward pass whose output is not needed."""
 
 
-def forward_with_features(denoiser: Denoiser, module: nn.Module, x, t, cond: Cond = None, *, need_x0: bool = True):
+def forward_with_features(denoiser: Denoiser, module, x, t, cond: Cond = None, *, need_x0: bool = True):
     """(x0, features): one denoiser evaluation, with `module`'s output caught by a forward hook
     (DMD2 puts its classifier on the UNet's mid-block output, sec. 4.3). With ``need_x0=False``
-    the pass stops at `module` (x0 is None): a classifier on the bottleneck never runs the decoder,
-    as DMD2's classify mode returns after the mid block."""
-    caught = []
+    the pass stops once every module has run (x0 is None): a classifier on the bottleneck never runs
+    the decoder, as DMD2's classify mode returns after the mid block. ``module`` may be a list (LADD's
+    heads on several blocks, SANA-Sprint's ladd_multi_scale): the features are then a list, in its order."""
+    modules = list(module) if isinstance(module, (list, tuple)) else [module]
+    caught: dict[int, torch.Tensor] = {}
 
-    def hook(m, _inp, out):
-        caught.append(image_features(m, out))
-        if not need_x0:
-            raise _FeaturesCaught
+    def hook_for(i):
+        def hook(m, _inp, out):
+            caught[i] = image_features(m, out)
+            if not need_x0 and len(caught) == len(modules):
+                raise _FeaturesCaught
+        return hook
 
-    h = module.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     x0 = None
     try:
         x0 = denoiser(x, t, cond)
     except _FeaturesCaught:
         pass
     finally:
-        h.remove()
-    if not caught:
-        raise UserError(f"the feature module {type(module).__name__} was not run by the denoiser; choose a module "
+        for h in handles:
+            h.remove()
+    missing = [type(m).__name__ for i, m in enumerate(modules) if i not in caught]
+    if missing:
+        raise UserError(f"the feature module {', '.join(missing)} was not run by the denoiser; choose a module "
                         "on its forward path (e.g. mid_block)")
-    return x0, caught[-1].float()
+    feats = [caught[i].float() for i in range(len(modules))]
+    return x0, (feats if isinstance(module, (list, tuple)) else feats[0])
+
+
+def feature_modules(denoiser: Denoiser, names: str):
+    """The module a classifier reads, or a list of them for comma-separated names ("down_blocks.1,mid_block")."""
+    found = [find_module(denoiser, n.strip()) for n in str(names).split(",") if n.strip()]
+    return found[0] if len(found) == 1 else found
 
 
 #: MMDiT blocks (SD3, FLUX) return (text tokens, image tokens)
@@ -329,8 +342,9 @@ def sample_shape(teacher: Denoiser) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def feature_shape(denoiser: Denoiser, module: nn.Module, shape: Sequence[int]) -> tuple[int, ...]:
-    """The per-sample shape of `module`'s output, from one dummy evaluation at the noisiest time."""
+def feature_shape(denoiser: Denoiser, module, shape: Sequence[int]):
+    """The per-sample shape of `module`'s output (a list of shapes for a list of modules), from one dummy
+    evaluation at the noisiest time."""
     x = torch.zeros(1, *shape, device=next(denoiser.parameters()).device)
     cond = None
     null = getattr(denoiser, "null_class", None) or getattr(getattr(denoiser, "denoiser", None), "null_class", None)
@@ -340,18 +354,22 @@ def feature_shape(denoiser: Denoiser, module: nn.Module, shape: Sequence[int]) -
     elif text:  # text-to-image: the empty prompt's condition
         cond = {k: v.to(x.device) for k, v in text.items()}
     t = torch.full((1,), denoiser.schedule.t_max, dtype=torch.float64)
-    return tuple(forward_with_features(denoiser, module, x, t, cond, need_x0=False)[1].shape[1:])
+    feats = forward_with_features(denoiser, module, x, t, cond, need_x0=False)[1]
+    return [tuple(f.shape[1:]) for f in feats] if isinstance(feats, list) else tuple(feats.shape[1:])
 
 
 class DiscHead(nn.Module):
     """A small classifier on features ([B, C, h, w] or [B, C]) -> logits [B]; with `num_classes`,
-    a projection term <embed(y), phi> (Miyato & Koyama, 2018) makes it class-aware."""
+    a projection term <embed(y), phi> (Miyato & Koyama, 2018) makes it class-aware. ``per_location``:
+    one logit per feature location, [B, h*w] (SANA-Sprint's heads give one per token), unpooled."""
 
-    def __init__(self, feature_shape: Sequence[int], hidden: int | None = None, num_classes: int | None = None):
+    def __init__(self, feature_shape: Sequence[int], hidden: int | None = None, num_classes: int | None = None,
+                 per_location: bool = False):
         super().__init__()
         c = int(feature_shape[0])
         h = int(hidden or max(c, 16))
         self.spatial = len(feature_shape) == 3
+        self.per_location = per_location and self.spatial
         if self.spatial:
             groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0 and h % g == 0)
             self.body = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, h, 3, padding=1), nn.SiLU(),
@@ -364,25 +382,44 @@ class DiscHead(nn.Module):
     def forward(self, feats: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         # contiguous: torch's CPU GroupNorm backward crashes on channels-last strides (UNet mid-block output)
         phi = self.body(feats.float().contiguous())
-        if self.spatial:
+        if self.per_location:
+            phi = phi.flatten(2).transpose(1, 2)        # [B, h*w, hidden]: each location its own logit
+        elif self.spatial:
             phi = phi.mean(dim=(2, 3))
-        logit = self.out(phi).squeeze(1)
+        logit = self.out(phi).squeeze(-1)
         labels = None if cond is None else cond.get("class_labels")
         if self.embed is not None and labels is not None:
-            logit = logit + (self.embed(labels.clamp(0, self.embed.num_embeddings - 1)) * phi).sum(1)
+            e = self.embed(labels.clamp(0, self.embed.num_embeddings - 1))
+            logit = logit + ((e[:, None] * phi).sum(-1) if self.per_location else (e * phi).sum(1))
         return logit
 
 
-def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None) -> DiscHead:
-    module = find_module(denoiser, module_name)
+class DiscHeads(nn.Module):
+    """One ``DiscHead`` per feature module (SANA-Sprint's LADD: heads on several blocks): logits [B, N],
+    every head's logits side by side; the GAN losses average over them."""
+
+    def __init__(self, heads: Sequence[DiscHead]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, feats: Sequence[torch.Tensor], cond: Cond = None) -> torch.Tensor:
+        return torch.cat([head(f, cond).reshape(f.shape[0], -1) for head, f in zip(self.heads, feats)], dim=1)
+
+
+def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None,
+                    per_location: bool = False):
+    """The classifier on ``module_name``'s features (``DiscHeads`` for comma-separated names)."""
+    module = feature_modules(denoiser, module_name)
     shape = feature_shape(denoiser, module, sample_shape(teacher))
     meta = dict(getattr(teacher, "meta", None) or {})
     classes = meta.get("num_classes")
     null = getattr(teacher, "null_class", None)
     n_embed = (max(int(classes or 0), int(null) + 1 if null is not None else 0)) or None
-    return DiscHead(shape, hidden, n_embed)
+    if isinstance(shape, list):
+        return DiscHeads([DiscHead(s, hidden, n_embed, per_location) for s in shape])
+    return DiscHead(shape, hidden, n_embed, per_location)
 
 
 __all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
-           "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module", "DiscHead",
-           "build_disc_head", "sample_shape", "feature_shape"]
+           "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module",
+           "feature_modules", "DiscHead", "DiscHeads", "build_disc_head", "sample_shape", "feature_shape"]

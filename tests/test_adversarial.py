@@ -159,3 +159,33 @@ def test_sana_sprint_discriminator_times_are_its_log_normal():
     assert abs(float(log_sigma.mean()) + 0.6) < 0.03 and abs(float(log_sigma.std()) - 1.0) < 0.03
     with pytest.raises(UserError, match="disc_proposal is"):
         Adversarial(Adversarial.Config(disc_proposal=[0.0]))
+
+
+def test_gan_losses_average_over_locations():
+    """Logits [B, N] (one per location or head): the per-sample loss is the mean over N of the
+    elementwise loss (SANA-Sprint's hinge: mean(relu(1 - D(real))) over every logit)."""
+    real, fake = torch.randn(4, 6), torch.randn(4, 6)
+    torch.testing.assert_close(gan.d_loss(real, fake, "hinge"), (F.relu(1 - real) + F.relu(1 + fake)).mean(1))
+    torch.testing.assert_close(gan.g_loss(fake, "ns"), F.softplus(-fake).mean(1))
+    torch.testing.assert_close(gan.d_loss(real[:, 0], fake[:, 0], "ns"), F.softplus(-real[:, 0]) + F.softplus(fake[:, 0]))
+
+
+def test_teacher_disc_on_several_blocks_with_a_logit_per_location():
+    """LADD with heads on several teacher blocks and per-location logits trains: the critic phase's and the
+    generator's losses are per sample, and the head sees every block."""
+    from stepdistill.fake_score import DiscHeads
+    from stepdistill.train.randomness import BatchRandom
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, steps=1)
+    obj = Adversarial(Adversarial.Config(feature_module="down_blocks.0,mid_block", per_location=True,
+                                         distill="none", disc_proposal=[-0.6, 1.0]))
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    assert isinstance(nets.disc, DiscHeads) and len(nets.disc.heads) == 2
+    x0 = torch.randn(4, 1, 8, 8)
+    batch = {"x0": x0, "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}, "rng": BatchRandom(2, 4, slice(0, 4))}
+    d = obj.disc_loss(nets, batch)
+    g = obj.generator_loss(nets, batch)
+    assert d["gan_d"].shape == (4,) and d["_d_real"].shape == (4,) and g["gan_g"].shape == (4,)
+    g["gan_g"].mean().backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)

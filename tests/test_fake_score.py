@@ -155,3 +155,45 @@ def test_dsm_weight_is_the_x0_weight_of_the_raw_loss(kind):
     raw = dsm_error(sched, X + err, X, x_t, t)
     assert torch.allclose(raw, got * err.pow(2).flatten(1).mean(1), rtol=1e-3)
     assert torch.equal(dsm_weight(sched, t, X, "x0"), torch.ones(4))
+
+
+def test_features_of_several_modules_in_one_pass():
+    """Comma-separated feature modules (SANA-Sprint's heads on several blocks): one pass returns each
+    module's features as its own single-module pass does, and stops after the last of them."""
+    from stepdistill.fake_score import feature_modules, find_module, forward_with_features
+
+    teacher = tiny_teacher()
+    size = teacher.backbone.config.sample_size
+    x = torch.randn(2, teacher.backbone.config.in_channels, size, size)
+    t = torch.tensor([200.0, 700.0])
+    cond = {"class_labels": torch.tensor([0, 1])} if teacher.null_class is not None else None
+    names = ["down_blocks.0", "mid_block", "up_blocks.0"]
+    mods = feature_modules(teacher, ",".join(names))
+    assert isinstance(mods, list) and len(mods) == 3 and feature_modules(teacher, "mid_block") is mods[1]
+    ran = []
+    h = teacher.backbone.up_blocks[1].register_forward_hook(lambda *a: ran.append(1))
+    none, feats = forward_with_features(teacher, mods, x, t, cond, need_x0=False)
+    h.remove()
+    assert none is None and not ran and len(feats) == 3
+    for name, f in zip(names, feats):
+        torch.testing.assert_close(f, forward_with_features(teacher, find_module(teacher, name), x, t, cond)[1])
+
+
+def test_per_location_logits_average_to_the_pooled_head():
+    """A per-location head (a logit per feature location, SANA-Sprint's per-token logits) is linear after
+    its body, so its logits average to the pooled head's logit with the same weights, the class projection
+    included; several heads' logits sit side by side."""
+    from stepdistill.fake_score import DiscHead, DiscHeads
+
+    torch.manual_seed(0)
+    pooled = DiscHead((8, 4, 4), 16, num_classes=3)
+    local = DiscHead((8, 4, 4), 16, num_classes=3, per_location=True)
+    local.load_state_dict(pooled.state_dict())
+    feats, cond = torch.randn(5, 8, 4, 4), {"class_labels": torch.tensor([0, 1, 2, 1, 0])}
+    logits = local(feats, cond)
+    assert logits.shape == (5, 16)
+    torch.testing.assert_close(logits.mean(1), pooled(feats, cond))
+    both = DiscHeads([local, DiscHead((4, 2, 2), 8, per_location=True)])
+    out = both([feats, torch.randn(5, 4, 2, 2)], cond)
+    assert out.shape == (5, 20)
+    torch.testing.assert_close(out[:, :16], logits)

@@ -47,7 +47,9 @@ class Adversarial(Objective):
     @dataclass
     class Config:
         disc: str = "teacher"               # "teacher" (LADD: frozen teacher features + head) | "pixels"
-        feature_module: str = "auto"   # teacher module whose output the head reads (disc="teacher")
+        feature_module: str = "auto"   # teacher module whose output the head reads (disc="teacher"); comma-separated
+                                       # names: a head on each (SANA-Sprint's heads on several blocks)
+        per_location: bool = False     # a logit per feature location, unpooled (SANA-Sprint: one per token)
         disc_hidden: int = 64               # head width
         gan_loss: str = "hinge"             # "hinge" (ADD/LADD) | "ns"
         gan_weight: float = 1.0             # generator adversarial term
@@ -93,7 +95,7 @@ class Adversarial(Objective):
     def build(self, teacher, student, context=None):
         c = self.cfg
         if c.disc == "teacher":
-            return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden)}
+            return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden, c.per_location)}
         null = getattr(teacher, "null_class", None)
         return {"disc": DiscHead(sample_shape(teacher), c.disc_hidden, None if null is None else int(null) + 1)}
 

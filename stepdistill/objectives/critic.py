@@ -24,7 +24,7 @@ import torch
 from ..denoisers import guided
 from ..errors import UserError
 from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
-                          forward_with_features, frozen)
+                          feature_modules, forward_with_features, frozen)
 from . import gan
 from ..trigflow import TrigFlow
 from .common import Draws
@@ -110,8 +110,8 @@ def disc_logits(c, nets, x: torch.Tensor, t: torch.Tensor, cond, draws: Draws, n
     GAN: real and fake noised alike): the fake score's (DMD2 sec. 4.3) or, as ``net``, the frozen
     teacher's (LADD, Sauer et al., 2024, sec. 3)."""
     fs = net if net is not None else nets.fake_score
-    _, feats = forward_with_features(fs, find_module(fs, c.feature_module), draws.noised(fs.schedule, x, t), t, cond,
-                                     need_x0=False)
+    _, feats = forward_with_features(fs, feature_modules(fs, c.feature_module), draws.noised(fs.schedule, x, t), t,
+                                     cond, need_x0=False)
     return nets.disc(feats, cond)
 
 
@@ -138,10 +138,10 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
     real_logits = disc_logits(c, nets, real_x, t_r, cond, draws, fs)
     fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws, fs)
     out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
-           "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+           "_d_real": gan.per_sample(real_logits.detach()), "_d_fake": gan.per_sample(fake_logits.detach())}
     if c.r1_weight > 0:
         x_t = draws.noised(fs.schedule, real_x, t_r)
-        mod = find_module(fs, c.feature_module)
+        mod = feature_modules(fs, c.feature_module)
 
         def d_of(xt):
             return nets.disc(forward_with_features(fs, mod, xt, t_r, cond, need_x0=False)[1], cond)

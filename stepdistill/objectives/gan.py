@@ -1,6 +1,7 @@
 """GAN losses shared by the adversarial objective and the GAN add-ons of DMD2 and SiD.
 
-Every function maps logits [B] to per-sample losses [B].
+Every function maps logits [B] to per-sample losses [B]; logits [B, N] (a logit per location or per head,
+SANA-Sprint's LADD heads) are averaged over N, as its hinge loss averages over all of them.
 * non-saturating (Goodfellow et al., 2014, sec. 3): D: softplus(-D(real)) + softplus(D(fake));
   G: softplus(-D(fake)) = -log sigmoid(D(fake)). DMD2 (Yin et al., 2024b, eq. 4) uses this form.
 * hinge (Lim & Ye, 2017): D: relu(1 - D(real)) + relu(1 + D(fake)); G: -D(fake). ADD/LADD use it.
@@ -27,20 +28,25 @@ def _check(kind: str) -> None:
         raise UserError(f"gan_loss {kind!r} is not supported; use one of {', '.join(LOSSES)}")
 
 
+def per_sample(v: torch.Tensor) -> torch.Tensor:
+    """[B] as it is; [B, N] averaged over N."""
+    return v if v.ndim == 1 else v.flatten(1).mean(1)
+
+
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
     """The discriminator's per-sample loss (real and fake batches of equal size)."""
     _check(kind)
     if kind == "ns":
-        return F.softplus(-real_logits) + F.softplus(fake_logits)
-    return F.relu(1.0 - real_logits) + F.relu(1.0 + fake_logits)
+        return per_sample(F.softplus(-real_logits)) + per_sample(F.softplus(fake_logits))
+    return per_sample(F.relu(1.0 - real_logits)) + per_sample(F.relu(1.0 + fake_logits))
 
 
 def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
     """The generator's per-sample loss."""
     _check(kind)
     if kind == "ns":
-        return F.softplus(-fake_logits)
-    return -fake_logits
+        return per_sample(F.softplus(-fake_logits))
+    return per_sample(-fake_logits)
 
 
 def approx_r1(disc: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
@@ -48,7 +54,7 @@ def approx_r1(disc: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, log
     """Approximate R1: (D(x) - D(x + noise_std * n))^2 per sample; `logits` = D(x), already computed.
     As noise_std -> 0 it equals noise_std^2 * ||grad_x D||^2 in expectation (first-order Taylor)."""
     perturbed = disc(x + noise_std * torch.randn_like(x))
-    return (logits - perturbed).pow(2)
+    return per_sample((logits - perturbed).pow(2))
 
 
-__all__ = ["d_loss", "g_loss", "approx_r1", "LOSSES"]
+__all__ = ["d_loss", "g_loss", "approx_r1", "per_sample", "LOSSES"]
