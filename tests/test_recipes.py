@@ -67,4 +67,5 @@ def test_recipe_modules_exist_in_the_teacher(path, backbones):
     for part in [raw.objective, *raw.objective.get("terms", [])]:  # a hybrid's terms read features too
         feature = part.get("feature_module")
         if feature and feature != "auto" and (part.get("gan_weight", 0) or part.get("name") == "adversarial"):
-            model.get_submodule(feature)  # raises if absent
+            for name in feature.split(","):  # one block, or several (SANA-Sprint's heads)
+                model.get_submodule(name.strip())  # raises if absent

@@ -4,6 +4,7 @@ student samples from prompts through `stepdistill sample`."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -220,3 +221,18 @@ def test_gradient_checkpointing_gives_the_same_step(name, obj, pipelines, pairs,
         torch.testing.assert_close(out["true"][k], v, rtol=1e-4, atol=1e-6)
         moved += k.startswith("student.")
     assert moved
+
+
+@pytest.mark.parametrize("kind,blocks", [("sd3", "transformer_blocks.0,transformer_blocks.1"),
+                                         ("flux", "transformer_blocks.0,single_transformer_blocks.0")])
+def test_sana_sprint_ladd_on_several_transformer_blocks(kind, blocks, pipelines, pairs, tmp_path):
+    """SANA-Sprint's LADD on an MMDiT teacher: heads on several blocks' image tokens, a logit per token,
+    the discriminator's log-normal times and the proposal/pure-noise student input, as sd3/sana_sprint
+    sets them; one step trains and checkpoints the heads."""
+    obj = {"name": "adversarial", "distill": "none", "feature_module": blocks, "per_location": True,
+           "student_input": "proposal", "disc_proposal": "[-0.6,1.0]"}
+    cfg, objective = resolve(None, _overrides(tmp_path, pipelines[kind], pairs, obj))
+    Trainer(cfg, objective).train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = {k: v for x in lines for k, v in x.get("losses", {}).items()}
+    assert any(k.endswith("gan_d") for k in losses) and all(math.isfinite(v) for v in losses.values())
