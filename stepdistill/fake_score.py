@@ -283,6 +283,9 @@ def forward_with_features(denoiser: Denoiser, module, x, t, cond: Cond = None, *
 def feature_modules(denoiser: Denoiser, names: str):
     """The module a classifier reads, or a list of them for comma-separated names ("down_blocks.1,mid_block")."""
     found = [find_module(denoiser, n.strip()) for n in str(names).split(",") if n.strip()]
+    if not found:
+        raise UserError(f"feature_module {names!r} names no module; name one (e.g. mid_block) or several, "
+                        "comma-separated")
     return found[0] if len(found) == 1 else found
 
 

@@ -189,3 +189,20 @@ def test_teacher_disc_on_several_blocks_with_a_logit_per_location():
     assert d["gan_d"].shape == (4,) and d["_d_real"].shape == (4,) and g["gan_g"].shape == (4,)
     g["gan_g"].mean().backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_ladd_options_are_checked_before_compute():
+    """Bad SANA-Sprint LADD settings stop with one line: a proposal that is not [p_mean, p_std > 0], a
+    pixel discriminator given teacher-feature options, SiDA's one-module GAN given several."""
+    from stepdistill.objectives.sid import SiD
+
+    for bad in ({"disc_proposal": 0.5}, {"student_proposal": [0.2, 0.0]}, {"largest_prob": 1.5}, {"sigma_d": 0.0},
+                {"disc": "pixels", "per_location": True}, {"disc": "pixels", "feature_module": "a,b"}):
+        with pytest.raises(UserError):
+            Adversarial(Adversarial.Config(**bad))
+    with pytest.raises(UserError, match="gan_form=sida reads one feature module"):
+        SiD(SiD.Config(gan_weight=1e-4, alpha=1.0, feature_module="down_blocks.0,mid_block"))
+    teacher = tiny_teacher()
+    from stepdistill.fake_score import feature_modules
+    with pytest.raises(UserError, match="names no module"):
+        feature_modules(teacher, " , ")

@@ -62,7 +62,7 @@ def test_phases_merge_the_generators_and_keep_the_critics():
 
 def test_state_round_trips_per_part():
     hybrid = make_objective(RCM)
-    hybrid.on_step_end(None, 41)
+    hybrid.on_step_end(None, 42)
     fresh = make_objective(RCM)
     fresh.load_state_dict(hybrid.state_dict())
     assert fresh.base.iteration == 42 and fresh.state_dict() == hybrid.state_dict()
@@ -89,14 +89,14 @@ def test_a_term_waits_for_its_start():
     phases = {ph.name: ph for ph in hybrid.phases()}
     assert phases["dmd2_critic"].start == 2 and phases["generator"].start == 0
     nets = _nets(hybrid)
-    hybrid.on_step_end(nets, 0)  # iteration 1: not yet
+    hybrid.on_step_end(nets, 1)  # as the trainer calls it after iteration 0: iteration 1 next, not yet
     assert set(hybrid.losses("generator", nets, _batch())) == set(hybrid.base.losses("generator", nets, _batch()))
-    hybrid.on_step_end(nets, 1)  # iteration 2: the term joins
+    hybrid.on_step_end(nets, 2)  # iteration 2 next: the term joins with its critic
     assert "dmd2/dmd" in hybrid.losses("generator", nets, _batch())
     fresh = make_objective(spec)
     fresh.load_state_dict(hybrid.state_dict())
     assert fresh.iteration == 2 and "dmd2/dmd" in fresh.losses("generator", _nets(fresh), _batch())
-    with pytest.raises(UserError, match="start is an iteration"):
+    with pytest.raises(UserError, match="whole number of iterations"):
         make_objective({**RCM, "terms": [{**RCM["terms"][0], "start": -1}]})
 
 
@@ -114,3 +114,12 @@ def test_rcm_preset_builds_without_a_weighting_network():
     assert phases["dmd2_critic"].start == cfg["base"]["tangent_warmup"] == 300
     assert phases["dmd2_critic"].repeats == 4
     assert _nets(hybrid).get("weighting") is None and _nets(hybrid).get("fake_score") is not None
+
+
+def test_bad_term_starts_are_refused_with_one_line():
+    term = RCM["terms"][0]
+    for bad in (-1, 1.5, "300", True):
+        with pytest.raises(UserError, match="whole number of iterations"):
+            make_objective({**RCM, "terms": [{**term, "start": bad}]})
+    with pytest.raises(UserError, match="has a phase that ends"):  # dmd2's warm-up phase stops
+        make_objective({**RCM, "terms": [{**term, "start": 5, "regression_warmup": 3, "cache": "c"}]})

@@ -34,7 +34,7 @@ def test_stages_cut_the_axis_into_8_4_2_1_segments():
     seen = []
     for step in range(12):
         seen.append(obj.cfg.segments[obj.stage])
-        obj.on_step_end(nets, step)
+        obj.on_step_end(nets, step + 1)  # as the trainer calls it: iterations done
     assert seen == [8] * 3 + [4] * 3 + [2] * 3 + [1] * 3
     fresh = HyperSD(HyperSD.Config(iterations_per_stage=3))
     fresh.load_state_dict(obj.state_dict())

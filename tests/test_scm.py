@@ -216,7 +216,7 @@ def test_one_step_scm_generator_converges_on_the_mixture():
         loss.backward()
         opt.step()
         decay.step()
-        obj.on_step_end(nets, i)
+        obj.on_step_end(nets, i + 1)
     sw, sw_exact = eval_sw(teacher, student)
     assert sw0 > 10 * sw_exact, (sw0, sw_exact)
     assert sw < 2 * sw_exact, (sw0, sw, sw_exact)

@@ -228,7 +228,7 @@ def test_gradient_checkpointing_gives_the_same_step(name, obj, pipelines, pairs,
 def test_sana_sprint_ladd_on_several_transformer_blocks(kind, blocks, pipelines, pairs, tmp_path):
     """SANA-Sprint's LADD on an MMDiT teacher: heads on several blocks' image tokens, a logit per token,
     the discriminator's log-normal times and the proposal/pure-noise student input, as sd3/sana_sprint
-    sets them; one step trains and checkpoints the heads."""
+    sets them; one step trains both the heads and the student."""
     obj = {"name": "adversarial", "distill": "none", "feature_module": blocks, "per_location": True,
            "student_input": "proposal", "disc_proposal": "[-0.6,1.0]"}
     cfg, objective = resolve(None, _overrides(tmp_path, pipelines[kind], pairs, obj))

@@ -81,8 +81,14 @@ class Adversarial(Objective):
                             "noised real images), 'noise' (the student's own chain) or 'proposal' (SANA-Sprint)")
         for key in ("disc_proposal", "student_proposal"):
             value = getattr(self.cfg, key)
-            if value is not None and (len(value) != 2 or float(value[1]) <= 0):
-                raise UserError(f"objective.{key} is [p_mean, p_std] with p_std > 0, got {list(value)}")
+            if value is not None and (isinstance(value, (str, int, float)) or len(value) != 2 or float(value[1]) <= 0):
+                raise UserError(f"objective.{key} is [p_mean, p_std] with p_std > 0, got {value!r}")
+        if self.cfg.sigma_d <= 0:
+            raise UserError(f"objective.sigma_d must be > 0, got {self.cfg.sigma_d}")
+        if self.cfg.disc == "pixels" and (self.cfg.per_location or self.cfg.disc_proposal is not None
+                                          or "," in str(self.cfg.feature_module)):
+            raise UserError("disc=pixels reads clean images: per_location, disc_proposal and several feature modules "
+                            "apply to disc=teacher")
         if not 0.0 <= self.cfg.largest_prob <= 1.0:
             raise UserError(f"objective.largest_prob is a probability in [0, 1], got {self.cfg.largest_prob}")
         if self.cfg.distill not in ("sds", "none"):

@@ -128,7 +128,8 @@ class Objective:
         return None
 
     def on_step_end(self, nets: Nets, step: int) -> None:
-        """Called after each outer iteration (target EMA, progressive rounds)."""
+        """Called after each outer iteration (target EMA, progressive rounds); ``step`` is the number of
+        iterations done, so the next iteration is ``step`` (0-based), the index ``Phase.start`` counts."""
 
     def set_progress(self, progress: float) -> None:
         """Told before each outer iteration: the share of the run done (the larger of step / max_steps

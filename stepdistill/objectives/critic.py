@@ -65,6 +65,9 @@ def check_critic(c) -> None:
                         "1000-step grid) or 'train' (the teacher's training distribution)")
     if c.gan_form not in GAN_FORMS:
         raise UserError(f"objective.gan_form {c.gan_form!r} is not supported; use one of {', '.join(GAN_FORMS)}")
+    if c.gan_form == "sida" and c.gan_weight > 0 and "," in str(c.feature_module):
+        raise UserError("gan_form=sida reads one feature module of SiD's own evaluation; name one in "
+                        "objective.feature_module, or use gan_form=dmd2 for heads on several")
     if c.gan_form == "sida" and c.gan_weight > 0 and c.r1_weight > 0:
         raise UserError("objective.r1_weight applies to gan_form=dmd2; set r1_weight=0 with gan_form=sida")
     gan._check(c.gan_loss)

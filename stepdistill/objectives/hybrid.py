@@ -57,9 +57,9 @@ class Hybrid(Objective):
         for spec in self.cfg.terms:
             spec = dict(spec)
             weight = float(spec.pop("weight", 1.0))
-            start = int(spec.pop("start", 0))
-            if start < 0:
-                raise UserError(f"objective hybrid: a term's start is an iteration >= 0, got {start}")
+            start = spec.pop("start", 0)
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise UserError(f"objective hybrid: a term's start is a whole number of iterations >= 0, got {start!r}")
             part = make_objective(spec)
             self.starts[part.name] = start
             if part.name in seen or part.name == self.name:
@@ -93,9 +93,9 @@ class Hybrid(Objective):
                     continue
                 key = f"{name}_{ph.name}"
                 start = self.starts.get(name, 0)
-                if start and ph.start_fraction is not None:
-                    raise UserError(f"objective hybrid: {name!r} sizes its phases as shares of the run; give it "
-                                    "no start, or size them in iterations")
+                if start and (ph.start_fraction is not None or ph.stop is not None or ph.stop_fraction is not None):
+                    raise UserError(f"objective hybrid: {name!r} has a phase that ends ({ph.name}: a warm-up) or is "
+                                    "sized as a share of the run; give that term no start")
                 out.append(dataclasses.replace(ph, name=key, start=max(ph.start, start)))
                 self._owner[key] = (part, ph.name)
         return out + [dataclasses.replace(gen, trains=tuple(trains))]
@@ -150,7 +150,7 @@ class Hybrid(Objective):
             part.check_budget(max_steps)
 
     def on_step_end(self, nets: Nets, step: int) -> None:
-        self.iteration = step + 1
+        self.iteration = step  # iterations done (the trainer passes its step count)
         for _, _, part in self._parts():
             part.on_step_end(nets, step)
 

@@ -113,7 +113,7 @@ class HyperSD(Objective):
         if target is not None:
             with torch.no_grad():
                 ema_update(target, nets.student, float(self.cfg.target_ema))
-        self.iteration = step + 1
+        self.iteration = step  # iterations done (the trainer passes its step count)
 
     def state_dict(self):
         return {"iteration": self.iteration}

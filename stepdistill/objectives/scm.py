@@ -148,7 +148,7 @@ class SCM(Objective):
         return [first, mid]
 
     def on_step_end(self, nets: Nets, step: int) -> None:
-        self.iteration = step + 1
+        self.iteration = step  # iterations done (the trainer passes its step count)
 
     def state_dict(self):
         return {"iteration": self.iteration}
