@@ -113,9 +113,23 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def _in_checkout(path) -> str:
+    """`path` relative to the checkout where it lies inside it (a teacher's name stays as it is)."""
+    p = Path(path)
+    if not p.exists() and not p.parent.exists():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def grid(model: str, out: Path, work: Path, steps: int | None = None) -> None:
     """A 40-image sample grid (4 per class, seed 0: the same noise for every model) to look at."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    # paths relative to the checkout (the CLI runs there): the grid's settings file, committed next to
+    # it, then names no folder of this machine
+    model, out = _in_checkout(model), _in_checkout(out)
     run([sys.executable, "-m", "stepdistill", "sample", model, "--num", "40", "--seed", "0", "--out", str(out),
          *(["--steps", str(steps)] if steps else [])], work / "log.txt")
 
