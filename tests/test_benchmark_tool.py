@@ -258,3 +258,12 @@ def test_phase_iterations_count_each_phase_from_iterations_or_recorded_fractions
     assert counts == expected
     assert tool.phases_said(counts) == ", ".join(f"{k} {v}" for k, v in expected.items())
     assert tool.phases_said({"generator": 891}) == ""  # one phase: nothing to split
+
+
+def test_grid_settings_name_paths_inside_the_checkout():
+    """The sample grids' settings files are committed: paths in the checkout become relative to it,
+    a teacher's name and a folder elsewhere stay as they are."""
+    tool = load_tool("benchmark")
+    assert tool._in_checkout(tool.ROOT / "assets" / "benchmarks" / "grids" / "dmd2.png") == "assets/benchmarks/grids/dmd2.png"
+    assert tool._in_checkout("digits16_flow") == "digits16_flow"
+    assert tool._in_checkout("/elsewhere/run") == "/elsewhere/run"

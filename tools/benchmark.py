@@ -114,14 +114,10 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def _in_checkout(path) -> str:
-    """`path` relative to the checkout where it lies inside it (a teacher's name stays as it is)."""
+    """An absolute `path` inside the checkout as a path relative to it; anything else (a teacher's
+    name, a folder elsewhere) as it is."""
     p = Path(path)
-    if not p.exists() and not p.parent.exists():
-        return str(path)
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(path)
 
 
 def grid(model: str, out: Path, work: Path, steps: int | None = None) -> None:
