@@ -108,4 +108,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from stepdistill.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as err:  # bad input: one line that names the fix, no traceback
+        raise SystemExit(f"error: {err}")
