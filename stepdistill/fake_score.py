@@ -398,15 +398,16 @@ class DiscHead(nn.Module):
 
 
 class DiscHeads(nn.Module):
-    """One ``DiscHead`` per feature module (SANA-Sprint's LADD: heads on several blocks): logits [B, N],
-    every head's logits side by side; the GAN losses average over them."""
+    """One ``DiscHead`` per feature module (SANA-Sprint's LADD: heads on several blocks): a list of logits,
+    [B, N_h] per head; the GAN losses (gan.py) average each head over its locations, then the heads, so a
+    16x16 block's head weighs no more than a 4x4 one's."""
 
     def __init__(self, heads: Sequence[DiscHead]):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, feats: Sequence[torch.Tensor], cond: Cond = None) -> torch.Tensor:
-        return torch.cat([head(f, cond).reshape(f.shape[0], -1) for head, f in zip(self.heads, feats)], dim=1)
+    def forward(self, feats: Sequence[torch.Tensor], cond: Cond = None) -> list[torch.Tensor]:
+        return [head(f, cond).reshape(f.shape[0], -1) for head, f in zip(self.heads, feats)]
 
 
 def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None,

@@ -235,3 +235,32 @@ def test_hinge_losses_and_approximate_r1():
     torch.manual_seed(11)
     n = torch.randn_like(x)
     torch.testing.assert_close(got, (0.01 * n @ w) ** 2, rtol=1e-6, atol=1e-12)
+
+
+def test_several_heads_weigh_the_same_whatever_their_resolution():
+    """Logits of several heads ([B, N_h] each, DiscHeads): every loss is each head's mean over its
+    locations, then the mean over heads (SANA-Sprint's heads share one token grid, where this equals the
+    mean over all logits); a 4x4 head weighs as much as a 16x16 one."""
+    coarse = torch.tensor([[2.0, -1.0], [0.5, 0.5]])             # [B=2, 2 locations]
+    fine = torch.tensor([[0.0, 0.0, 0.0, 4.0], [-3.0, 1.0, 1.0, 1.0]])  # [B=2, 4 locations]
+    # hinge D on real: relu(1 - l); per head: coarse [(0 + 2)/2, (0.5 + 0.5)/2] = [1, 0.5],
+    # fine [(1 + 1 + 1 + 0)/4, (4 + 0 + 0 + 0)/4] = [0.75, 1]; heads averaged: [0.875, 0.75]
+    zero = [torch.full((2, 2), -1.0), torch.full((2, 4), -1.0)]  # fakes at -1: no hinge loss
+    torch.testing.assert_close(gan.d_loss([coarse, fine], zero, "hinge"), torch.tensor([0.875, 0.75]))
+    # G hinge: -l; coarse means [0.5, 0.5], fine [1, 0]; -> -[0.75, 0.25]
+    torch.testing.assert_close(gan.g_loss([coarse, fine], "hinge"), torch.tensor([-0.75, -0.25]))
+    sp = torch.nn.functional.softplus
+    want = 0.5 * (sp(-coarse).mean(1) + sp(-fine).mean(1))
+    torch.testing.assert_close(gan.g_loss([coarse, fine], "ns"), want)
+    # one grid: the list and the side-by-side logits agree
+    torch.testing.assert_close(gan.g_loss([fine, 2 * fine], "ns"), gan.g_loss(torch.cat([fine, 2 * fine], 1), "ns"))
+
+    def disc(v):
+        return [v[:, :2], v]  # two "heads" of a linear D: 2 and 4 locations
+
+    x = _fixed(2, 4)
+    torch.manual_seed(3)
+    got = gan.approx_r1(disc, x, disc(x), 0.1)
+    torch.manual_seed(3)
+    d = (0.1 * torch.randn_like(x)) ** 2
+    torch.testing.assert_close(got, 0.5 * (d[:, :2].mean(1) + d.mean(1)))

@@ -141,7 +141,7 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
     real_logits = disc_logits(c, nets, real_x, t_r, cond, draws, fs)
     fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws, fs)
     out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
-           "_d_real": gan.per_sample(real_logits.detach()), "_d_fake": gan.per_sample(fake_logits.detach())}
+           "_d_real": gan.per_sample(real_logits).detach(), "_d_fake": gan.per_sample(fake_logits).detach()}
     if c.r1_weight > 0:
         x_t = draws.noised(fs.schedule, real_x, t_r)
         mod = feature_modules(fs, c.feature_module)
