@@ -190,6 +190,36 @@ def test_other_teacher_kinds_take_the_same_presets_with_their_teacher(tmp_path, 
     assert "teacher=digits16_edm" in edm and "teacher=digits16_flow" in flow and "digits/dmd2" in edm
 
 
+def test_a_kind_specific_preset_stands_in_for_its_preset_on_that_kind_only(tmp_path, monkeypatch):
+    """digits/<preset>_<kind>.yaml measures <preset> in that kind's table (under the row's usual name, with
+    its own fingerprint); other kinds keep the plain preset, and the variant is not a row of its own."""
+    tool = load_tool("benchmark")
+    monkeypatch.setattr(tool, "DIGITS", tmp_path)
+    (tmp_path / "cm.yaml").write_text("objective:\n  name: consistency\n  solver: dpmpp2m\n")
+    (tmp_path / "cm_flow.yaml").write_text("teacher: digits16_flow\nobjective:\n  name: consistency\n  solver: ddim\n")
+    (tmp_path / "teacher_flow.yaml").write_text("model: {}\n")  # a pretrain config: no objective
+    (tmp_path / "dmd_edmx.yaml").write_text("objective:\n  name: dmd\n")  # not a kind: a preset of its own
+    assert tool.distill_presets() == ["cm", "dmd_edmx"]
+    seen = []
+
+    def fake_run(cmd, log):
+        seen.append(cmd)
+        raise SystemExit("stop before training")
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    ids = {}
+    for kind in ("vp", "edm", "flow"):
+        monkeypatch.setattr(tool, "KIND", kind)
+        monkeypatch.setattr(tool, "TEACHER", tool.KINDS[kind][0])
+        ids[kind] = tool.preset_id("cm")
+        with pytest.raises(SystemExit):
+            tool.train("cm", type("Args", (), {"minutes": None})(), tmp_path / kind)
+    vp, edm, flow = (cmd[cmd.index("train") + 1] for cmd in seen)
+    assert (vp, edm, flow) == ("digits/cm", "digits/cm", "digits/cm_flow")
+    assert ids["vp"] == ids["edm"] != ids["flow"]  # the variant's values (solver) are its own
+    assert str(tmp_path / "flow" / "run_cm") in " ".join(seen[2])  # the row keeps the preset's name
+
+
 def test_evaluations_stay_with_the_model_they_scored(tmp_path):
     """A new run of a preset in the same work folder is evaluated anew: an earlier run's scores are
     kept in that run's own folder and never reused for another model."""

@@ -7,9 +7,11 @@ and score teacher and students on one protocol.
 Writes ``digits.md`` (the table, the protocol, the command and the machine) and ``digits_fid_vs_nfe.png``
 into --out; ``--teacher edm`` / ``flow`` distil the shipped EDM / flow-matching digits teacher with the
 same presets (``teacher=`` on the command line) into ``digits_edm.md`` / ``digits_flow.md``, working in
-``runs/benchmark_<kind>``. Presets left out of --objectives keep their rows from the earlier ``digits.md`` in --out, each
-with the date it was measured, when that table used the same protocol (sample count, seeds, reference)
-and the preset still holds the values it was measured with (its fingerprint, preset_id); the teacher's
+``runs/benchmark_<kind>``. Where a preset does not serve a kind as it stands,
+``digits/<preset>_<kind>.yaml`` (its comments say why it differs) replaces it in that kind's table,
+under the row's usual name. Presets left out of --objectives keep their rows from the earlier
+``digits.md`` in --out, each with the date it was measured, when that table used the same protocol
+(sample count, seeds, reference) and the preset still holds the values it was measured with (its fingerprint, preset_id); the teacher's
 rows likewise, while the teacher's files (teacher_id) and step counts are the same. Each FID
 is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of
 real data alone varies by a factor of two. The Inception column (TF-FID network,
@@ -40,6 +42,7 @@ from stepdistill.resources import teacher as teacher_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "digits16"  # the shipped teacher (stepdistill/assets/teachers); --teacher picks another kind
+KIND = "vp"  # the table's teacher kind (--teacher)
 #: teacher kind -> (shipped teacher, table name, title)
 KINDS = {"vp": ("digits16", "digits", "VP teacher, v-prediction"),
          "edm": ("digits16_edm", "digits_edm", "EDM teacher"),
@@ -56,9 +59,17 @@ FIXED_LENGTH = {"progressive"}
 
 def distill_presets() -> list[str]:
     """Names of the distillation presets: the digits/*.yaml presets with an objective (teacher.yaml is
-    the pretrain config)."""
-    return sorted(x.stem for x in DIGITS.glob("*.yaml")
-                  if "\nobjective:" in "\n" + x.read_text())
+    the pretrain config), less the kind-specific variants (<preset>_edm, <preset>_flow), which stand in
+    for their preset in that kind's table."""
+    names = {x.stem for x in DIGITS.glob("*.yaml") if "\nobjective:" in "\n" + x.read_text()}
+    return sorted(x for x in names if not any(x == f"{b}_{k}" for b in names for k in KINDS if k != "vp"))
+
+
+def preset_file(name: str) -> str:
+    """The preset that measures `name` on this table's teacher kind: digits/<name>_<kind> where the
+    kind needs its own values (the file says why), else digits/<name>."""
+    variant = f"{name}_{KIND}"
+    return variant if KIND != "vp" and (DIGITS / f"{variant}.yaml").is_file() else name
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
@@ -134,7 +145,7 @@ def preset_id(name: str) -> str:
     """A fingerprint of a preset's values (comments and layout aside): a row is carried over only while
     its preset still holds the values it was measured with. Locations are left out: the teacher's files
     have their own fingerprint (teacher_id), and the benchmark sets output_dir, where caches are built."""
-    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{name}.yaml"), resolve=False)
+    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
     for key in LOCATIONS:
         *parents, leaf = key.split(".")
         node = cfg
@@ -254,14 +265,14 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     if record.is_file():
         info = json.loads(record.read_text())
         if info.get("preset") != preset_id(name):  # the run would resume under other values
-            raise SystemExit(f"{run_dir} was trained with other values of preset digits/{name} than the "
+            raise SystemExit(f"{run_dir} was trained with other values of preset digits/{preset_file(name)} than the "
                              f"preset holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
     # a teacher-output cache is built inside the run's own folder (the presets' default), so its sampling
     # is charged to the run's budget (a cache shared between presets would let a later one reuse it for free)
-    cmd = [sys.executable, "-m", "stepdistill", "train", f"digits/{name}", f"output_dir={run_dir}",
+    cmd = [sys.executable, "-m", "stepdistill", "train", f"digits/{preset_file(name)}", f"output_dir={run_dir}",
            f"max_minutes={minutes}", *length, "preview_every=null", "eval_every=null", "progress=false"]
     if TEACHER != KINDS["vp"][0]:  # one preset serves every kind: the teacher comes from the command line
         cmd.append(f"teacher={TEACHER}")
@@ -296,8 +307,9 @@ def main() -> None:
                    help="evaluate the teacher again even where the earlier table holds its rows for the same "
                         "teacher files, steps and protocol")
     args = p.parse_args()
-    global TEACHER
+    global TEACHER, KIND
     TEACHER, table, title = KINDS[args.teacher]
+    KIND = args.teacher
     work = ROOT / (args.work or ("runs/benchmark" if args.teacher == "vp" else f"runs/benchmark_{args.teacher}"))
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +351,9 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info['preset']}, {info['date']}"
+                          f"preset {info['preset']}"
+                          + ("" if preset_file(name) == name else f" (digits/{preset_file(name)})")
+                          + f", {info['date']}"
                           + (f"; iterations per phase: {phases_said(info.get('phases'))}"
                              if phases_said(info.get("phases")) else ""))
     carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
