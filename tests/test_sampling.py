@@ -291,3 +291,42 @@ def test_sampler_names_and_nfe():
     assert nfe("heun", 4) == 7 and nfe("ddim", 4) == 4
     with pytest.raises(UserError, match="unknown sampler 'dpm'.*ddim"):
         get_sampler("dpm")
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M): a step much longer than the one before is first order
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: VPSchedule(VP_CFG), lambda: EDMSchedule()], ids=["vp", "edm"])
+@pytest.mark.parametrize("n", [8, 20, 50])
+def test_dpmpp2m_on_vp_and_edm_grids_is_alg2_as_written(make, n, gaussian_data):
+    """On the VP and EDM schedules' own grids every step ratio r = h_prev / h is above MIN_RATIO, so the
+    guard changes nothing: the result is Lu et al.'s Alg. 2 (min_ratio=0) to the last bit."""
+    sch = make()
+    teacher = GaussianTeacher(sch, *gaussian_data)
+    ts = sch.timesteps(n)
+    x = sch.prior(torch.randn(16, 4, generator=torch.Generator().manual_seed(n), dtype=torch.float64), ts[0])
+    assert torch.equal(dpmpp_2m(teacher, x, ts), dpmpp_2m(teacher, x, ts, min_ratio=0.0))
+
+
+def test_dpmpp2m_takes_a_step_after_a_much_shorter_one_first_order(gaussian_data):
+    """The flow schedule's grid (FlowMatchEulerDiscreteScheduler's) ends 1000/n, 1, 0: the step into
+    t = 1 (sigma 1/1000) is ~5 times the previous one in log-SNR, r < MIN_RATIO, and it is the DDIM
+    (first-order) step from the state before it; Alg. 2 as written takes it second order."""
+    from stepdistill.sampling import MIN_RATIO, ddim_step
+
+    sch = FlowSchedule()
+    teacher = GaussianTeacher(sch, *gaussian_data)
+    ts = sch.timesteps(32)
+    a, s = sch.alpha_sigma(ts)
+    lam = a.log() - s.log()
+    h = lam[1:] - lam[:-1]
+    r = h[:-1] / h[1:]  # r[i] belongs to step i + 1
+    (k,) = [i + 1 for i in range(len(r)) if torch.isfinite(r[i]) and 0 < r[i] < MIN_RATIO]
+    assert abs(float(ts[k + 1]) - 1.0) < 1e-6  # the step into sigma 1/1000
+    x = sch.prior(torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), ts[0])
+    _, traj = dpmpp_2m(teacher, x, ts, return_trajectory=True)
+    want = ddim_step(traj.states[k], traj.x0[k], a[k], s[k], a[k + 1], s[k + 1])
+    torch.testing.assert_close(traj.states[k + 1], want, rtol=0, atol=1e-12)
+    _, alg2 = dpmpp_2m(teacher, x, ts, return_trajectory=True, min_ratio=0.0)
+    torch.testing.assert_close(alg2.states[k], traj.states[k], rtol=0, atol=0)  # the same up to that step
+    assert (alg2.states[k + 1] - want).abs().max() > 1e-6  # ... where Alg. 2 extrapolates
