@@ -6,8 +6,8 @@
 For each kind: the RMS distance (data units, images in [-1, 1]) from DDIM, from DPM-Solver++(2M) as
 Lu et al.'s Alg. 2 writes it (min_ratio=0) and from stepdistill's dpmpp2m (a step more than three times as
 long in log-SNR as the one before taken first order) to DDIM with --ref-steps steps from the same noise, on
-the schedule's own 16- and 32-step grids and on the grid a 4-step student's trajectory cache samples on
-(the 32-step grid with the student's times added: cache.trajectory_grid). A second-order solver should
+the schedule's own 16- and 32-step grids and on the 32-step grid with the 4-step grid's times added
+(cache.trajectory_grid, as a 4-step student's trajectory cache adds its times). A second-order solver should
 come closer than DDIM at the same steps. ``--fid-kinds``: also the Inception FID (1,000 samples, seed 0,
 all 1,797 real digits) of the teacher sampled with dpmpp2m and with DDIM at 32 steps, through
 ``stepdistill eval``. Writes a markdown table with the command and the machine.
@@ -47,7 +47,7 @@ def distances(kind: str, num: int, ref_steps: int) -> list[tuple[str, float, flo
         ref_ts = sched.timesteps(ref_steps)
         ref = ddim(teacher, sched.prior(noise, ref_ts[0]), ref_ts, cond)
         grids = {"own, 16 steps": sched.timesteps(16), "own, 32 steps": sched.timesteps(32),
-                 "4-step student's cache, 32 steps": trajectory_grid(sched, 32, sched.timesteps(4)[:-1])}
+                 "32 steps + the 4-step grid's times": trajectory_grid(sched, 32, sched.timesteps(4)[:-1])}
         for name, ts in grids.items():
             x = sched.prior(noise, ts[0])
 
