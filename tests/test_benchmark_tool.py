@@ -218,6 +218,9 @@ def test_a_kind_specific_preset_stands_in_for_its_preset_on_that_kind_only(tmp_p
     assert (vp, edm, flow) == ("digits/cm", "digits/cm", "digits/cm_flow")
     assert ids["vp"] == ids["edm"] != ids["flow"]  # the variant's values (solver) are its own
     assert str(tmp_path / "flow" / "run_cm") in " ".join(seen[2])  # the row keeps the preset's name
+    assert tool.variant_said("cm") == " (digits/cm_flow)"  # its 'as measured' line names the variant
+    monkeypatch.setattr(tool, "KIND", "edm")
+    assert tool.variant_said("cm") == ""
 
 
 def test_evaluations_stay_with_the_model_they_scored(tmp_path):
@@ -297,3 +300,23 @@ def test_grid_settings_name_paths_inside_the_checkout():
     assert tool._in_checkout(tool.ROOT / "assets" / "benchmarks" / "grids" / "dmd2.png") == "assets/benchmarks/grids/dmd2.png"
     assert tool._in_checkout("digits16_flow") == "digits16_flow"
     assert tool._in_checkout("/elsewhere/run") == "/elsewhere/run"
+
+
+def test_solver_check_refuses_an_unknown_kind_before_loading_anything(monkeypatch, tmp_path):
+    tool = load_tool("solver_check")
+    called = []
+    monkeypatch.setattr(tool, "distances", lambda *a: called.append(a) or [])
+    monkeypatch.setattr("sys.argv", ["solver_check.py", "--kinds", "vp,ve", "--out", str(tmp_path / "s.md")])
+    with pytest.raises(SystemExit, match="unknown teacher kind 've'; choose from vp, edm, flow"):
+        tool.main()
+    assert not called and not (tmp_path / "s.md").exists()
+
+
+def test_solver_check_writes_one_row_per_kind_and_grid(monkeypatch, tmp_path):
+    tool = load_tool("solver_check")
+    monkeypatch.setattr(tool, "distances", lambda kind, num, ref: [("own, 16 steps", 0.03, 0.04, 0.02)])
+    monkeypatch.setattr("sys.argv", ["solver_check.py", "--kinds", "edm,flow", "--out", str(tmp_path / "s.md")])
+    tool.main()
+    text = (tmp_path / "s.md").read_text()
+    assert "| edm | own, 16 steps | 0.0300 | 0.0400 | 0.0200 |" in text
+    assert "| flow | own, 16 steps | 0.0300 | 0.0400 | 0.0200 |" in text and "| vp |" not in text

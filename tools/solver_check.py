@@ -33,36 +33,31 @@ KINDS = {"vp": "digits16", "edm": "digits16_edm", "flow": "digits16_flow"}
 def distances(kind: str, num: int, ref_steps: int) -> list[tuple[str, float, float, float]]:
     """[(grid, ddim, dpmpp2m Alg. 2, dpmpp2m)] RMS distances to DDIM with ref_steps steps."""
     from stepdistill.cache import trajectory_grid
+    from stepdistill.fake_score import sample_shape
     from stepdistill.resources import teacher as teacher_folder
     from stepdistill.sampling import ddim, dpmpp_2m
     from stepdistill.teachers import load_teacher
 
     teacher = load_teacher(teacher_folder(KINDS[kind])).eval()
     sched = teacher.schedule
-    noise = torch.randn(num, *teacher_shape(teacher), generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(num, *sample_shape(teacher), generator=torch.Generator().manual_seed(0))
     classes = getattr(teacher, "null_class", None)
     cond = None if classes is None else {"class_labels": torch.arange(num) % int(classes)}
     rows = []
     with torch.no_grad():
         ref_ts = sched.timesteps(ref_steps)
         ref = ddim(teacher, sched.prior(noise, ref_ts[0]), ref_ts, cond)
+
+        def rms(y):
+            return (y - ref).pow(2).mean().sqrt().item()
+
         grids = {"own, 16 steps": sched.timesteps(16), "own, 32 steps": sched.timesteps(32),
                  "32 steps + the 4-step grid's times": trajectory_grid(sched, 32, sched.timesteps(4)[:-1])}
         for name, ts in grids.items():
             x = sched.prior(noise, ts[0])
-
-            def rms(y):
-                return (y - ref).pow(2).mean().sqrt().item()
-
-            rows.append((name, rms(ddim(teacher, x, ts, cond)), rms(dpmpp_2m(teacher, x, ts, cond, min_ratio=0.0)),
-                         rms(dpmpp_2m(teacher, x, ts, cond))))
+            rows.append((name, rms(ddim(teacher, x, ts, cond)),
+                         rms(dpmpp_2m(teacher, x, ts, cond, min_ratio=0.0)), rms(dpmpp_2m(teacher, x, ts, cond))))
     return rows
-
-
-def teacher_shape(teacher) -> tuple[int, ...]:
-    from stepdistill.fake_score import sample_shape
-
-    return tuple(sample_shape(teacher))
 
 
 def fid(kind: str, sampler: str, work: Path) -> float:
@@ -74,8 +69,9 @@ def fid(kind: str, sampler: str, work: Path) -> float:
                         "inception", "--out", str(stats)], check=True, cwd=ROOT)
     from stepdistill.resources import teacher as teacher_folder
 
-    subprocess.run([sys.executable, "-m", "stepdistill", "eval", str(teacher_folder(KINDS[kind])), "--steps", "32", "--sampler", sampler,
-                    "--num", "1000", "--seed", "0", "--ref", str(stats), "--json", str(out)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "stepdistill", "eval", str(teacher_folder(KINDS[kind])), "--steps", "32",
+                    "--sampler", sampler, "--num", "1000", "--seed", "0", "--ref", str(stats), "--json", str(out)],
+                   check=True, cwd=ROOT)
     return float(json.loads(out.read_text())["results"][0]["fid"])
 
 
@@ -107,7 +103,8 @@ def main() -> None:
     fid_kinds = [k for k in args.fid_kinds.split(",") if k]
     if fid_kinds:
         lines += ["", "Inception FID, 32 steps (1,000 samples, seed 0, against all 1,797 real digits; "
-                  "`stepdistill eval KIND --steps 32 --sampler S`):", "", "| teacher | DDIM | dpmpp2m |", "|---|---|---|"]
+                  "`stepdistill eval KIND --steps 32 --sampler S`):", "",
+                  "| teacher | DDIM | dpmpp2m |", "|---|---|---|"]
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.work) if args.work else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
