@@ -11,10 +11,18 @@ hash, its resize (clean-fid's PIL bicubic on float channels, not re-quantised), 
 the sample count and seed, images quantised to uint8 exactly as saved PNGs, and the reference's
 dataset, count and content hash. Statistics of different protocols are never compared.
 """
-from .detectors import DETECTORS, Detector, get_detector
-from .harness import evaluate_generator
-from .metrics import clip_score, frechet_distance, kid, precision_recall
-from .stats import Stats, check_compatible, make_stats
+from importlib import import_module
 
-__all__ = ["DETECTORS", "Detector", "get_detector", "evaluate_generator", "clip_score", "frechet_distance",
-           "kid", "precision_recall", "Stats", "check_compatible", "make_stats"]
+# loaded on first use (PEP 562): ``eval.report`` (the model card's number format) without torchmetrics
+_WHERE = {"DETECTORS": "detectors", "Detector": "detectors", "get_detector": "detectors",
+          "evaluate_generator": "harness", "clip_score": "metrics", "frechet_distance": "metrics",
+          "kid": "metrics", "precision_recall": "metrics", "Stats": "stats", "check_compatible": "stats",
+          "make_stats": "stats"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

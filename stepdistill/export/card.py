@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..eval.report import fmt_value
-
 
 def usage_lines(record: dict, custom: bool, folder: str = "path/to/export") -> list[str]:
     """The lines a user needs to load and run the exported student."""
@@ -195,6 +193,8 @@ def model_card(record: dict, meta: dict, scheduler_cfg: dict, eval_report: dict 
 
 
 def _results_table(rows: list[dict]) -> list[str]:
+    from ..eval.report import fmt_value  # the eval report's number format (eval imports torchmetrics)
+
     cols = [c for c in ("steps", "nfe", "fid", "kid", "kid_std", "precision", "recall", "class_accuracy")
             if any(r.get(c) is not None for r in rows)]
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
