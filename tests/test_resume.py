@@ -13,7 +13,7 @@ import torch
 from trainer_runs import finish, start, train_cmd, weights, write_config
 
 
-@pytest.mark.parametrize("source,workers", [("npz", 0), ("folder", 2), ("hf", 2)])
+@pytest.mark.parametrize("source,workers", [("npz", 0), pytest.param("folder", 2, marks=pytest.mark.slow), ("hf", 2)])
 def test_sigkill_and_rerun_matches_uninterrupted_run(source, workers, tiny_teacher_dir, tiny_data_npz,
                                                      tiny_data_folder, tiny_data_hf, tmp_path):
     """With data workers the data is read from disk per batch: an image folder (``disk_data``) or a saved

@@ -57,9 +57,16 @@ def _overrides(tmp_path, teacher, data, objective, **kw):
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_every_objective_trains_resumes_and_samples(kind, name, pipelines, pairs, tmp_path):
+#: in the default run each objective on two pipelines and each pipeline with three objectives; the rest of
+#: the grid under -m slow
+DEFAULT_RUN = {("progressive", "sd"), ("progressive", "sd3"), ("consistency", "sdxl"), ("consistency", "flux"),
+               ("dmd", "sd"), ("dmd", "flux"), ("dmd2", "sdxl"), ("dmd2", "sd3"), ("sid", "sd"), ("sid", "flux"),
+               ("adversarial", "sdxl"), ("adversarial", "sd3")}
+
+
+@pytest.mark.parametrize("name,kind", [(n, k) if (n, k) in DEFAULT_RUN else pytest.param(n, k, marks=pytest.mark.slow)
+                                       for n in OBJECTIVES for k in KINDS])
+def test_every_objective_trains_resumes_and_samples(name, kind, pipelines, pairs, tmp_path):
     obj = dict(OBJECTIVES[name])
     if name == "dmd":
         obj["cache"] = str(tmp_path / "pairs_cache")
