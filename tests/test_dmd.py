@@ -225,6 +225,12 @@ def test_multistep_regression_trajectories_hold_the_students_times_on_every_kind
         got = pairs.trajectory[:, int(pos[j])].double()
         want = teacher.exact(start, ts[0], t)
         torch.testing.assert_close(got, want, rtol=0, atol=1.5e-3 * float(want.abs().max()))  # Heun's error at 128
+    # the first step regresses from the input the student meets when sampling (EDM: sigma_max z, Karras Alg. 1)
+    seen = []
+    student.denoise = lambda x, t, cond: seen.append(x) or x
+    idx = torch.arange(4)
+    obj.regression.pair(student, idx, torch.zeros(4, dtype=torch.long), "cpu")
+    assert torch.equal(seen[0], student.prior(pairs.get(idx, device="cpu")[0], ts[0]))
     if kind != "vp":  # a cache built on another grid is refused, not misread
         two = Student(teacher, student_timesteps(sched, 2, sampler="renoise"), sampler="renoise")
         with pytest.raises(UserError, match="other settings.*grid"):

@@ -328,6 +328,42 @@ def test_a_phase_waits_for_its_start(tiny_teacher_dir, tiny_data_npz, tmp_path):
     assert res["step"] == 3 and trainer.updates == {"fake_score": 2, "student": 3}
 
 
+def _one_update_moments(trainer, updates: int) -> None:
+    """The student's Adam state holds ``updates`` updates; for one, its moments are those of a single
+    gradient g: m = (1 - b1) g and v = (1 - b2) g^2 (torch.optim.AdamW's first step), so m^2 (1 - b2) =
+    v (1 - b1)^2."""
+    opt = trainer.opts["student"]
+    b1, b2 = opt.param_groups[0]["betas"]
+    states = [opt.state[p] for p in trainer.params["student"]]
+    assert states and all(int(st["step"]) == updates for st in states)
+    if updates == 1:
+        for st in states:
+            torch.testing.assert_close(st["exp_avg"] ** 2 * (1 - b2), st["exp_avg_sq"] * (1 - b1) ** 2,
+                                       rtol=1e-4, atol=1e-12)
+
+
+def test_the_generator_starts_with_fresh_moments_after_a_warm_up(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """DMD2 after a regression warm-up: the student's first DMD2 update starts from fresh Adam moments, as
+    the authors' DMD2 run loads the pretrained weights without optimizer state (tianweiy/DMD2
+    --ckpt_only_path); a resume at the switch drops them where the uninterrupted run did; the same with
+    the warm-up as a share of the run."""
+    kw = {"objective.name": "dmd2", "objective.regression_warmup": 2, "objective.critic_repeats": 1,
+          "objective.gan_weight": 0.0, "objective.cache": str(tmp_path / "pairs"), "objective.cache_num": 8,
+          "objective.cache_steps": 2, "checkpoint_every": 1}
+    straight, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "straight", **kw, max_steps=3)
+    _one_update_moments(straight, 1)  # iterations 0, 1 warm-up; 2 the first DMD2 update
+    assert straight.updates == {"fake_score": 1, "student": 3}
+    run(tiny_teacher_dir, tiny_data_npz, tmp_path / "resumed", **kw, max_steps=2)
+    resumed, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "resumed", **kw, max_steps=3)
+    _one_update_moments(resumed, 1)
+    for a, b in zip(straight.params["student"], resumed.params["student"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    frac = {**kw, "objective.regression_warmup": 0, "objective.regression_warmup_fraction": 0.5}
+    trainer, _ = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "fraction", **frac, max_steps=4)
+    assert trainer.switches == {"0.5": 2}
+    _one_update_moments(trainer, 2)  # iterations 2, 3 since the switch, not 4
+
+
 def test_progress_off_a_terminal_is_a_plain_line_per_log_step(tiny_teacher_dir, tiny_data_npz, tmp_path, capsys):
     """Where stdout is not a terminal (nohup, SLURM, pytest's capture) training prints one line per log
     step: the step, the window's losses, it/s and the ETA."""

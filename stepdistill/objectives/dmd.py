@@ -11,7 +11,9 @@ Per outer iteration (DMD2 Alg. 1; tianweiy/DMD2 main/guidance.py):
             + regression_weight * d(G(z_ref), x_ref)         (DMD eq. 9; off in DMD2) [regression.py]
             + gan_weight * softplus(-D(x))                    (DMD2 eq. 4)
 Multi-step students train with backward simulation (DMD2 sec. 4.5). ``regression_warmup`` first
-runs a phase that trains the generator on the regression loss alone (DMD2's one-step SDXL recipe).
+runs a phase that trains the generator on the regression loss alone (DMD2's one-step SDXL recipe);
+the generator phase then starts with fresh optimizer moments, as the authors' DMD2 run starts from the
+pretrained weights alone (tianweiy/DMD2 --ckpt_only_path: checkpoints without optimizer states).
 
 Guidance (all on the real score): a fixed CFG scale; a per-sample scale uniform in
 ``guidance_range`` (SNOOPI's random-scale guidance, Nguyen et al., 2024); and Decoupled DMD (Liu
@@ -72,14 +74,16 @@ class DMD(Objective):
         return self.regression.on
 
     def phases(self):
+        # after a warm-up the generator starts with fresh optimizer moments (Phase.fresh_moments): DMD2's
+        # authors pretrain the regression in a run of its own and load only its weights
         w, f = self.cfg.regression_warmup, self.cfg.regression_warmup_fraction
         if f is not None:  # the warm-up as a share of the run (Phase.stop_fraction)
             return [Phase("warmup", ("student",), stop_fraction=f),
                     Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start_fraction=f),
-                    Phase("generator", ("student",), start_fraction=f)]
+                    Phase("generator", ("student",), start_fraction=f, fresh_moments=True)]
         warm = [Phase("warmup", ("student",), stop=w)] if w else []
         return warm + [Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start=w),
-                       Phase("generator", ("student",), start=w)]
+                       Phase("generator", ("student",), start=w, fresh_moments=bool(w))]
 
     def build(self, teacher, student, context=None):
         self.regression.prepare(teacher, student, context)

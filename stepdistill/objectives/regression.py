@@ -118,7 +118,7 @@ class Regression:
             return student(noise, cond), x_ref, cond
         pos, pos_end = self._grid_pos
         first = bcast(k == 0, noise).to(device).bool()
-        x_k = torch.where(first, student.schedule.prior(noise, ts[0]), self.pairs.states(idx, pos[k], device))
+        x_k = torch.where(first, student.prior(noise, ts[0]), self.pairs.states(idx, pos[k], device))  # EDM: sigma z
         t = ts[k.to(ts.device)]
         if student.sampler == "ddim":
             return student.jump(x_k, t, student.segment_end(t), cond), self.pairs.states(idx, pos_end[k], device), cond

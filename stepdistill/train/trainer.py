@@ -359,6 +359,9 @@ class Trainer:
         self._resolve_fractions()
         self.objective.set_progress(self.progress())
         for ph in self.phases:
+            if ph.fresh_moments and self._bounds(ph)[0] == self.step:
+                self._drop_moments(ph)
+        for ph in self.phases:
             start, stop = self._bounds(ph)
             if self.step < start or (stop is not None and self.step >= stop):
                 continue
@@ -459,6 +462,17 @@ class Trainer:
             for f in (ph.start_fraction, ph.stop_fraction):
                 if f is not None and repr(float(f)) not in self.switches and progress >= f:
                     self.switches[repr(float(f))] = self.step
+
+    def _drop_moments(self, ph) -> None:
+        """At the first iteration of a ``Phase.fresh_moments`` phase: the optimizer state (Adam's moments
+        and step counts) of the nets it trains is dropped, as a new run loading only their weights would
+        start; the learning-rate schedules run on. A checkpoint holds the state after this iteration, so a
+        resume drops it exactly where the uninterrupted run did."""
+        for n in ph.trains:
+            self.opts[n].state.clear()
+        if self.main:
+            print(f"step {self.step}: phase {ph.name!r} starts with fresh optimizer moments for "
+                  f"{', '.join(ph.trains)}", flush=True)
 
     def _bounds(self, ph) -> tuple[float, float | None]:
         """A phase's (start, stop) iterations, a fraction not yet reached counting as never."""
