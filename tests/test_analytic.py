@@ -298,10 +298,10 @@ def run_case(name, steps):
     return sw0, sw, sw_exact
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "dmd" else n for n in CASES])
 def test_one_step_generator_converges(name):
     """Within 2x of an exact sampler's sliced-Wasserstein distance at 2,000 samples, starting from
-    more than 5x (about 14x)."""
+    more than 5x (about 14x). DMD (DMD2's distribution matching plus a regression term) under -m slow."""
     sw0, sw, sw_exact = run_case(name, FAST_STEPS[name])
     assert sw0 > 5 * sw_exact, (sw0, sw_exact)  # the starting point is far from the mixture
     assert sw < 2 * sw_exact, (sw0, sw, sw_exact)

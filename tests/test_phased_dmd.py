@@ -256,7 +256,7 @@ SNIPPET = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
+@pytest.mark.parametrize("kind", ["vp", pytest.param("edm", marks=pytest.mark.slow), pytest.param("flow", marks=pytest.mark.slow)])
 def test_export_switches_experts_by_timestep_in_plain_diffusers(kind, tmp_path):
     """A 4-step student with experts [2, 2] exported: diffusers loads the folder (no stepdistill) and
     reproduces the student's samples; stepdistill loads it back with both experts."""

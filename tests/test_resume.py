@@ -13,7 +13,9 @@ import torch
 from trainer_runs import finish, start, train_cmd, weights, write_config
 
 
-@pytest.mark.parametrize("source,workers", [("npz", 0), pytest.param("folder", 2, marks=pytest.mark.slow), ("hf", 2)])
+# by default the saved dataset read by 2 workers; the .npz without workers and the image folder under -m slow
+@pytest.mark.parametrize("source,workers", [pytest.param("npz", 0, marks=pytest.mark.slow),
+                                            pytest.param("folder", 2, marks=pytest.mark.slow), ("hf", 2)])
 def test_sigkill_and_rerun_matches_uninterrupted_run(source, workers, tiny_teacher_dir, tiny_data_npz,
                                                      tiny_data_folder, tiny_data_hf, tmp_path):
     """With data workers the data is read from disk per batch: an image folder (``disk_data``) or a saved
