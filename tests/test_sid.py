@@ -169,14 +169,14 @@ def test_regression_warmup_as_a_share_of_the_run(tmp_path):
     obj = SiD(SiD.Config(regression_warmup_fraction=0.2, cache=str(tmp_path / "pairs")))
     assert [(p.name, p.start_fraction, p.stop_fraction) for p in obj.phases()] == [
         ("warmup", None, 0.2), ("critic", 0.2, None), ("generator", 0.2, None)]
-    assert [p.fresh_moments for p in obj.phases()] == [False, False, True]  # the student's moments after the warm-up
+    assert [p.fresh_moments_after for p in obj.phases()] == [True, False, False]  # the student's moments after the warm-up
     assert obj.needs_cache()
     gan = SiD(SiD.Config(regression_warmup_fraction=0.25, gan_weight=1e-4, alpha=1.0, cache=str(tmp_path / "p")))
     assert [(p.name, p.start_fraction) for p in gan.phases()] == [
         ("warmup", None), ("critic", 0.25), ("generator_gan", 0.25)]
     fixed = SiD(SiD.Config(regression_warmup=3, gan_weight=1e-4, alpha=1.0, gan_start=5, cache=str(tmp_path / "q")))
-    assert [(p.name, p.start, p.fresh_moments) for p in fixed.phases()] == [
-        ("warmup", 0, False), ("critic", 3, False), ("generator", 3, True), ("generator_gan", 5, False)]
+    assert [(p.name, p.start, p.stop, p.fresh_moments_after) for p in fixed.phases()] == [
+        ("warmup", 0, 3, True), ("critic", 3, None, False), ("generator", 3, 5, False), ("generator_gan", 5, None, False)]
     with pytest.raises(UserError, match="generator_start and gan_start count iterations"):
         SiD(SiD.Config(regression_warmup_fraction=0.2, gan_weight=1e-4, alpha=1.0, generator_start=3)).phases()
     with pytest.raises(UserError, match="regression_warmup_fraction must lie in"):

@@ -40,12 +40,12 @@ class Phase:
     # fraction; the trainer records that iteration in its checkpoints
     start_fraction: float | None = None
     stop_fraction: float | None = None
-    # the nets this phase trains start it with fresh optimizer moments: at its first iteration their Adam
-    # state (moments and step counts) is dropped, as a separate run that loads only the weights (DMD2's
-    # stages, tianweiy/DMD2 --ckpt_only_path: "checkpoints without optimizer states"); a regression
+    # a phase that stops (a warm-up) hands its nets on with fresh optimizer moments: at the iteration it stops
+    # their Adam state (moments and step counts) is dropped, as a separate run that loads only the weights
+    # (DMD2's stages, tianweiy/DMD2 --ckpt_only_path: "checkpoints without optimizer states"); a regression
     # warm-up's second moments, sized by its small gradients, would otherwise scale up the next objective's
     # first hundreds of updates several times over
-    fresh_moments: bool = False
+    fresh_moments_after: bool = False
 
     def span(self, switches: dict[str, int]) -> tuple[float, int | None]:
         """(start, stop) iterations, given the iterations at which the run reached each fraction

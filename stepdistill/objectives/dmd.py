@@ -74,16 +74,16 @@ class DMD(Objective):
         return self.regression.on
 
     def phases(self):
-        # after a warm-up the generator starts with fresh optimizer moments (Phase.fresh_moments): DMD2's
-        # authors pretrain the regression in a run of its own and load only its weights
+        # the warm-up hands the generator on with fresh optimizer moments (Phase.fresh_moments_after):
+        # DMD2's authors pretrain the regression in a run of its own and load only its weights
         w, f = self.cfg.regression_warmup, self.cfg.regression_warmup_fraction
         if f is not None:  # the warm-up as a share of the run (Phase.stop_fraction)
-            return [Phase("warmup", ("student",), stop_fraction=f),
+            return [Phase("warmup", ("student",), stop_fraction=f, fresh_moments_after=True),
                     Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start_fraction=f),
-                    Phase("generator", ("student",), start_fraction=f, fresh_moments=True)]
-        warm = [Phase("warmup", ("student",), stop=w)] if w else []
+                    Phase("generator", ("student",), start_fraction=f)]
+        warm = [Phase("warmup", ("student",), stop=w, fresh_moments_after=True)] if w else []
         return warm + [Phase("critic", critic_trains(self.cfg), repeats=self.cfg.critic_repeats, start=w),
-                       Phase("generator", ("student",), start=w, fresh_moments=bool(w))]
+                       Phase("generator", ("student",), start=w)]
 
     def build(self, teacher, student, context=None):
         self.regression.prepare(teacher, student, context)

@@ -113,19 +113,20 @@ class SiD(Objective):
             if c.generator_start or c.gan_start:
                 raise UserError("sid: generator_start and gan_start count iterations; with them size the warm-up in "
                                 "iterations too (objective.regression_warmup) and set regression_warmup_fraction=null")
-            gen = "generator_gan" if c.gan_weight > 0 else "generator"  # fresh moments after the warm-up, as DMD2's
-            return [Phase("warmup", ("student",), stop_fraction=f),
+            # the warm-up hands the student on with fresh optimizer moments, as DMD2's
+            gan = [Phase("generator_gan", ("student",), start_fraction=f)] if c.gan_weight > 0 else []
+            return [Phase("warmup", ("student",), stop_fraction=f, fresh_moments_after=True),
                     Phase("critic", critic_trains(c), repeats=c.critic_repeats, start_fraction=f),
-                    Phase(gen, ("student",), start_fraction=f, fresh_moments=True)]
+                    *(gan or [Phase("generator", ("student",), start_fraction=f)])]
         w = c.regression_warmup
         g0 = max(w, c.generator_start)
-        out = [Phase("warmup", ("student",), stop=w)] if w else []
+        out = [Phase("warmup", ("student",), stop=w, fresh_moments_after=True)] if w else []
         out.append(Phase("critic", critic_trains(c), repeats=c.critic_repeats, start=w))
         if c.gan_weight <= 0:
-            return out + [Phase("generator", ("student",), start=g0, fresh_moments=bool(w))]
-        g1 = max(g0, c.gan_start)  # the student's first phase after a warm-up starts with fresh moments
-        return out + [Phase("generator", ("student",), start=g0, stop=g1, fresh_moments=bool(w) and g1 > g0),
-                      Phase("generator_gan", ("student",), start=g1, fresh_moments=bool(w) and g1 == g0)]
+            return out + [Phase("generator", ("student",), start=g0)]
+        g1 = max(g0, c.gan_start)
+        return out + [Phase("generator", ("student",), start=g0, stop=g1),
+                      Phase("generator_gan", ("student",), start=g1)]
 
     def build(self, teacher, student, context=None):
         self.regression.prepare(teacher, student, context)

@@ -359,7 +359,7 @@ class Trainer:
         self._resolve_fractions()
         self.objective.set_progress(self.progress())
         for ph in self.phases:
-            if ph.fresh_moments and self._bounds(ph)[0] == self.step:
+            if ph.fresh_moments_after and self._bounds(ph)[1] == self.step:
                 self._drop_moments(ph)
         for ph in self.phases:
             start, stop = self._bounds(ph)
@@ -464,15 +464,15 @@ class Trainer:
                     self.switches[repr(float(f))] = self.step
 
     def _drop_moments(self, ph) -> None:
-        """At the first iteration of a ``Phase.fresh_moments`` phase: the optimizer state (Adam's moments
+        """At the iteration a ``Phase.fresh_moments_after`` phase stops: the optimizer state (Adam's moments
         and step counts) of the nets it trains is dropped, as a new run loading only their weights would
         start; the learning-rate schedules run on. A checkpoint holds the state after this iteration, so a
         resume drops it exactly where the uninterrupted run did."""
         for n in ph.trains:
             self.opts[n].state.clear()
         if self.main:
-            print(f"step {self.step}: phase {ph.name!r} starts with fresh optimizer moments for "
-                  f"{', '.join(ph.trains)}", flush=True)
+            print(f"step {self.step}: phase {ph.name!r} has ended; {', '.join(ph.trains)} go on with fresh "
+                  "optimizer moments", flush=True)
 
     def _bounds(self, ph) -> tuple[float, float | None]:
         """A phase's (start, stop) iterations, a fraction not yet reached counting as never."""
