@@ -91,7 +91,7 @@ def test_lsg_trains_the_fake_score_through_its_own_guidance():
     update regresses the CFG combination eps_u + kappa_1 (eps_c - eps_u) of the fake network on the
     target): the DSM loss is mean((raw_u + k1 (raw_c - raw_u) - raw_target)^2) in the teacher's
     parameterisation, at x_t = x + noise, t from the teacher's training times."""
-    obj = SiD(SiD.Config(fake_train_guidance=2.0, lsg_dropout=0.0))
+    obj = SiD(SiD.Config(fake_train_guidance=2.0, lsg_dropout=0.0, fake_t="train"))
     nets = _nets(obj)
     batch = {"x0": torch.zeros(4, 1, 8, 8), "cond": COND, "rng": _stream(3)}
     out = obj.critic_loss(nets, batch)
@@ -201,13 +201,13 @@ def test_sida_phases_wait_for_the_critic_then_add_the_gan_term():
 def test_sida_critic_noises_real_and_fake_alike_and_weights_the_classifier_like_one_dsm_pixel():
     """SiDA (sida_loss.py, the discriminator loss): real images are noised with the DSM's own noise
     and time, at the teacher's training times. With real images equal to the student's samples both
-    logits agree exactly; the DSM term is the fake score's raw-space error there; the classifier's
+    logits agree exactly (here at the teacher's training times, SiDA's EDM form); the DSM term is the fake score's raw-space error there; the classifier's
     term is lambda * (BCE(real, 1) + BCE(fake, 0)) / 2 with the BCE a batch mean weighted per sample
     by lambda(sigma): per sample here, each BCE times the batch mean of lambda over the pixel count
     (the DSM is a pixel mean here, a pixel sum there), lambda = 1 / sigma^2 on this v-prediction teacher."""
     from torch.nn.functional import softplus
 
-    obj, nets = _sida(gan_critic_weight=0.5)
+    obj, nets = _sida(gan_critic_weight=0.5, fake_t="train")
     rng = _stream(1)
     with torch.no_grad():
         x = nets.student(rng.randn_like(torch.zeros(4, 1, 8, 8)), COND)
@@ -319,3 +319,27 @@ def test_sigma_init_on_edm_and_flow_teachers():
     assert student_timesteps(vp, 1, first_timestep=625).tolist() == [625.0]
     with pytest.raises(UserError, match="integer in"):
         student_timesteps(vp, 1, first_timestep=625.5)
+
+
+def test_fake_score_is_trained_where_the_generator_loss_reads_it():
+    """SiD-LSG (sid_training_loop.py) draws the fake score's DSM times and the generator's from the same
+    randint(tmin, tmax): SiD's default fake_t="dm" draws uniform grid points of t_range, on an EDM
+    schedule too, where the teacher's log-normal ("train") puts ~1 % of draws above sigma 5 against
+    ~40 % of the generator's reads over [0.02, 0.98]."""
+    from stepdistill.objectives.critic import CriticConfig, check_critic, fake_times
+    from stepdistill.schedules import EDMSchedule
+    edm = EDMSchedule()
+    cfg = SiD.Config(t_range=[0.02, 0.98])
+    assert cfg.fake_t == "dm"
+    draws = Draws({"x0": torch.zeros(4096, 1, 2, 2)})
+    torch.manual_seed(0)
+    t = fake_times(cfg, edm, draws)
+    grid = noise_grid(edm)
+    idx = (grid.to(t.dtype)[None, :] - t[:, None]).abs().argmin(1)
+    torch.testing.assert_close(grid.to(t.dtype)[idx], t)           # grid points ...
+    assert idx.min() >= 20 and idx.max() <= 980                    # ... of t_range only (DMD2's 20..980)
+    above = (t > 5.0).double().mean().item()
+    train = (fake_times(SiD.Config(fake_t="train"), edm, draws) > 5.0).double().mean().item()
+    assert above > 0.3 and train < 0.05
+    with pytest.raises(UserError, match="t_range"):
+        check_critic(CriticConfig(fake_t="dm"))

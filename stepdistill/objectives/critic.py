@@ -29,8 +29,9 @@ from . import gan
 from ..trigflow import TrigFlow
 from .common import Draws
 
-#: where the fake score's DSM times come from ("grid": the DM term's grid; "train": the teacher's training times)
-FAKE_TIMES = ("grid", "train")
+#: where the fake score's DSM times come from ("grid": the DM term's grid; "dm": the DM term's own t_range;
+#: "train": the teacher's training times)
+FAKE_TIMES = ("grid", "dm", "train")
 GAN_FORMS = ("dmd2", "sida")
 
 
@@ -43,7 +44,8 @@ class CriticConfig:
     fake_target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     fake_loss: str = "raw"                         # "raw" (teacher's parameterisation) | "x0" (unweighted)
     fake_t: str = "grid"                           # fake-score DSM times: "grid" = uniform over the 1000-step
-                                                   # grid the DM term draws from (DMD2); "train" = the teacher's
+                                                   # grid the DM term draws from (DMD2); "dm" = uniform over the
+                                                   # DM term's own t_range (SiD-LSG); "train" = the teacher's
                                                    # training distribution (EDM's log-normal; SiD's sid_loss.py)
     critic_repeats: int = 1                        # fake-score updates per generator update (DMD2: 5)
     gan_weight: float = 0.0                        # generator GAN term; 0 = off
@@ -62,7 +64,11 @@ def check_critic(c) -> None:
         raise UserError(f"objective.critic_repeats must be >= 1, got {c.critic_repeats}")
     if c.fake_t not in FAKE_TIMES:
         raise UserError(f"objective.fake_t {c.fake_t!r} is not supported; use 'grid' (uniform over the DM term's "
-                        "1000-step grid) or 'train' (the teacher's training distribution)")
+                        "1000-step grid), 'dm' (uniform over its t_range) or 'train' (the teacher's training "
+                        "distribution)")
+    if c.fake_t == "dm" and getattr(c, "t_range", None) is None:
+        raise UserError("objective.fake_t='dm' draws from the objective's t_range, which this objective has not; "
+                        "use fake_t='grid' or 'train'")
     if c.gan_form not in GAN_FORMS:
         raise UserError(f"objective.gan_form {c.gan_form!r} is not supported; use one of {', '.join(GAN_FORMS)}")
     if c.gan_form == "sida" and c.gan_weight > 0 and "," in str(c.feature_module):
@@ -91,8 +97,12 @@ def fake_times(c, schedule, draws: Draws) -> torch.Tensor:
     (DMD2 compute_loss_fake: randint(0, 1000) on SD, a uniform index of the 1000-point Karras grid on
     EDM, sd_guidance.py / edm_guidance.py). "train": the teacher's training distribution (SiD's
     sid_loss.py: EDM's log-normal, which puts ~4 % of updates above sigma 2.5 where the DM term
-    draws ~50 %)."""
-    return draws.train_times(schedule) if c.fake_t == "train" else draws.times(schedule, (0.0, 1.0))
+    draws ~50 %). "dm": uniform over the DM term's own ``t_range``, so the fake score is trained exactly
+    where the generator loss reads it (SiD-LSG sid_training_loop.py draws both the fake-score and the
+    generator times from randint(tmin, tmax))."""
+    if c.fake_t == "train":
+        return draws.train_times(schedule)
+    return draws.times(schedule, c.t_range if c.fake_t == "dm" else (0.0, 1.0))
 
 
 def dsm_loss(c, fake, x: torch.Tensor, cond, draws: Draws, *, guidance: float = 1.0):
