@@ -312,8 +312,13 @@ def find_module(denoiser: Denoiser, name: str) -> nn.Module:
     root = getattr(denoiser, "backbone", denoiser)
     if isinstance(denoiser, FakeScore):
         root = getattr(denoiser.denoiser, "backbone", denoiser.denoiser)
+    base = getattr(getattr(root, "base_model", None), "model", root)  # under peft wrappers
+    if name == "encoder":  # SiDA's return_flag='encoder': the UNet encoder's last block (sida_networks.py)
+        if getattr(base, "down_blocks", None) is None:
+            raise UserError(f"feature_module 'encoder' reads a UNet's last down block; {type(base).__name__} has "
+                            "no down_blocks: name a module (e.g. transformer_blocks.N)")
+        name = f"down_blocks.{len(base.down_blocks) - 1}"
     if name == "auto":
-        base = getattr(getattr(root, "base_model", None), "model", root)  # under peft wrappers
         if getattr(base, "mid_block", None) is not None:
             name = "mid_block"
         elif getattr(base, "transformer_blocks", None) is not None:
@@ -410,6 +415,15 @@ class DiscHeads(nn.Module):
         return [head(f, cond).reshape(f.shape[0], -1) for head, f in zip(self.heads, feats)]
 
 
+class ChannelMean(nn.Module):
+    """SiDA's discriminator (Zhou et al., 2025b; sida_networks.py, ``return_flag='encoder'``): the fake
+    score's encoder output averaged over channels, one logit per location, [B, h*w]; no weights of its
+    own: the fake score's encoder is the classifier, trained by the DSM and the BCE alike."""
+
+    def forward(self, feats: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return feats.float().mean(dim=1).flatten(1)
+
+
 def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None,
                     per_location: bool = False):
     """The classifier on ``module_name``'s features (``DiscHeads`` for comma-separated names)."""
@@ -426,4 +440,4 @@ def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hid
 
 __all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
            "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module",
-           "feature_modules", "DiscHead", "DiscHeads", "build_disc_head", "sample_shape", "feature_shape"]
+           "feature_modules", "DiscHead", "DiscHeads", "ChannelMean", "build_disc_head", "sample_shape", "feature_shape"]

@@ -197,3 +197,18 @@ def test_per_location_logits_average_to_the_pooled_head():
     out = both([feats, torch.randn(5, 4, 2, 2)], cond)
     assert [o.shape for o in out] == [(5, 16), (5, 4)]
     torch.testing.assert_close(out[0], logits)
+
+
+def test_encoder_feature_module_is_the_unets_last_down_block():
+    """feature_module "encoder" (SiDA's return_flag='encoder', sida_networks.py: the encoder's last block
+    at the lowest resolution) is a UNet's last down block; a transformer has none and says so."""
+    from conftest import tiny_dit
+    from stepdistill.errors import UserError
+    from stepdistill.fake_score import find_module
+    from stepdistill.denoisers import DiffusersDenoiser
+
+    teacher = tiny_teacher()
+    assert find_module(teacher, "encoder") is teacher.backbone.down_blocks[-1]
+    dit = DiffusersDenoiser(tiny_dit(), teacher.schedule)
+    with pytest.raises(UserError, match="no down_blocks"):
+        find_module(dit, "encoder")

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_teacher
 from stepdistill.errors import UserError
 from stepdistill.generator import build_student
-from stepdistill.fake_score import find_module, forward_with_features, noise_grid
+from stepdistill.fake_score import forward_with_features, noise_grid
 from stepdistill.objectives.base import Nets
 from stepdistill.objectives.common import Draws, pseudo_huber
 from stepdistill.objectives.sid import SiD, sid_generator_loss
@@ -218,12 +218,14 @@ def test_sida_critic_noises_real_and_fake_alike_and_weights_the_classifier_like_
     x_t = sched.add_noise(x, rng.randn_like(x), t)
     with torch.no_grad():
         v_pred = sched.x0_to_raw(nets.fake_score(x_t, t, COND), x_t, t)
-        _, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)
-        logits = nets.disc(feats, COND)
+        unet = nets.fake_score.denoiser.backbone
+        _, feats = forward_with_features(nets.fake_score, unet.down_blocks[-1], x_t, t, COND)
+        logits = feats.mean(dim=1).flatten(1)  # sida_networks.py: x.mean(dim=1) of the encoder output
+    assert nets.get("disc") is None and [p.trains for p in obj.phases() if p.name == "critic"] == [("fake_score",)]
     assert torch.allclose(out["fake_dsm"], (v_pred - sched.x0_to_raw(x, x_t, t)).pow(2).flatten(1).mean(1), atol=1e-6)
-    assert torch.allclose(out["_d_fake"], logits, atol=1e-5)
+    assert torch.allclose(out["_d_fake"], logits.mean(1), atol=1e-5)
     lam = (1.0 / sched.alpha_sigma(t)[1] ** 2).mean()
-    want = 0.5 * lam.float() / 64 * 0.5 * (softplus(-logits) + softplus(logits))
+    want = 0.5 * lam.float() / 64 * 0.5 * (softplus(-logits) + softplus(logits)).mean(1)  # BCE over the map
     assert torch.allclose(out["gan_d"], want, rtol=1e-4)
 
 
@@ -247,16 +249,17 @@ def test_sida_generator_term_is_the_authors_mix_of_sid_and_gan():
         t = noise_grid(sched)[rng.randint(0, 801)]
         x_t = sched.add_noise(x_g, rng.randn_like(x_g), t)
         f_phi = nets.teacher(x_t, t, COND)
-        f_psi, feats = forward_with_features(nets.fake_score, find_module(nets.fake_score, "auto"), x_t, t, COND)
+        f_psi, feats = forward_with_features(nets.fake_score, nets.fake_score.denoiser.backbone.down_blocks[-1],
+                                             x_t, t, COND)
         wf = (x_g - f_phi).abs().flatten(1).mean(1)
         sid = ((f_phi - f_psi) * (f_psi - x_g)).flatten(1).sum(1) / wf
-        bce = softplus(-nets.disc(feats, COND).clamp(-10, 10))
+        bce = softplus(-feats.mean(dim=1).flatten(1).clamp(-10, 10)).mean(1)  # the encoder's channel mean
         gan_term = 64 * (1 / wf).mean() * bce
     torch.testing.assert_close(out["sid"].detach(), 0.5 * sid, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["gan_g"].detach(), 0.5 * 1e-4 * gan_term, rtol=1e-4, atol=1e-9)
     (out["sid"] + out["gan_g"]).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.student.parameters())
-    assert all(p.grad is None for n in ("fake_score", "disc") for p in nets.get(n).parameters())
+    assert all(p.grad is None for p in nets.fake_score.parameters())
     alone = obj.generator_loss(nets, {**batch, "rng": _stream(2)})
     assert set(alone) == {"sid", "_score_gap"}
     torch.testing.assert_close(alone["sid"].detach(), sid, rtol=1e-4, atol=1e-6)
@@ -269,6 +272,10 @@ def test_gan_form_and_guidance_are_checked():
         SiD(SiD.Config(gan_weight=1.0, gan_form="sida", guidance_mode="anti_cfg", fake_guidance=-1.0))
     with pytest.raises(UserError, match="r1_weight=0"):
         SiD(SiD.Config(gan_weight=1.0, gan_form="sida", r1_weight=1e-3))
+    with pytest.raises(UserError, match="disc_head=channel_mean is SiDA's"):
+        SiD(SiD.Config(gan_weight=1.0, gan_form="dmd2", disc_head="channel_mean"))
+    with pytest.raises(UserError, match="disc_head 'mlp' is not supported"):
+        SiD(SiD.Config(gan_weight=1.0, disc_head="mlp"))
     with pytest.raises(UserError, match="fake_guidance below 0"):
         SiD(SiD.Config(guidance_mode="anti_cfg"))
     with pytest.raises(UserError, match="zero_cfg"):
@@ -343,3 +350,15 @@ def test_fake_score_is_trained_where_the_generator_loss_reads_it():
     assert above > 0.3 and train < 0.05
     with pytest.raises(UserError, match="t_range"):
         check_critic(CriticConfig(fake_t="dm"))
+
+
+def test_sida_with_a_learned_head_trains_it_on_the_named_module():
+    """disc_head=learned: a trained DiscHead on feature_module (the form before SiDA's channel mean),
+    trained in the critic phase with the fake score."""
+    obj, nets = _sida(disc_head="learned", feature_module="mid_block")
+    assert nets.get("disc") is not None
+    assert [p.trains for p in obj.phases() if p.name == "critic"] == [("fake_score", "disc")]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = obj.critic_loss(nets, {"x0": x, "cond": COND, "rng": _stream(4)})
+    out["gan_d"].mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.disc.parameters())

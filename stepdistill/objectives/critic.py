@@ -23,7 +23,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import (DEFAULT_LORA_TARGETS, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
+from ..fake_score import (DEFAULT_LORA_TARGETS, ChannelMean, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
                           feature_modules, forward_with_features, frozen)
 from . import gan
 from ..trigflow import TrigFlow
@@ -33,6 +33,8 @@ from .common import Draws
 #: "train": the teacher's training times)
 FAKE_TIMES = ("grid", "dm", "train")
 GAN_FORMS = ("dmd2", "sida")
+#: the classifier on the fake score's features: a trained head, or SiDA's channel mean of the encoder output
+DISC_HEADS = ("auto", "learned", "channel_mean")
 
 
 @dataclass
@@ -54,7 +56,11 @@ class CriticConfig:
     gan_loss: str = "ns"                           # "ns" (DMD2, SiDA) | "hinge"
     r1_weight: float = 0.0                         # approximate R1 on real logits ("dmd2" form); 0 = off
     r1_noise: float = 0.01
-    feature_module: str = "auto"                   # the fake score's module the classifier reads
+    feature_module: str = "auto"                   # the fake score's module the classifier reads ("auto": the
+                                                   # mid block; "encoder": the last down block; with
+                                                   # disc_head=channel_mean "auto" is "encoder", as SiDA's)
+    disc_head: str = "auto"                        # "learned" (DiscHead) | "channel_mean" (SiDA's, no weights);
+                                                   # "auto": channel_mean with gan_form=sida, else learned
     disc_t_range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # "dmd2" form's times (DMD2: 0..999)
 
 
@@ -71,6 +77,11 @@ def check_critic(c) -> None:
                         "use fake_t='grid' or 'train'")
     if c.gan_form not in GAN_FORMS:
         raise UserError(f"objective.gan_form {c.gan_form!r} is not supported; use one of {', '.join(GAN_FORMS)}")
+    if c.disc_head not in DISC_HEADS:
+        raise UserError(f"objective.disc_head {c.disc_head!r} is not supported; use one of {', '.join(DISC_HEADS)}")
+    if c.disc_head == "channel_mean" and c.gan_form != "sida":
+        raise UserError("objective.disc_head=channel_mean is SiDA's classifier; use it with gan_form=sida, or "
+                        "disc_head=learned")
     if c.gan_form == "sida" and c.gan_weight > 0 and "," in str(c.feature_module):
         raise UserError("gan_form=sida reads one feature module of SiD's own evaluation; name one in "
                         "objective.feature_module, or use gan_form=dmd2 for heads on several")
@@ -79,16 +90,35 @@ def check_critic(c) -> None:
     gan._check(c.gan_loss)
 
 
+def channel_mean(c) -> bool:
+    """Whether the classifier is SiDA's channel mean of the fake score's encoder (no network of its own)."""
+    return c.disc_head == "channel_mean" or (c.disc_head == "auto" and c.gan_form == "sida")
+
+
+def feature_name(c) -> str:
+    """The fake score's module the classifier reads: SiDA's encoder output for its channel-mean head."""
+    return "encoder" if c.feature_module == "auto" and channel_mean(c) else c.feature_module
+
+
+def learned_head(c) -> bool:
+    return c.gan_weight > 0 and not channel_mean(c)
+
+
 def build_critic(c, teacher) -> dict:
     nets = {"fake_score": FakeScore(teacher, lora_rank=c.fake_lora_rank, lora_alpha=c.fake_lora_alpha,
                                     target_modules=c.fake_target_modules)}
-    if c.gan_weight > 0:
-        nets["disc"] = build_disc_head(nets["fake_score"], c.feature_module, teacher)
+    if learned_head(c):
+        nets["disc"] = build_disc_head(nets["fake_score"], feature_name(c), teacher)
     return nets
 
 
 def critic_trains(c) -> tuple[str, ...]:
-    return ("fake_score", "disc") if c.gan_weight > 0 else ("fake_score",)
+    return ("fake_score", "disc") if learned_head(c) else ("fake_score",)
+
+
+def classifier(c, nets):
+    """Features -> logits: the trained head (``nets.disc``) or SiDA's channel mean."""
+    return ChannelMean() if channel_mean(c) else nets.disc
 
 
 def fake_times(c, schedule, draws: Draws) -> torch.Tensor:
@@ -186,15 +216,15 @@ def sida_critic_terms(c, nets, x: torch.Tensor, real_x: torch.Tensor | None, con
     t = fake_times(c, sched, draws)
     eps = draws.randn_like(x)
     x_t = sched.add_noise(x, eps, t)
-    mod = find_module(fs, c.feature_module)
+    mod, head = find_module(fs, feature_name(c)), classifier(c, nets)
     pred, f_fake = forward_with_features(fs, mod, x_t, t, cond)
     _, f_real = forward_with_features(fs, mod, sched.add_noise(real_x, eps, t), t, cond, need_x0=False)
-    real_logits, fake_logits = nets.disc(f_real, cond), nets.disc(f_fake, cond)
+    real_logits, fake_logits = head(f_real, cond), head(f_fake, cond)
     lam = dsm_weight(sched, t, x, c.fake_loss).to(x.dtype).mean() / x[0].numel()
     return {"fake_dsm": dsm_error(sched, pred, x, x_t, t, c.fake_loss),
             "gan_d": c.gan_critic_weight * lam * 0.5 * gan.d_loss(real_logits, fake_logits, c.gan_loss),
-            "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
+            "_d_real": gan.per_sample(real_logits).detach(), "_d_fake": gan.per_sample(fake_logits).detach()}
 
 
-__all__ = ["CriticConfig", "check_critic", "build_critic", "critic_trains", "fake_times", "dsm_loss",
-           "gan_critic_terms", "gan_generator_term", "sida_critic_terms", "FAKE_TIMES", "GAN_FORMS"]
+__all__ = ["CriticConfig", "check_critic", "build_critic", "critic_trains", "classifier", "feature_name", "fake_times", "dsm_loss",
+           "gan_critic_terms", "gan_generator_term", "sida_critic_terms", "FAKE_TIMES", "GAN_FORMS", "DISC_HEADS"]

@@ -19,7 +19,9 @@ the conditions become the null one. "zero_cfg" and "anti_cfg" are from few-step 
 evaluated with a negative CFG scale ``fake_guidance``.
 
 SiDA's GAN term (``gan_form="sida"``; sida branch, sida_loss.py and sida_training_loop.py): the
-classifier reads the fake score's features of SiD's own evaluation at x_t; its non-saturating loss
+classifier is the fake score's own encoder, its output averaged over channels to a logit per location
+(sida_networks.py; ``disc_head=learned`` puts a trained head on ``feature_module`` instead), read
+from SiD's own evaluation at x_t; its non-saturating loss
 on logits clamped to [-10, 10] is scaled per sample by C*H*W times the batch mean of
 1 / mean|x_g - f_phi|, and joins the SiD loss as 0.5 * SiD + 0.5 * gan_weight * GAN. gan_weight =
 lsg_gan / lsg = 0.01 / 100 = 1e-4 is the authors' ratio of the two loss scalings. The generator
@@ -40,8 +42,8 @@ from ..schedules import bcast
 from . import gan
 from .base import Nets, Objective, Phase, register
 from .common import Draws, guidance_scales, mean_abs, sample_student
-from .critic import (CriticConfig, build_critic, check_critic, critic_trains, dsm_loss, gan_critic_terms,
-                     gan_generator_term, sida_critic_terms)
+from .critic import (CriticConfig, build_critic, check_critic, classifier, critic_trains, dsm_loss, feature_name,
+                     gan_critic_terms, gan_generator_term, sida_critic_terms)
 from .regression import Regression, RegressionConfig
 
 GUIDANCE_MODES = ("cfg", "zero_cfg", "anti_cfg")
@@ -154,7 +156,7 @@ class SiD(Objective):
         w = guidance_scales(c.guidance, c.guidance_range, draws) if c.guidance_mode == "cfg" else 1.0
         f_phi = guided(real, w)(x_t, t, cond) if cond is not None else real(x_t, t, None)
         if self.sida:
-            return (f_phi, *forward_with_features(fake, find_module(fake, c.feature_module), x_t, t, fake_cond))
+            return (f_phi, *forward_with_features(fake, find_module(fake, feature_name(c)), x_t, t, fake_cond))
         f_psi = guided(fake, c.fake_guidance)(x_t, t, fake_cond) if fake_cond is not None else fake(x_t, t, None)
         return f_phi, f_psi, None
 
@@ -186,7 +188,7 @@ class SiD(Objective):
             out = {"sid": sid_generator_loss(x_g, f_phi, f_psi, c.alpha),
                    "_score_gap": (f_phi - f_psi).detach().flatten(1).norm(dim=1)}
             if with_gan and self.sida:  # sida_training_loop.py: 0.5 * SiD + 0.5 * GAN, both over 1 / wf
-                logits = nets.disc(feats, fc).clamp(-10.0, 10.0)
+                logits = classifier(c, nets)(feats, fc).clamp(-10.0, 10.0)
                 scale = x_g[0].numel() * (1.0 / mean_abs((x_g - f_phi).detach())).mean()
                 out = {"sid": 0.5 * out["sid"], "_score_gap": out["_score_gap"],
                        "gan_g": 0.5 * c.gan_weight * scale * gan.g_loss(logits, c.gan_loss)}
