@@ -321,15 +321,18 @@ def test_a_trained_two_step_run_samples_loads_and_exports_at_its_own_times(tiny_
         run(tmp_path / "run", max_steps=2)
 
 
-def test_rcm_form_of_the_loss_without_learned_or_prior_weighting(gaussian_data):
+@pytest.mark.parametrize("norm", [None, "rms"])
+def test_rcm_form_of_the_loss_without_learned_or_prior_weighting(gaussian_data, norm):
     """rCM's sCM loss (NVlabs/rcm t2v_model_distill_rcm.py): g / (||g||_2 + 0.1) over all elements,
     sum (F_theta - F_- - g)^2 with no learned w and no prior weighting; here the per-element mean of
-    the same, i.e. the reference divided by D, and no weighting network is built or trained."""
+    the same, i.e. the reference divided by D, and no weighting network is built or trained. The
+    default norm is Alg. 1's L2 norm (sCM, Lu & Song, 2024); "rms" divides it by sqrt(D) (FastGen)."""
     mu, s = gaussian_data
     sched = schedules()["vp-v"]
     teacher = GaussianTeacher(sched, mu, s)
     student = Student(GaussianTeacher(sched, mu * 0.9, s * 1.1), sched.timesteps(1)[:-1])
-    obj = SCM(SCM.Config(tangent_norm="l2", prior_weighting=False, adaptive_weighting=False, tangent_warmup=1))
+    obj = SCM(SCM.Config(**({"tangent_norm": norm} if norm else {}), prior_weighting=False,
+                         adaptive_weighting=False, tangent_warmup=1))
     extra = obj.build(teacher, student)
     assert extra == {} and obj.phases()[0].trains == ("student",)
     obj.iteration = 1  # r = 1
@@ -346,7 +349,8 @@ def test_rcm_form_of_the_loss_without_learned_or_prior_weighting(gaussian_data):
     t = obj.times(draws)
     x = obj.trig.add_noise(x0, SD * draws.randn_like(x0), t)
     raw, v_minus = obj.tangent_g(student, teacher, x, t, None, 1.0)
-    g_hat = raw / bcast(raw.flatten(1).norm(dim=1) + 0.1, raw)
+    size = raw.flatten(1).norm(dim=1) / (math.sqrt(raw[0].numel()) if norm == "rms" else 1.0)
+    g_hat = raw / bcast(size + 0.1, raw)
     f = obj.trig.velocity(student.denoise, x, t, None) / SD
     reference = (f - v_minus / SD - g_hat).pow(2).flatten(1).sum(1)          # rCM: summed, before loss_scale
     torch.testing.assert_close(out["scm"] * x0[0].numel(), reference, rtol=1e-5, atol=1e-7)

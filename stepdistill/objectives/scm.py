@@ -21,8 +21,9 @@ a step in t that spans several of them gives the smooth time derivative while x 
 w(t) is a small learned network (``AdaptiveWeight``; ``adaptive_weighting=False``: w = 0, as in rCM's
 loss). lambda(t) = 1 / (sigma_d tan t) is the prior
 weighting of the reference implementation (FastGen ``sCM.py``, ``prior_weighting_enabled``: 1/sigma_t),
-and the norm in the normalisation is its size-invariant RMS (``g_norm_spatial_invariance``) unless
-``tangent_norm="l2"`` (Alg. 1's plain norm).
+and the norm in the normalisation is Alg. 1's plain L2 norm over the sample (SANA-Sprint's
+``train_scm_ladd.py`` likewise), or with ``tangent_norm="rms"`` FastGen's size-invariant RMS
+(``g_norm_spatial_invariance``), where c = 0.1 weighs sqrt(D) times more.
 
 The student is sampled by the paper's multistep consistency sampler: f at the first time, then the
 x0 estimate re-noised to the next time (the student's "renoise" step). A 2-step student's second step
@@ -78,7 +79,8 @@ class SCM(Objective):
         p_std: float = 1.4
         tangent_warmup: int = 10000      # H: iterations over which r rises from 0 to 1
         tangent_c: float = 0.1           # c in g / (||g|| + c)
-        tangent_norm: str = "rms"        # "rms" (||g|| / sqrt(D), FastGen's default) or "l2" (Alg. 1)
+        tangent_norm: str = "l2"         # "l2" (Alg. 1; SANA-Sprint's vector_norm over C, H, W) or "rms"
+                                         # (||g|| / sqrt(D), FastGen's g_norm_spatial_invariance)
         prior_weighting: bool = True     # lambda(t) = 1 / (sigma_d tan t) (FastGen's prior weighting)
         tangent: str = "jvp"             # "jvp" (torch.func.jvp), "finite_difference" or "split" (JVP in x,
                                          # a difference over fd_t_eps in t)
