@@ -146,6 +146,8 @@ def load_exported(path, *, trust_pickle: bool = False):
         raise UserError(f"{str(p / EXPORT_META)!r} has format_version {record.get('format_version')!r}; this "
                         f"stepdistill reads versions {', '.join(map(str, READ_VERSIONS))}; re-export the run or upgrade stepdistill")
     sched_cfg = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    if record.get("teacher_sigma_min") is not None:  # an EDM student: its scheduler's sigma_min ends its grid
+        sched_cfg["_teacher_sigma_min"] = record["teacher_sigma_min"]
     info = None
     if record.get("kind") == "text-to-image":
         schedule, info = _t2i_schedule(p, record, sched_cfg)
@@ -174,6 +176,8 @@ def load_exported(path, *, trust_pickle: bool = False):
                               null_class=record.get("null_class")) for i in range(2, len(per_expert or [1]) + 1)]
     times = (check_timesteps(schedule, record["timesteps"], int(record["steps"]), sampler, first) if own
              else student_timesteps(schedule, int(record["steps"]), boundary, first, sampler))
+    if schedule.kind == "edm" and not own and "teacher_sigma_min" not in record and int(record["steps"]) > 1:
+        times = schedule.timesteps(int(record["steps"]), sigma_max=first)[:-1]  # exported when the grid ran to sigma_min
     student = Student(den, times, boundary=boundary, first_timestep=first, sampler=sampler,
                       gamma=float(record.get("gamma", 0.3)), experts=more, steps_per_expert=per_expert, custom_times=own)
     if not torch.equal(student.timesteps, torch.tensor(record["timesteps"], dtype=torch.float64)):

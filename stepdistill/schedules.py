@@ -247,6 +247,8 @@ class EDMSchedule(Schedule):
         cfg = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, sigma_schedule="karras",
                    num_train_timesteps=1000, prediction_type="epsilon", final_sigmas_type="zero")
         cfg.update({k: v for k, v in dict(config or {}).items() if not k.startswith("_")})
+        if dict(config or {}).get("_teacher_sigma_min") is not None:  # a K-step student's exported scheduler:
+            cfg["sigma_min"] = float(config["_teacher_sigma_min"])    # its sigma_min ends the student's grid
         if cfg["prediction_type"] not in ("epsilon", "v_prediction"):
             raise UserError(f"EDM schedule: prediction_type {cfg['prediction_type']!r} is not supported; "
                             "use 'epsilon' (EDM's F) or 'v_prediction'")
@@ -268,11 +270,12 @@ class EDMSchedule(Schedule):
     def t_from_log_snr(self, lam):
         return (-self._t(lam)).exp()  # sigma = exp(-lambda)
 
-    def timesteps(self, n: int, sigma_max: float | None = None, **kw):
-        """EDM's Karras grid (eq. 5) from sigma_max (default the schedule's) down to sigma_min, then 0."""
+    def timesteps(self, n: int, sigma_max: float | None = None, sigma_min: float | None = None, **kw):
+        """EDM's Karras grid (eq. 5) from sigma_max down to sigma_min (default the schedule's), then 0."""
         from diffusers import EDMEulerScheduler
 
-        cfg = self.config if sigma_max is None else {**self.config, "sigma_max": float(sigma_max)}
+        cfg = {**self.config, **({"sigma_max": float(sigma_max)} if sigma_max is not None else {}),
+               **({"sigma_min": float(sigma_min)} if sigma_min is not None else {})}
         sched = EDMEulerScheduler.from_config(cfg)
         sched.set_timesteps(n)
         return sched.sigmas.to(torch.float64)

@@ -158,7 +158,10 @@ def test_deterministic_students_export_ddim_schedulers(tmp_path):
 def test_edm_students_run_in_the_shipped_pipeline_with_edm_euler_sigmas(sampler, first, tmp_path):
     """An EDM student (re-noising, deterministic, or from SiD's sigma_init 2.5) exported and run by the
     shipped pipeline (in process) with the same noise: EDMEulerScheduler's sigmas are the student's
-    Karras grid, its preconditioning the teacher's; it loads back as the same student."""
+    Karras grid, its preconditioning the teacher's; it loads back as the same student. The K-step
+    grid is the first K points of the (K + 1)-point Karras grid (a last step at sigma_min would return
+    its input): the exported config's sigma_min is the student's last sigma, so a plain
+    set_timesteps(K) gives the student's sigmas."""
     from diffusers import EDMEulerScheduler, UNet2DModel
 
     from stepdistill.denoisers import DiffusersDenoiser
@@ -170,9 +173,12 @@ def test_edm_students_run_in_the_shipped_pipeline_with_edm_euler_sigmas(sampler,
     teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), EDMSchedule(), null_class=2)
     student = build_student(teacher, StudentConfig(steps=3, sampler=sampler, first_timestep=first)).eval()
     ref = EDMEulerScheduler(sigma_max=first or 80.0)
-    ref.set_timesteps(3)
-    assert student.timesteps.tolist() == ref.sigmas[:-1].double().tolist()
+    ref.set_timesteps(4)
+    torch.testing.assert_close(student.timesteps, ref.sigmas[:3].double(), rtol=1e-6, atol=0)
     out = export_student(student, {"num_classes": 2, "null_class": 2}, tmp_path / "edm")
+    exported = EDMEulerScheduler.from_pretrained(out / "scheduler")
+    exported.set_timesteps(3)
+    assert exported.sigmas[:-1].double().tolist() == student.timesteps.tolist() and float(exported.sigmas[-1]) == 0
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "EDMEulerScheduler"] and index["renoise"] == (sampler == "renoise")
     pipe = StepDistillPipeline(unet=UNet2DModel.from_pretrained(out / "unet"),
@@ -183,6 +189,25 @@ def test_edm_students_run_in_the_shipped_pipeline_with_edm_euler_sigmas(sampler,
     model = load_for_sampling(out)
     assert model.student.sampler == sampler and model.student.timesteps.tolist() == student.timesteps.tolist()
     torch.testing.assert_close(_student_sample(model.student, LABELS), got, rtol=0, atol=1e-4)
+
+
+def test_an_edm_export_from_before_the_grid_stopped_above_sigma_min_loads_with_its_own_grid(tmp_path):
+    """EDM students exported when the K-step grid ran down to sigma_min (scheduler sigma_min 0.002, no
+    teacher_sigma_min in the record) load with the sigmas their scheduler gives, not today's grid."""
+    from stepdistill.denoisers import DiffusersDenoiser
+    from stepdistill.loaders import EXPORT_META, load_for_sampling
+
+    teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3), EDMSchedule(), null_class=2)
+    out = export_student(build_student(teacher, StudentConfig(steps=3)).eval(), {"num_classes": 2, "null_class": 2},
+                         tmp_path / "edm")
+    old = EDMSchedule().timesteps(3)[:-1]  # [80, 9.72, 0.002]
+    record = json.loads((out / EXPORT_META).read_text())
+    record.pop("teacher_sigma_min")
+    record["timesteps"] = old.tolist()
+    (out / EXPORT_META).write_text(json.dumps(record))
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "sigma_min": 0.002}))
+    assert load_for_sampling(out).student.timesteps.tolist() == old.tolist()
 
 
 # -- round trips ------------------------------------------------------------------------------------

@@ -285,8 +285,9 @@ def test_gan_form_and_guidance_are_checked():
 def test_sigma_init_on_edm_and_flow_teachers():
     """SiD's generator reads noise at sigma_init = 2.5 (Zhou et al., 2024, sec. 5; sid_train.py
     init_sigma), on EDM teachers as a sigma: the student's grid is EDM's Karras grid (Karras et al.,
-    2022, eq. 5) from there; on flow teachers a time t (sigma = t / 1000), which the exported
-    FlowMatchEulerDiscreteScheduler cannot start from, so export refuses it in one line."""
+    2022, eq. 5) from there, over K + 1 points less the last (sigma_min); on flow teachers a time t
+    (sigma = t / 1000), which the exported FlowMatchEulerDiscreteScheduler cannot start from, so
+    export refuses it in one line."""
     from conftest import tiny_unet2d
     from stepdistill.denoisers import DiffusersDenoiser
     from stepdistill.export import student_timesteps
@@ -296,9 +297,9 @@ def test_sigma_init_on_edm_and_flow_teachers():
 
     edm = EDMSchedule()
     rho, lo = 7.0, 0.002
-    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, 5, dtype=torch.float64)
     karras = (2.5 ** (1 / rho) + ramp * (lo ** (1 / rho) - 2.5 ** (1 / rho))) ** rho  # eq. 5 from sigma_max = 2.5
-    torch.testing.assert_close(student_timesteps(edm, 4, first_timestep=2.5), karras)
+    torch.testing.assert_close(student_timesteps(edm, 4, first_timestep=2.5), karras[:4])  # sigma_min dropped
     assert student_timesteps(edm, 1, first_timestep=2.5).tolist() == [2.5]
     teacher = DiffusersDenoiser(tiny_unet2d(num_class_embeds=3, channels=1), edm, null_class=2).requires_grad_(False)
     student = build_student(teacher, StudentConfig(first_timestep=2.5))

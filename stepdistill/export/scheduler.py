@@ -177,6 +177,13 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
         cfg = {"_class_name": "EDMEulerScheduler", **schedule.config}
         if first_timestep is not None:  # the grid starts at sigma_init (SiD's 2.5)
             cfg["sigma_max"] = float(first_timestep)
+        if steps and steps > 1 and not custom_times:
+            # set_timesteps(K) spaces K sigmas down to sigma_min, where the last step would return its
+            # input (c_out = sigma_min); the student's grid ends one Karras step above it instead
+            # (student_timesteps), so sigma_min here is the student's last sigma, the teacher's is kept
+            # (a private key plain diffusers ignores) for reloading the schedule
+            cfg["sigma_min"] = float(student_timesteps(schedule, steps, first_timestep=first_timestep)[-1])
+            cfg["_teacher_sigma_min"] = schedule.sigma_min
         return cfg
     raise UserError(f"schedule {type(schedule).__name__} cannot be exported; use a VP or flow-matching teacher")
 
@@ -193,13 +200,18 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
                       first_timestep: float | None = None, sampler: str | None = "renoise",
                       custom_times: bool = False) -> torch.Tensor:
     """A K-step student's timesteps (float64, descending): what the exported scheduler's
-    ``set_timesteps(K)`` produces (EDM: its sigmas without the final 0)."""
+    ``set_timesteps(K)`` produces (EDM: its sigmas without the final 0). On EDM the first K of a
+    (K + 1)-point Karras grid (eq. 5, from sigma_init where given): the grid's last point, sigma_min,
+    is dropped, as a VP student's K trailing timesteps stop at 1000/K and a flow student's at 1/K."""
     if steps < 1:
         raise UserError(f"student steps must be >= 1, got {steps}; use 1, 2 or 4")
     first_timestep = check_first_timestep(schedule, first_timestep)
     sampler = check_sampler(sampler)
     if isinstance(schedule, EDMSchedule):  # Karras et al., 2022, eq. 5, from sigma_init where given
-        return schedule.timesteps(steps, sigma_max=first_timestep)[:-1]
+        if steps == 1:
+            return schedule.timesteps(1, sigma_max=first_timestep)[:-1]
+        end = float(schedule.timesteps(steps + 1, sigma_max=first_timestep)[steps - 1])
+        return schedule.timesteps(steps, sigma_max=first_timestep, sigma_min=end)[:-1]  # as the export runs it
     if isinstance(schedule, FlowSchedule) and first_timestep is not None:
         full = student_timesteps(schedule, steps, sampler=sampler)
         return full * (first_timestep / float(full[0]))

@@ -184,7 +184,8 @@ def export_student(student, meta: dict, out, *, lora: bool = False, fuse: bool =
               "null_class": meta.get("null_class") if conditional else None,
               "class_names": meta.get("class_names"), "teacher": meta.get("teacher"),
               "objective": meta.get("objective"), "training_step": meta.get("step"), "ema": meta.get("ema"),
-              "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided, "custom_timesteps": own}
+              "checkpoint": meta.get("checkpoint"), "guidance_embedding": guided, "custom_timesteps": own,
+              "teacher_sigma_min": cfg.get("_teacher_sigma_min")}  # EDM: the scheduler's sigma_min ends the student's grid
     if guided:
         record["guidance_scale"] = sum(trained_w_range(meta)) / 2  # the middle, as t2i.recommended_guidance
     if t2i:
