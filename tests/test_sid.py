@@ -329,16 +329,16 @@ def test_sigma_init_on_edm_and_flow_teachers():
         student_timesteps(vp, 1, first_timestep=625.5)
 
 
-def test_fake_score_is_trained_where_the_generator_loss_reads_it():
+def test_fake_score_can_be_trained_where_the_generator_loss_reads_it():
     """SiD-LSG (sid_training_loop.py) draws the fake score's DSM times and the generator's from the same
-    randint(tmin, tmax): SiD's default fake_t="dm" draws uniform grid points of t_range, on an EDM
-    schedule too, where the teacher's log-normal ("train") puts ~1 % of draws above sigma 5 against
-    ~40 % of the generator's reads over [0.02, 0.98]."""
+    randint(tmin, tmax): fake_t="dm" draws uniform grid points of t_range, on an EDM schedule too,
+    where the teacher's log-normal (the default "train", EDM SiD's sid_loss.py) puts ~1 % of draws
+    above sigma 5 against ~40 % of the generator's reads over [0.02, 0.98]."""
     from stepdistill.objectives.critic import CriticConfig, check_critic, fake_times
     from stepdistill.schedules import EDMSchedule
     edm = EDMSchedule()
-    cfg = SiD.Config(t_range=[0.02, 0.98])
-    assert cfg.fake_t == "dm"
+    assert SiD.Config().fake_t == "train"
+    cfg = SiD.Config(t_range=[0.02, 0.98], fake_t="dm")
     draws = Draws({"x0": torch.zeros(4096, 1, 2, 2)})
     torch.manual_seed(0)
     t = fake_times(cfg, edm, draws)

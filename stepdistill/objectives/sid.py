@@ -2,8 +2,9 @@
 few-step (Zhou et al., 2025) and adversarial (SiDA, Zhou et al., 2025b) variants.
 
 Per outer iteration (SiD Alg. 1; mingyuanzhou/SiD training/sid_loss.py, sid_training_loop.py):
-  critic    x = sg(G(z)); the fake score f_psi learns p_G by denoising score matching at t ~ U[t_range],
-            where the generator loss reads it (SiD-LSG; ``fake_t="train"``: EDM SiD's log-normal) [critic.py]
+  critic    x = sg(G(z)); the fake score f_psi learns p_G by denoising score matching at the
+            teacher's training times (EDM SiD's log-normal; ``fake_t="dm"``: t ~ U[t_range], where the
+            generator loss reads it, as SiD-LSG draws both from randint(tmin, tmax))         [critic.py]
   generator x_g = G(z); x_t = x_g + sigma eps, t ~ U[t_range] (tmax = 800 of the Karras grid);
             L = sum_pixels (f_phi - f_psi) ((f_phi - x_g) - alpha (f_phi - f_psi)) / sg(mean|x_g - f_phi|)
             i.e. (1 - alpha) ||f_phi - f_psi||^2 + (f_phi - f_psi)^T (f_psi - x_g), both scores
@@ -71,8 +72,9 @@ class SiD(Objective):
         fake_guidance: float = 1.0                     # fake score's CFG scale when evaluated (kappa_2; < 0: anti)
         fake_train_guidance: float = 1.0               # ... when trained (kappa_1, cfg_train_fake)
         lsg_dropout: float = 0.1                       # null-condition share when the fake score is guided
-        fake_t: str = "dm"                             # uniform over t_range, where the generator loss reads the
-                                                       # fake score (SiD-LSG); "train": EDM SiD's log-normal
+        fake_t: str = "train"                          # the teacher's training times (EDM SiD's sid_loss.py);
+                                                       # "dm": uniform over t_range, where the generator loss
+                                                       # reads the fake score (SiD-LSG); on EDM 25.1 vs 22.5
         backward_simulation: bool = True               # few-step: uniform mixture over the K steps
         gan_form: str = "sida"                         # "sida" (SiDA) | "dmd2" (a head with passes of its own)
         gan_critic_weight: float = 1.0                 # SiDA's lsd = 1 ("dmd2" form: DMD2's 1e-2)
