@@ -69,12 +69,23 @@ def _conds(prompts: CachePrompts | None, labels, i: int, n: int, device):
     return None if labels is None else {"class_labels": labels[i:i + n].to(device)}
 
 
+def own_grid(schedule, steps: int) -> torch.Tensor:
+    """The schedule's `steps`-step grid, clean end included. EDM: as a K-step student's grid
+    (``export.scheduler.student_timesteps``), the first `steps` points of the (steps + 1)-point
+    Karras grid, then 0: no step is spent at sigma_min (where D(x) = x), and the grid holds every
+    K-step student's sigmas where K divides `steps` (Karras grids nest when their interval counts do)."""
+    if getattr(schedule, "kind", None) == "edm":
+        full = schedule.timesteps(int(steps) + 1).to(torch.float64).cpu()
+        return torch.cat([full[:int(steps)], full[-1:]])
+    return schedule.timesteps(int(steps)).to(torch.float64).cpu()
+
+
 def trajectory_grid(schedule, steps: int, hold=None) -> torch.Tensor:
-    """The grid a trajectory cache samples on: the schedule's own `steps`-step grid, with the times in
-    `hold` (a multi-step student's timesteps) added where it lacks them. VP's trailing grids nest, so
-    there a grid of a multiple of the student's steps already holds them and nothing is added; EDM's
-    Karras grid and the flow grid (which ends at sigma 1/1000) do not nest."""
-    grid = schedule.timesteps(int(steps)).to(torch.float64).cpu()
+    """The grid a trajectory cache samples on: the schedule's own `steps`-step grid (``own_grid``), with
+    the times in `hold` (a multi-step student's timesteps) added where it lacks them. VP's trailing
+    grids and EDM's (``own_grid``) nest, so there a grid of a multiple of the student's steps already
+    holds them and nothing is added; the flow grid (which ends at sigma 1/1000) does not nest."""
+    grid = own_grid(schedule, steps)
     if hold is None:
         return grid
     hold = torch.as_tensor(hold, dtype=torch.float64).reshape(-1).cpu()
@@ -263,5 +274,5 @@ def ensure_cache(teacher: Denoiser, path, *, num: int, steps: int, sampler: str 
     return load_cache(path, teacher)
 
 
-__all__ = ["trajectory_grid", "build_cache", "load_cache", "ensure_cache", "check_cache_settings", "teacher_hash",
+__all__ = ["own_grid", "trajectory_grid", "build_cache", "load_cache", "ensure_cache", "check_cache_settings", "teacher_hash",
            "TeacherPairs", "CachePrompts", "MANIFEST"]

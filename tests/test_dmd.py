@@ -190,10 +190,10 @@ def test_multistep_regression_follows_the_teachers_trajectory(sampler, tmp_path,
 @pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
 def test_multistep_regression_trajectories_hold_the_students_times_on_every_kind(kind, gaussian_data, tmp_path):
     """A 4-step student's regression cache samples on the teacher's own grid (here 128 steps) with the student's
-    timesteps added where that grid lacks them (EDM's Karras grid and the flow grid do not nest; VP's
-    trailing grid already holds them, and gains nothing). On the Gaussian teacher each cached state at a
-    student time is the probability-flow ODE's exact solution from the trajectory's start."""
-    from stepdistill.cache import trajectory_grid
+    timesteps added where that grid lacks them (the flow grid does not nest; VP's trailing grid and EDM's
+    129-point Karras grid less sigma_min already hold them, and gain nothing). On the Gaussian teacher each
+    cached state at a student time is the probability-flow ODE's exact solution from the trajectory's start."""
+    from stepdistill.cache import own_grid, trajectory_grid
     from stepdistill.export.scheduler import student_timesteps
     from stepdistill.generator import Student
     from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
@@ -208,10 +208,15 @@ def test_multistep_regression_trajectories_hold_the_students_times_on_every_kind
     teacher.sample_shape = (4,)
     ts = student_timesteps(sched, 4, sampler="renoise")
     grid = trajectory_grid(sched, 128, ts)
-    own = sched.timesteps(128)
+    own = own_grid(sched, 128)
     added = sorted(set(grid.tolist()) - set(own.tolist()))
     assert set(own.tolist()) <= set(grid.tolist()) and set(added) <= set(ts.tolist())  # only student times added
-    assert (added == []) == (kind == "vp")  # VP's trailing grids nest; EDM's and flow's do not
+    assert (added == []) == (kind != "flow")  # VP's trailing grids and EDM's Karras grids nest; flow's do not
+    if kind == "edm":  # Karras et al., 2022, eq. 5 over 129 points, sigma_min dropped, then 0
+        ramp = torch.linspace(0, 1, 129, dtype=torch.float64)
+        karras = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+        torch.testing.assert_close(grid[:-1], karras[:-1], rtol=1e-6, atol=0)
+        assert float(grid[-1]) == 0.0
     assert bool((grid[1:] < grid[:-1]).all())
     obj = DMD(DMD.Config(cache=str(tmp_path / "c"), cache_num=16, cache_steps=128, cache_sampler="heun",
                          regression_loss="mse"))
@@ -231,10 +236,12 @@ def test_multistep_regression_trajectories_hold_the_students_times_on_every_kind
     idx = torch.arange(4)
     obj.regression.pair(student, idx, torch.zeros(4, dtype=torch.long), "cpu")
     assert torch.equal(seen[0], student.prior(pairs.get(idx, device="cpu")[0], ts[0]))
-    if kind != "vp":  # a cache built on another grid is refused, not misread
-        two = Student(teacher, student_timesteps(sched, 2, sampler="renoise"), sampler="renoise")
+    two = Student(teacher, student_timesteps(sched, 2, sampler="renoise"), sampler="renoise")
+    if kind == "flow":  # a cache built on another grid is refused, not misread
         with pytest.raises(UserError, match="other settings.*grid"):
             obj.regression.check(two)
+    else:  # nested grids: the 4-step student's cache holds the 2-step student's times too
+        obj.regression.check(two)
 
 
 def _tiled(pattern: torch.Tensor, shape) -> torch.Tensor:

@@ -375,8 +375,9 @@ def test_cached_links_are_checked_before_any_compute(setup, tmp_path):
 
 @pytest.mark.parametrize("kind", ["edm", "flow"])
 def test_cached_links_start_at_the_students_times_where_grids_do_not_nest(kind, gaussian_data, tmp_path):
-    """EDM's Karras grid and the flow grid (ending at sigma 1/1000) do not nest: a 4-step student's
-    timesteps join the teacher's 4-step grid (as link starts) and the cache's grid where they lack them, and each
+    """A 62-step grid does not hold a 4-step student's times, nor does the flow grid (ending at sigma
+    1/1000) at any step count: a 4-step student's timesteps join the teacher's 4-step grid (as link
+    starts; EDM's already is the student's) and the cache's grid where they lack them, and each
     cached link's target is the Gaussian teacher's exact ODE solution at the segment end (Heun on 62
     steps plus the added times)."""
     from stepdistill.schedules import EDMSchedule, FlowSchedule
@@ -390,6 +391,8 @@ def test_cached_links_start_at_the_students_times_where_grids_do_not_nest(kind, 
     obj.build(teacher, student)
     starts, ends = obj._link_times(student)
     assert set(ts.tolist()) <= set(starts.tolist())
+    if kind == "edm":  # EDM's 4-step grid less sigma_min is the student's (cache.own_grid): one link per segment
+        assert starts.tolist() == ts.tolist()
     assert not set(ts.tolist()) <= set(sched.timesteps(62).tolist())  # the cache's own grid lacks them
     nets = Nets(teacher=teacher, student=student)
     j = torch.arange(40)

@@ -174,9 +174,10 @@ class Consistency(Objective):
 
     # -- loss -------------------------------------------------------------------------------------
     def _grid(self, schedule: Schedule, device) -> torch.Tensor:
-        """The teacher's teacher_steps grid; multistep: with the student's timesteps added where it lacks
-        them (EDM's and flow's grids do not nest; VP's trailing grid holds them), so that every segment
-        bound is a link start, where the student samples."""
+        """The teacher's teacher_steps grid (``cache.own_grid``); multistep: with the student's timesteps
+        added where it lacks them (the flow grid does not nest; VP's trailing grid and EDM's Karras grid
+        less sigma_min hold them where K divides teacher_steps), so that every segment bound is a link
+        start, where the student samples."""
         from ..cache import trajectory_grid
 
         key = id(schedule)
