@@ -208,6 +208,10 @@ class Student(nn.Module):
             return self.timesteps
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
+        if self.schedule.kind == "edm":  # as the exported EDMEulerScheduler runs `steps`: Karras from the
+            # first sigma down to its sigma_min, which is a K-step student's last sigma (export.scheduler)
+            end = float(self.timesteps[-1]) if self.steps > 1 and not self.custom_times else None
+            return self.schedule.timesteps(steps, sigma_max=self.first_timestep, sigma_min=end)[:-1]
         from .export.scheduler import student_timesteps  # as the exported scheduler runs `steps`
         return student_timesteps(self.schedule, steps, self.boundary, self.first_timestep, self.sampler,
                                  self.custom_times)

@@ -139,9 +139,16 @@ def test_vp_student_grids_nest_and_others_use_the_time_midpoint():
         fine = student_grid(vp, 2 * n)
         assert torch.equal(mid, fine[1::2]) and torch.equal(g, fine[::2])
         assert torch.equal(g[:-1], torch.tensor([vp.t_max - (i * 1000) // n for i in range(n)], dtype=torch.float64))
+    # EDM students' grids (the first n of n + 1 Karras points) nest too: the teacher's 8-step grid holds
+    # the 4-step student's sigmas and its midpoints in sigma^(1/rho)
     edm = EDMSchedule()
     g, mid = grid_with_midpoints(edm, 4)
-    assert not torch.equal(edm.timesteps(8)[::2], g)
+    torch.testing.assert_close(g, student_grid(edm, 8)[::2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(mid, student_grid(edm, 8)[1::2], rtol=1e-6, atol=0)
+    # grids that do not nest (flow's: each ends at the shifted 1/n) use the time midpoint
+    flow = FlowSchedule({"shift": 3.0})
+    g, mid = grid_with_midpoints(flow, 4)
+    assert not torch.equal(student_grid(flow, 8)[::2], g)
     torch.testing.assert_close(mid, 0.5 * (g[:-1] + g[1:]))
 
 

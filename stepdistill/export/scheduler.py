@@ -208,8 +208,8 @@ def student_timesteps(schedule: Schedule, steps: int, boundary: str | None = Non
     first_timestep = check_first_timestep(schedule, first_timestep)
     sampler = check_sampler(sampler)
     if isinstance(schedule, EDMSchedule):  # Karras et al., 2022, eq. 5, from sigma_init where given
-        if steps == 1:
-            return schedule.timesteps(1, sigma_max=first_timestep)[:-1]
+        if steps == 1 or custom_times:  # a student with its own times exports the teacher's sigma_min
+            return schedule.timesteps(steps, sigma_max=first_timestep)[:-1]
         end = float(schedule.timesteps(steps + 1, sigma_max=first_timestep)[steps - 1])
         return schedule.timesteps(steps, sigma_max=first_timestep, sigma_min=end)[:-1]  # as the export runs it
     if isinstance(schedule, FlowSchedule) and first_timestep is not None:
