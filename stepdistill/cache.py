@@ -75,8 +75,9 @@ def own_grid(schedule, steps: int) -> torch.Tensor:
     Karras grid, then 0: no step is spent at sigma_min (where D(x) = x), and the grid holds every
     K-step student's sigmas where K divides `steps` (Karras grids nest when their interval counts do)."""
     if getattr(schedule, "kind", None) == "edm":
-        full = schedule.timesteps(int(steps) + 1).to(torch.float64).cpu()
-        return torch.cat([full[:int(steps)], full[-1:]])
+        from .objectives.common import student_grid  # the one rule for EDM's K-step grids
+
+        return student_grid(schedule, int(steps)).to(torch.float64).cpu()
     return schedule.timesteps(int(steps)).to(torch.float64).cpu()
 
 
