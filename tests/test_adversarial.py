@@ -206,3 +206,42 @@ def test_ladd_options_are_checked_before_compute():
     from stepdistill.fake_score import feature_modules
     with pytest.raises(UserError, match="names no module"):
         feature_modules(teacher, " , ")
+
+
+def test_sana_sprint_misaligned_pairs_join_the_fake_side(monkeypatch):
+    """misaligned_pairs (SANA-Sprint's misaligned_pairs_D, train_scm_ladd.py): the discriminator also judges
+    the real batch rolled by one under the original conditions as fake, the fake side averaging the
+    student's B samples and those B pairs: per sample relu(1 - D(real)) + (relu(1 + D(fake)) +
+    relu(1 + D(misaligned))) / 2 (hinge); where the rolled label is the sample's own (two images of one
+    class) the pair is not a negative and the loss is the plain one."""
+    from stepdistill.objectives import critic
+    from stepdistill.train.randomness import BatchRandom
+
+    teacher = tiny_teacher().requires_grad_(False)
+    student = build_student(teacher, steps=1)
+    obj = Adversarial(Adversarial.Config(distill="none", misaligned_pairs=True, disc_proposal=[-0.6, 1.0]))
+    nets = Nets(teacher=teacher, student=student, **obj.build(teacher, student))
+    calls, original = [], critic.disc_logits
+
+    def recording(c, nets_, x, t, cond, draws, net=None):
+        logits = original(c, nets_, x, t, cond, draws, net)
+        calls.append((x.detach().clone(), cond, logits.detach()))
+        return logits
+
+    monkeypatch.setattr(critic, "disc_logits", recording)
+    x0 = torch.randn(4, 1, 8, 8)
+    labels = torch.tensor([0, 1, 1, 2])                      # rolled: 2, 0, 1, 1 -> sample 2 keeps its class
+    batch = {"x0": x0, "cond": {"class_labels": labels}, "rng": BatchRandom(3, 4, slice(0, 4))}
+    d = obj.disc_loss(nets, batch)["gan_d"]
+    assert len(calls) == 3
+    (x_real, _, real), (_, _, fake), (x_mis, cond_mis, mis) = calls
+    torch.testing.assert_close(x_real, x0)
+    torch.testing.assert_close(x_mis, x0[[3, 0, 1, 2]])       # image i - 1 under label i
+    assert torch.equal(cond_mis["class_labels"], labels)
+    plain = F.relu(1 - real) + F.relu(1 + fake)
+    with_mis = F.relu(1 - real) + 0.5 * (F.relu(1 + fake) + F.relu(1 + mis))
+    want = torch.where(torch.tensor([False, False, True, False]), plain, with_mis)
+    torch.testing.assert_close(d.detach(), want)
+    assert not torch.allclose(plain, with_mis)
+    with pytest.raises(UserError, match="misaligned_pairs"):
+        Adversarial(Adversarial.Config(disc="pixels", misaligned_pairs=True))

@@ -70,6 +70,8 @@ class Adversarial(Objective):
                                             # pure noise at the student's first time
         student_proposal: List[float] = field(default_factory=lambda: [0.2, 1.6])  # [p_mean, p_std] (Sana's sCM)
         largest_prob: float = 0.5           # SANA-Sprint's largest_timestep_prob
+        misaligned_pairs: bool = False      # the discriminator also sees real images under another sample's
+                                            # condition as fake (SANA-Sprint's misaligned_pairs_D; critic.py)
         backward_simulation: bool = True    # multi-step students with student_input "noise"
 
     def __init__(self, cfg=None):
@@ -85,10 +87,10 @@ class Adversarial(Objective):
                 raise UserError(f"objective.{key} is [p_mean, p_std] with p_std > 0, got {value!r}")
         if self.cfg.sigma_d <= 0:
             raise UserError(f"objective.sigma_d must be > 0, got {self.cfg.sigma_d}")
-        if self.cfg.disc == "pixels" and (self.cfg.per_location or self.cfg.disc_proposal is not None
+        if self.cfg.disc == "pixels" and (self.cfg.per_location or self.cfg.misaligned_pairs or self.cfg.disc_proposal is not None
                                           or "," in str(self.cfg.feature_module)):
-            raise UserError("disc=pixels reads clean images: per_location, disc_proposal and several feature modules "
-                            "apply to disc=teacher")
+            raise UserError("disc=pixels reads clean images: per_location, misaligned_pairs, disc_proposal and several "
+                            "feature modules apply to disc=teacher")
         if not 0.0 <= self.cfg.largest_prob <= 1.0:
             raise UserError(f"objective.largest_prob is a probability in [0, 1], got {self.cfg.largest_prob}")
         if self.cfg.distill not in ("sds", "none"):
@@ -114,7 +116,7 @@ class Adversarial(Objective):
         return SimpleNamespace(feature_module=c.feature_module, disc_t_range=c.t_range, disc_proposal=c.disc_proposal,
                                sigma_d=c.sigma_d, gan_critic_weight=1.0,
                                gan_loss=c.gan_loss, gan_weight=c.gan_weight, r1_weight=c.r1_weight,
-                               r1_noise=c.r1_noise)
+                               r1_noise=c.r1_noise, misaligned_pairs=c.misaligned_pairs)
 
     def pixel_terms(self, nets: Nets, real_x, fake_x, cond) -> dict:
         """disc="pixels": the head reads the clean images (ADD's discriminator without a feature network)."""

@@ -180,7 +180,10 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
     t_r, t_f = disc_times(c, fs.schedule, draws), disc_times(c, fs.schedule, draws)
     real_logits = disc_logits(c, nets, real_x, t_r, cond, draws, fs)
     fake_logits = disc_logits(c, nets, x_fake, t_f, cond, draws, fs)
-    out = {"gan_d": c.gan_critic_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
+    loss = gan.d_loss(real_logits, fake_logits, c.gan_loss)
+    if getattr(c, "misaligned_pairs", False) and cond is not None and real_x.shape[0] > 1:
+        loss = misaligned_d_loss(c, nets, loss, real_logits, real_x, cond, draws, fs)
+    out = {"gan_d": c.gan_critic_weight * loss,
            "_d_real": gan.per_sample(real_logits).detach(), "_d_fake": gan.per_sample(fake_logits).detach()}
     if c.r1_weight > 0:
         x_t = draws.noised(fs.schedule, real_x, t_r)
@@ -191,6 +194,32 @@ def gan_critic_terms(c, nets, x_fake: torch.Tensor, real_x: torch.Tensor | None,
 
         out["r1"] = c.r1_weight * gan.approx_r1(d_of, x_t, d_of(x_t), c.r1_noise)
     return out
+
+
+def same_condition(cond: dict, shift: int = 1) -> torch.Tensor:
+    """[B] bool: sample i's conditioning equals sample i - shift's (the batch rolled by ``shift``) in every
+    tensor of ``cond`` (a class label, a prompt's embeddings)."""
+    same = None
+    for v in cond.values():
+        if torch.is_tensor(v) and v.ndim >= 1:
+            eq = (v == v.roll(shift, 0)).reshape(v.shape[0], -1).all(1)
+            same = eq if same is None else same & eq
+    return same
+
+
+def misaligned_d_loss(c, nets, loss: torch.Tensor, real_logits, real_x: torch.Tensor, cond, draws: Draws,
+                      fs) -> torch.Tensor:
+    """The discriminator loss with SANA-Sprint's misaligned pairs (``misaligned_pairs_D``, NVlabs/Sana
+    train_scm_ladd.py): real images rolled by one along the batch, kept with the original conditioning and
+    noised at fresh discriminator times, join the fake side, so the fake term averages over the student's
+    B samples and these B pairs (a real image under another sample's condition is fake: the only signal
+    that ties the image to its class or prompt). A pair whose rolled condition is the same (two samples of
+    one class) is a real pair, not a negative: its fake term stays the student's alone."""
+    mis_x = real_x.roll(1, 0)
+    mis_logits = disc_logits(c, nets, mis_x, disc_times(c, fs.schedule, draws), cond, draws, fs)
+    with_mis = 0.5 * (loss + gan.d_loss(real_logits, mis_logits, c.gan_loss))
+    same = same_condition(cond) if isinstance(cond, dict) else None
+    return with_mis if same is None else torch.where(same, loss, with_mis)
 
 
 def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws, net=None) -> torch.Tensor:
