@@ -192,8 +192,9 @@ def test_adaptive_weight_minimises_to_the_log_mse():
     assert abs(float(weight(t)[0]) - (-math.log(0.04))) < 0.05
 
 
+@pytest.mark.slow
 def test_one_step_scm_generator_converges_on_the_mixture():
-    """The analytic mixture of ``test_analytic`` (exact teacher): a 1-step sCM student (an MLP denoiser
+    """Under -m slow (about 40 s on 2 cores), as the DMD mixture case of ``test_analytic``. The analytic mixture of ``test_analytic`` (exact teacher): a 1-step sCM student (an MLP denoiser
     from scratch, 1,500 Adam steps on exact mixture samples, the paper's proposal and defaults, r
     warmed up over 300 steps) reaches a sliced-Wasserstein distance within 2x of an exact sampler's,
     from about 25x (measured 1.56x; 1.18x after 3,000 steps at half the learning rate)."""
