@@ -68,6 +68,17 @@ def test_state_round_trips_per_part():
     assert fresh.base.iteration == 42 and fresh.state_dict() == hybrid.state_dict()
 
 
+def test_each_network_takes_the_learning_rate_factor_of_the_part_that_built_it():
+    hybrid = make_objective(RCM)
+    _nets(hybrid)
+    term = dict((n, p) for n, _, p in hybrid.terms)["dmd2"]
+    term.lr_factor = lambda net: 0.25  # a term with its own schedule on its critic
+    hybrid.base.lr_factor = lambda net: 0.5
+    assert hybrid.lr_factor("fake_score") == 0.25  # built by the dmd2 term
+    assert hybrid.lr_factor("weighting") == 0.5  # built by the base (sCM's log-variance head)
+    assert hybrid.lr_factor("student") == 0.5
+
+
 def test_conflicts_are_refused_with_one_line():
     with pytest.raises(UserError, match="appears twice"):
         make_objective({"name": "hybrid", "base": {"name": "dmd2"}, "terms": [{"name": "dmd2"}]})

@@ -70,6 +70,7 @@ class Hybrid(Objective):
             self.terms.append((part.name, weight, part))
         self.uses_real_data = self.base.uses_real_data or any(p.uses_real_data for _, _, p in self.terms)
         self._owner: dict[str, tuple[Objective, str]] = {}
+        self._net_part: dict[str, Objective] = {}  # which part built each extra network (its lr_factor)
         self.phases()  # fills _owner: which part answers each phase
 
     def _parts(self):
@@ -108,6 +109,7 @@ class Hybrid(Objective):
                     raise UserError(f"objective hybrid: two parts build a network called {k!r}; combine "
                                     "objectives whose extra networks differ")
                 nets[k] = v
+                self._net_part[k] = part
         return nets
 
     def __getattr__(self, name: str):
@@ -159,7 +161,9 @@ class Hybrid(Objective):
             part.set_progress(progress)
 
     def lr_factor(self, net: str) -> float:
-        return self.base.lr_factor(net)
+        """The factor of the part that built ``net`` (a term's critic follows its own schedule); the
+        student and the networks the base builds follow the base."""
+        return self._net_part.get(net, self.base).lr_factor(net)
 
     def state_dict(self):
         return {"iteration": self.iteration, **{name: part.state_dict() for name, _, part in self._parts()}}
