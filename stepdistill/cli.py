@@ -25,8 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; key=value overrides may also follow an option
+    (``train digits/dmd2 --dry-run max_steps=10``), which argparse alone refuses."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = list(args.overrides) + extra  # after the earlier ones: a later key wins, as typed
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -517,3 +517,18 @@ def test_phase_fractions_count_the_time_left_after_setup(tiny_teacher_dir, tiny_
     resumed = Trainer(*resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, out, **{**kw, "max_steps": 3})))
     assert resumed.setup_before == pytest.approx(state["setup_seconds"])
     resumed.release()
+
+
+def test_overrides_may_follow_an_option():
+    """`stepdistill train PRESET --dry-run key=value`: the overrides after the option are kept, in order
+    after those before it; a stray word is still refused by argparse's one line."""
+    from stepdistill.cli import parse
+
+    args = parse(["train", "digits/dmd2", "max_steps=3", "--dry-run", "seed=1", "max_steps=5"])
+    assert args.config == "digits/dmd2" and args.dry_run
+    assert args.overrides == ["max_steps=3", "seed=1", "max_steps=5"]
+    with pytest.raises(SystemExit):
+        parse(["train", "digits/dmd2", "--dry-run", "notanoverride"])
+    assert parse(["eval", "runs/x"]).model == "runs/x"
+    with pytest.raises(SystemExit):
+        parse(["eval", "runs/x", "a=1"])  # a command without overrides takes none
