@@ -243,5 +243,13 @@ def test_sana_sprint_misaligned_pairs_join_the_fake_side(monkeypatch):
     want = torch.where(torch.tensor([False, False, True, False]), plain, with_mis)
     torch.testing.assert_close(d.detach(), want)
     assert not torch.allclose(plain, with_mis)
+    # SANA-Sprint's loss_D = 0.5 (loss_real + loss_gen): disc_weight 0.5 halves the same terms
+    half = Adversarial(Adversarial.Config(distill="none", misaligned_pairs=True, disc_proposal=[-0.6, 1.0],
+                                          disc_weight=0.5))
+    calls.clear()
+    again = dict(batch, rng=BatchRandom(3, 4, slice(0, 4)))  # the same draws again
+    torch.testing.assert_close(half.disc_loss(nets, again)["gan_d"].detach(), 0.5 * want)
+    with pytest.raises(UserError, match="disc_weight"):
+        Adversarial(Adversarial.Config(disc_weight=0.0))
     with pytest.raises(UserError, match="misaligned_pairs"):
         Adversarial(Adversarial.Config(disc="pixels", misaligned_pairs=True))

@@ -53,6 +53,8 @@ class Adversarial(Objective):
         disc_hidden: int = 64               # head width
         gan_loss: str = "hinge"             # "hinge" (ADD/LADD) | "ns"
         gan_weight: float = 1.0             # generator adversarial term
+        disc_weight: float = 1.0            # factor on the discriminator's loss (SANA-Sprint's 0.5: loss_D =
+                                            # (loss_real + loss_gen) / 2, train_scm_ladd.py)
         r1_weight: float = 0.0              # approximate R1 on real inputs; 0 = off
         r1_noise: float = 0.01              # its input perturbation std
         t_range: List[float] = field(default_factory=lambda: [0.02, 0.98])  # disc noise levels (teacher disc)
@@ -91,6 +93,8 @@ class Adversarial(Objective):
                                           or "," in str(self.cfg.feature_module)):
             raise UserError("disc=pixels reads clean images: per_location, misaligned_pairs, disc_proposal and several "
                             "feature modules apply to disc=teacher")
+        if self.cfg.disc_weight <= 0:
+            raise UserError(f"objective.disc_weight must be > 0, got {self.cfg.disc_weight}")
         if not 0.0 <= self.cfg.largest_prob <= 1.0:
             raise UserError(f"objective.largest_prob is a probability in [0, 1], got {self.cfg.largest_prob}")
         if self.cfg.distill not in ("sds", "none"):
@@ -114,7 +118,7 @@ class Adversarial(Objective):
         the frozen teacher's features at x_t, real and fake noised alike at t from t_range (LADD sec. 3)."""
         c = self.cfg
         return SimpleNamespace(feature_module=c.feature_module, disc_t_range=c.t_range, disc_proposal=c.disc_proposal,
-                               sigma_d=c.sigma_d, gan_critic_weight=1.0,
+                               sigma_d=c.sigma_d, gan_critic_weight=c.disc_weight,
                                gan_loss=c.gan_loss, gan_weight=c.gan_weight, r1_weight=c.r1_weight,
                                r1_noise=c.r1_noise, misaligned_pairs=c.misaligned_pairs)
 
@@ -122,7 +126,7 @@ class Adversarial(Objective):
         """disc="pixels": the head reads the clean images (ADD's discriminator without a feature network)."""
         c = self.cfg
         real_logits, fake_logits = nets.disc(real_x, cond), nets.disc(fake_x, cond)
-        out = {"gan_d": gan.d_loss(real_logits, fake_logits, c.gan_loss),
+        out = {"gan_d": c.disc_weight * gan.d_loss(real_logits, fake_logits, c.gan_loss),
                "_d_real": real_logits.detach(), "_d_fake": fake_logits.detach()}
         if c.r1_weight > 0:
             out["r1"] = c.r1_weight * gan.approx_r1(lambda xx: nets.disc(xx, cond), real_x, real_logits, c.r1_noise)
