@@ -129,3 +129,16 @@ def test_loss_is_alg1_on_fixed_tensors():
     expected = (f - target).square().flatten(1).mean(1)
     assert (m > n + 1).any()  # a target inside the trajectory, not only the one-step boundary
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_the_student_samples_on_its_training_grid():
+    """TCD trains f(x_t, t, s) only at t on LCM's 50-step grid (999, 979, ..., 19): the 4-step student
+    samples at the TCDScheduler grid drawn from it (original_inference_steps = 50: skip 12.5 grid points,
+    indices 0, 12, 25, 37), every time one the objective trains; a grid that cannot hold them is refused."""
+    teacher, student = _student(4, 0.3)
+    assert student.timesteps.tolist() == [999.0, 759.0, 499.0, 259.0]
+    grid = teacher.schedule.timesteps(50).tolist()
+    assert all(t in grid for t in student.timesteps.tolist())
+    TCD(TCD.Config()).build(teacher, student)
+    with pytest.raises(UserError, match="teacher_steps"):
+        TCD(TCD.Config(teacher_steps=8)).build(teacher, student)  # 999, 874, ...: no 759

@@ -52,6 +52,7 @@ LCM_SIGMA_DATA = 0.5
 
 #: the student's step between its timesteps: "renoise" (x0, then fresh noise) or "ddim" (deterministic)
 SAMPLERS = ("renoise", "ddim", "tcd")
+TCD_GRID_STEPS = 50  # the teacher grid of LCM and TCD training (N), TCDScheduler's original_inference_steps
 
 _LCM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
              "prediction_type", "set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr",
@@ -144,8 +145,10 @@ def student_scheduler_config(schedule: Schedule, boundary: str | None = None,
             # index-uniform K-step grid from T - 1 ([999, 749, 499, 249]); the last step lands on alpha-bar 1
             cfg.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True)
             return {"_class_name": "DDIMScheduler", **cfg}
-        if sampler == "tcd":  # TCD (Zheng et al., 2024): its scheduler's grid is LCM's; eta = gamma at call time
-            cfg["original_inference_steps"] = int(schedule.num_train_timesteps)
+        if sampler == "tcd":  # TCD (Zheng et al., 2024): eta = gamma at call time
+            # its K-step grid is taken from LCM's 50-step skipping grid (999, 979, ..., 19) on which the
+            # objective trains (TCDScheduler's default original_inference_steps): 4 steps = 999, 759, 499, 259
+            cfg["original_inference_steps"] = TCD_GRID_STEPS
             return {"_class_name": "TCDScheduler", **cfg}
         # every training index is on the grid: K-step timesteps are index-uniform ("trailing")
         # (or every index up to first_timestep: then set_timesteps(1) = [first_timestep])

@@ -17,7 +17,8 @@ student (decay ``target_ema``; 0 = the student under stop-gradient). d is the me
 (LCM's l2) or the pseudo-Huber distance.
 
 The student samples by TCD's strategic stochastic sampling (sec. 4.3, ``Student`` sampler "tcd" with
-gamma, diffusers' TCDScheduler with eta = gamma on export).
+gamma, diffusers' TCDScheduler with eta = gamma on export), at timesteps of the training grid: the
+scheduler's K-step subset of LCM's 50-step grid (4 steps: 999, 759, 499, 259).
 """
 from __future__ import annotations
 
@@ -67,6 +68,13 @@ class TCD(Objective):
     def build(self, teacher, student, context=None):
         if getattr(student, "sampler", None) != "tcd":
             raise UserError("tcd: the student samples by TCD's strategic stochastic sampling; set student.sampler=tcd")
+        grid = teacher.schedule.timesteps(self.cfg.teacher_steps).to(torch.float64)
+        off = [float(t) for t in student.timesteps.to(torch.float64) if not torch.isclose(grid, t).any()]
+        if off:
+            from ..export.scheduler import TCD_GRID_STEPS
+            raise UserError(f"tcd: the student samples at timesteps {off} that its training grid of teacher_steps="
+                            f"{self.cfg.teacher_steps} never holds; use objective.teacher_steps={TCD_GRID_STEPS} (the "
+                            "exported TCDScheduler's original_inference_steps) or a divisor of it")
         if self.cfg.guidance != 1.0 and not teacher.is_conditional:
             raise UserError("tcd: guidance needs a conditional teacher; set objective.guidance=1")
         if self.cfg.target_ema == 0.0:
