@@ -4,16 +4,13 @@ pass the trainer's checks. A preset left behind by a change to its objective fai
 start of a 25-minute benchmark run."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from stepdistill.resources import preset
+from stepdistill.resources import presets
 from stepdistill.train.setup import resolve
 
-ROOT = Path(__file__).resolve().parents[1] / "stepdistill" / "presets"
-NAMES = sorted(p.relative_to(ROOT).with_suffix("").as_posix() for p in ROOT.rglob("*.yaml")
-               if p.parent.name != "accelerate" and not p.stem.startswith("teacher"))
+PRESETS = presets()  # accelerate launch configs and teacher pretrain configs are not training presets
+NAMES = [n for n, p in PRESETS.items() if p.parent.name != "accelerate" and not p.stem.startswith("teacher")]
 
 
 def test_the_presets_are_found():
@@ -22,6 +19,6 @@ def test_the_presets_are_found():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_preset_resolves(name, tmp_path):
-    cfg, objective = resolve(str(preset(name)), [f"output_dir={tmp_path / 'run'}"])
+    cfg, objective = resolve(str(PRESETS[name]), [f"output_dir={tmp_path / 'run'}"])
     assert cfg.objective.name == objective.name
     assert not (tmp_path / "run").exists()  # resolving writes nothing

@@ -30,6 +30,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
+from ..export.scheduler import TCD_GRID_STEPS
 from ..sampling import SAMPLERS, teacher_step
 from ..schedules import bcast
 from .base import Nets, Objective, register
@@ -44,7 +45,7 @@ class TCD(Objective):
     @dataclass
     class Config:
         solver: str = "ddim"          # the teacher's step t -> t_prev (LCM's DDIMSolver)
-        teacher_steps: int = 50       # N: the teacher grid schedule.timesteps(N), skip k = T / N
+        teacher_steps: int = TCD_GRID_STEPS  # N: the teacher grid schedule.timesteps(N), skip k = T / N
         target_ema: float = 0.95      # EMA decay of theta^- (LCM's 0.95); 0 = stop-gradient student
         loss: str = "l2"              # "l2" (LCM's default) or "pseudo_huber"
         huber_c: Optional[float] = None  # pseudo-Huber c per value (default 0.00054, iCT)
@@ -71,10 +72,9 @@ class TCD(Objective):
         grid = teacher.schedule.timesteps(self.cfg.teacher_steps).to(torch.float64)
         off = [float(t) for t in student.timesteps.to(torch.float64) if not torch.isclose(grid, t).any()]
         if off:
-            from ..export.scheduler import TCD_GRID_STEPS
             raise UserError(f"tcd: the student samples at timesteps {off} that its training grid of teacher_steps="
                             f"{self.cfg.teacher_steps} never holds; use objective.teacher_steps={TCD_GRID_STEPS} (the "
-                            "exported TCDScheduler's original_inference_steps) or a divisor of it")
+                            "exported TCDScheduler's original_inference_steps)")
         if self.cfg.guidance != 1.0 and not teacher.is_conditional:
             raise UserError("tcd: guidance needs a conditional teacher; set objective.guidance=1")
         if self.cfg.target_ema == 0.0:
