@@ -1,7 +1,7 @@
 """The README's digits tables are the benchmark's own: each row the README shows for a teacher kind is
 the row of that kind's table in assets/benchmarks/ (the file tools/benchmark.py writes), character for
-character, and the README shows every row the file has (in any order). A re-measured preset, or one whose row the tool
-dropped because the preset changed, cannot leave an old number in the README."""
+character, and the README shows every row the file has (in any order). A re-measured preset, or one
+whose row the tool dropped because the preset changed, cannot leave an old number in the README."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,5 +32,6 @@ def test_readme_rows_are_the_benchmark_files_rows(index, asset):
     measured = tables((ROOT / "assets" / "benchmarks" / asset).read_text())
     assert len(readme) == len(KINDS) and len(measured) == 1
     shown, written = readme[index], measured[0]
-    assert sorted(shown) == sorted(written), (f"README table {index + 1} and assets/benchmarks/{asset} differ: only in the README "
-                              f"{sorted(set(shown) - set(written))}, only in the file {sorted(set(written) - set(shown))}")
+    assert sorted(shown) == sorted(written), (
+        f"README table {index + 1} and assets/benchmarks/{asset} differ: only in the README "
+        f"{sorted(set(shown) - set(written))}, only in the file {sorted(set(written) - set(shown))}")
