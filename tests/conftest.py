@@ -21,6 +21,8 @@ def load_tool(name: str):
     if name in sys.modules:
         return sys.modules[name]
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as when the script runs: its siblings import by name
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up while the class is built

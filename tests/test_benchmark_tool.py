@@ -53,7 +53,7 @@ def _fake_measurements(tool, monkeypatch, fid):
     def train(name, args, work):
         return str(work / name), 1, {"iters": 7, "s_it": 0.5, "rss_gib": 0.7, "wall": 60.0, "minutes": 1.0,
                                      "threads": "default", "load": 2.0, "preset": tool.preset_id(name),
-                                     "date": "today"}
+                                     "code": tool.code_of(name), "date": "today"}
 
     monkeypatch.setattr(tool, "evaluate", evaluate)
     monkeypatch.setattr(tool, "train", train)
@@ -117,7 +117,27 @@ def test_a_finished_run_of_other_preset_values_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="remove that folder to re-measure"):
         tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
     (run_dir / "bench.json").write_text(f'{{"student_steps": 1, "preset": "{tool.preset_id(name)}"}}')
-    assert tool.train(name, None, tmp_path)[1] == 1  # the same values: the finished run is reused
+    with pytest.raises(SystemExit, match="other code of objective"):  # trained before code was fingerprinted
+        tool.train(name, None, tmp_path)
+    (run_dir / "bench.json").write_text(f'{{"student_steps": 1, "preset": "{tool.preset_id(name)}", '
+                                        f'"code": "{tool.code_of(name)}"}}')
+    assert tool.train(name, None, tmp_path)[1] == 1  # the same values and code: the finished run is reused
+
+
+def test_carried_rows_of_changed_code_are_named(tmp_path, monkeypatch):
+    """A row whose objective's (or sampling) code changed since it was measured is carried (its numbers
+    were measured) but the table names it, with the way to re-measure it."""
+    tool = load_tool("benchmark")
+    names = tool.distill_presets()
+    _fake_measurements(tool, monkeypatch, 30.0)
+    first = _bench(tool, monkeypatch, tmp_path)
+    assert f"code {tool.code_of(names[1])}" in first and "measured with other code" not in first
+    real = tool.code_of
+    monkeypatch.setattr(tool, "code_of", lambda n: "0" * 12 if n == names[1] else real(n))  # names[1]'s code edited
+    text = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0])
+    assert f"| {names[1]} (7 it) |" in text  # still carried ...
+    said = next(x for x in text.splitlines() if "measured with other code" in x)
+    assert said.rstrip(".").endswith(f"re-measure with --objectives): {names[1]}")  # ... and named, alone
 
 
 def test_preset_id_reads_values_not_comments(tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ from omegaconf import OmegaConf
 from stepdistill.resources import PRESETS
 from stepdistill.resources import teacher as teacher_folder
 
+from code_fingerprint import code_id
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "digits16"  # the shipped teacher (stepdistill/assets/teachers); --teacher picks another kind
 KIND = "vp"  # the table's teacher kind (--teacher)
@@ -163,6 +165,19 @@ def preset_id(name: str) -> str:
     return hashlib.sha256(values.encode()).hexdigest()[:12]
 
 
+def code_of(name: str) -> str:
+    """The fingerprint of the code a preset's row runs through (``code_fingerprint.code_id``): its
+    objectives' modules with what they import, and the student's sampling path."""
+    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+    return code_id(cfg.get("objective") or {})
+
+
+def other_code(carried: dict[str, tuple[str, str]]) -> list[str]:
+    """The carried rows measured with other code than the present (their 'as measured' line names
+    another code fingerprint, or none: measured before rows recorded one)."""
+    return sorted(n for n, (_, m) in carried.items() if f"code {code_of(n)}" not in m)
+
+
 #: preset keys that say where things are, not how a run trains (left out of preset_id)
 LOCATIONS = ("teacher", "output_dir", "objective.cache")
 
@@ -273,6 +288,9 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
         if info.get("preset") != preset_id(name):  # the run would resume under other values
             raise SystemExit(f"{run_dir} was trained with other values of preset digits/{preset_file(name)} than the "
                              f"preset holds now; remove that folder to re-measure {name}")
+        if info.get("code") != code_of(name):  # its student was trained, or would be sampled, by other code
+            raise SystemExit(f"{run_dir} was trained with other code of objective {name!r} or of the student's "
+                             f"sampling than the checkout holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
@@ -290,7 +308,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
-            "minutes": minutes, "preset": preset_id(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "minutes": minutes, "preset": preset_id(name), "code": code_of(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "phases": _phases_or_none(run_dir, state)}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
@@ -357,7 +375,7 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info['preset']}{variant_said(name)}, {info['date']}"
+                          f"preset {info['preset']}{variant_said(name)}, code {info.get('code')}, {info['date']}"
                           + (f"; iterations per phase: {phases_said(info.get('phases'))}"
                              if phases_said(info.get("phases")) else ""))
     carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
@@ -384,9 +402,13 @@ def main() -> None:
             if teacher_eval_wall > 60 else "was reused from earlier runs")
     kept = (f" Rows carried over from the earlier table (measured then, on the same protocol): "
             f"{', '.join(sorted(carried))}." if carried else "")
+    stale = other_code(carried)
+    kept += (f" Of these, measured with other code than the present (their objective's or the student's "
+             f"sampling code has changed since, or was not fingerprinted then; re-measure with --objectives): "
+             f"{', '.join(stale)}." if stale else "")
     lines += ["", f"Teacher evaluation {said}.{kept}", "", teacher_measured, "",
               "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
-              "other work shared the CPU and s/it is inflated, the preset's fingerprint, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
+              "other work shared the CPU and s/it is inflated, the preset's and the code's fingerprints, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",
