@@ -123,6 +123,23 @@ def _no_checkpointing(module: nn.Module, active: bool = True):
 
 
 @contextlib.contextmanager
+def evaluating(*modules: nn.Module | None):
+    """These modules in evaluation mode, their modes restored after: the generator phase reads the
+    discriminator heads without moving their spectral norms' power-iteration state, which only the
+    discriminator's own updates advance (SANA-Sprint runs its heads in eval mode for the generator)."""
+    mods = [m for m in modules if m is not None]
+    modes = [[(x, x.training) for x in m.modules()] for m in mods]
+    for m in mods:
+        m.eval()
+    try:
+        yield
+    finally:
+        for pairs in modes:
+            for x, mode in pairs:
+                x.train(mode)
+
+
+@contextlib.contextmanager
 def frozen(*modules: nn.Module | None):
     """Build a graph that reaches these modules' inputs but not their weights (the generator
     phase differentiates through the fake score and the discriminator without training them).
@@ -424,11 +441,22 @@ class ChannelMean(nn.Module):
         return feats.float().mean(dim=1).flatten(1)
 
 
+#: discriminator head forms: "conv" (``DiscHead``, class projection) | "stylegan_t" (SANA-Sprint's
+#: ``token_head.TokenHead``: spectral-norm 1-D convolutions over tokens, local batch norm, no projection)
+DISC_ARCHS = ("conv", "stylegan_t")
+
+
 def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hidden: int | None = None,
-                    per_location: bool = False):
+                    per_location: bool = False, arch: str = "conv"):
     """The classifier on ``module_name``'s features (``DiscHeads`` for comma-separated names)."""
     module = feature_modules(denoiser, module_name)
     shape = feature_shape(denoiser, module, sample_shape(teacher))
+    if arch == "stylegan_t":  # a logit per token, full feature width (per_location: the losses average them)
+        from .token_head import TokenHead
+
+        return DiscHeads([TokenHead(s) for s in shape]) if isinstance(shape, list) else TokenHead(shape)
+    if arch != "conv":
+        raise UserError(f"disc_arch {arch!r} is not supported; use one of {', '.join(DISC_ARCHS)}")
     meta = dict(getattr(teacher, "meta", None) or {})
     classes = meta.get("num_classes")
     null = getattr(teacher, "null_class", None)
@@ -438,6 +466,6 @@ def build_disc_head(denoiser: Denoiser, module_name: str, teacher: Denoiser, hid
     return DiscHead(shape, hidden, n_embed, per_location)
 
 
-__all__ = ["FakeScore", "frozen", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
+__all__ = ["FakeScore", "frozen", "evaluating", "DISC_ARCHS", "AdaptersOff", "adapters_disabled", "real_score", "denoising_loss", "dsm_error",
            "dsm_weight", "sample_times", "time_indices", "noise_grid", "forward_with_features", "find_module",
            "feature_modules", "DiscHead", "DiscHeads", "ChannelMean", "build_disc_head", "sample_shape", "feature_shape"]

@@ -28,7 +28,7 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import DiscHead, build_disc_head, frozen, sample_shape
+from ..fake_score import DISC_ARCHS, DiscHead, build_disc_head, evaluating, frozen, sample_shape
 from ..schedules import bcast
 from ..trigflow import TrigFlow
 from . import gan
@@ -50,7 +50,10 @@ class Adversarial(Objective):
         feature_module: str = "auto"   # teacher module whose output the head reads (disc="teacher"); comma-separated
                                        # names: a head on each (SANA-Sprint's heads on several blocks)
         per_location: bool = False     # a logit per feature location, unpooled (SANA-Sprint: one per token)
-        disc_hidden: int = 64               # head width
+        disc_arch: str = "conv"             # head form: "conv" (two 3x3 convs, class projection) | "stylegan_t"
+                                            # (SANA-Sprint's: spectral-norm 1-D convs over tokens at full width,
+                                            # local batch norm, a logit per token, no projection; token_head.py)
+        disc_hidden: int = 64               # head width ("conv")
         gan_loss: str = "hinge"             # "hinge" (ADD/LADD) | "ns"
         gan_weight: float = 1.0             # generator adversarial term
         disc_weight: float = 1.0            # factor on the discriminator's loss (SANA-Sprint's 0.5: loss_D =
@@ -93,6 +96,11 @@ class Adversarial(Objective):
                                           or "," in str(self.cfg.feature_module)):
             raise UserError("disc=pixels reads clean images: per_location, misaligned_pairs, disc_proposal and several "
                             "feature modules apply to disc=teacher")
+        if self.cfg.disc_arch not in DISC_ARCHS:
+            raise UserError(f"objective.disc_arch {self.cfg.disc_arch!r} is not supported; use one of "
+                            f"{', '.join(DISC_ARCHS)}")
+        if self.cfg.disc == "pixels" and self.cfg.disc_arch != "conv":
+            raise UserError("disc=pixels has a conv head of its own; disc_arch applies to disc=teacher")
         if self.cfg.disc_weight <= 0:
             raise UserError(f"objective.disc_weight must be > 0, got {self.cfg.disc_weight}")
         if not 0.0 <= self.cfg.largest_prob <= 1.0:
@@ -107,7 +115,8 @@ class Adversarial(Objective):
     def build(self, teacher, student, context=None):
         c = self.cfg
         if c.disc == "teacher":
-            return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden, c.per_location)}
+            return {"disc": build_disc_head(teacher, c.feature_module, teacher, c.disc_hidden, c.per_location,
+                                            c.disc_arch)}
         null = getattr(teacher, "null_class", None)
         return {"disc": DiscHead(sample_shape(teacher), c.disc_hidden, None if null is None else int(null) + 1)}
 
@@ -174,7 +183,7 @@ class Adversarial(Objective):
         cond = batch.get("cond")
         x = self.student_output(nets, batch, draws)
         if c.disc == "pixels":
-            with frozen(nets.disc):
+            with frozen(nets.disc), evaluating(nets.disc):
                 out = {"gan_g": c.gan_weight * gan.g_loss(nets.disc(x, cond), c.gan_loss)}
         else:
             out = {"gan_g": gan_generator_term(self.critic_view, nets, x, cond, draws, net=nets.teacher)}

@@ -23,8 +23,8 @@ import torch
 
 from ..denoisers import guided
 from ..errors import UserError
-from ..fake_score import (DEFAULT_LORA_TARGETS, ChannelMean, FakeScore, build_disc_head, dsm_error, dsm_weight, find_module,
-                          feature_modules, forward_with_features, frozen)
+from ..fake_score import (DEFAULT_LORA_TARGETS, ChannelMean, FakeScore, build_disc_head, dsm_error, dsm_weight, evaluating,
+                          find_module, feature_modules, forward_with_features, frozen)
 from . import gan
 from ..trigflow import TrigFlow
 from .common import Draws
@@ -226,7 +226,7 @@ def gan_generator_term(c, nets, x: torch.Tensor, cond, draws: Draws, net=None) -
     """The generator's GAN term: gan_weight * g_loss(D(x)) at times from disc_t_range (DMD2: softplus(-D))."""
     fs = net if net is not None else nets.fake_score
     t = disc_times(c, fs.schedule, draws)
-    with frozen(fs, nets.disc):
+    with frozen(fs, nets.disc), evaluating(nets.disc):
         logits = disc_logits(c, nets, x, t, cond, draws, fs)
     return c.gan_weight * gan.g_loss(logits, c.gan_loss)
 
