@@ -292,6 +292,8 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
             raise SystemExit(f"{run_dir} was trained with other code of objective {name!r} or of the student's "
                              f"sampling than the checkout holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
+    # the preset's values and code as the run starts (an edit while it trains is not what it ran)
+    preset, code = preset_id(name), code_of(name)
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
     # a teacher-output cache is built inside the run's own folder (the presets' default), so its sampling
@@ -308,7 +310,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
-            "minutes": minutes, "preset": preset_id(name), "code": code_of(name), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "minutes": minutes, "preset": preset, "code": code, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "phases": _phases_or_none(run_dir, state)}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
