@@ -41,6 +41,28 @@ def test_stages_cut_the_axis_into_8_4_2_1_segments():
     assert fresh.stage == 3 and nets.student.steps == 1
 
 
+def test_stage_shares_move_stages_and_start_the_critic_at_the_runs_progress():
+    """stage_shares [1, 1, 1, 3]: stage k begins at the first iteration whose progress (told before it)
+    reaches the cumulative share (1/6, 2/6, 1/2), the critic's phase at the last stage's share (the trainer
+    starts it at that same progress); the stage reached is part of the objective's state."""
+    obj = HyperSD(HyperSD.Config(stage_shares=[1, 1, 1, 3], dmd_weight=1.0))
+    critic = next(p for p in obj.phases() if p.name == "critic")
+    assert critic.start_fraction == pytest.approx(0.5) and critic.start == 0
+    seen = []
+    for k in range(24):
+        obj.set_progress(k / 24)
+        seen.append(obj.cfg.segments[obj.stage])
+        obj.iteration = k + 1
+    assert seen == [8] * 4 + [4] * 4 + [2] * 4 + [1] * 12
+    fresh = HyperSD(HyperSD.Config(stage_shares=[1, 1, 1, 3], dmd_weight=1.0))
+    fresh.load_state_dict(obj.state_dict())
+    assert fresh.stage == 3
+    fresh.set_progress(0.0)  # a stage once reached stays
+    assert fresh.stage == 3
+    with pytest.raises(UserError, match="one positive share per stage"):
+        HyperSD(HyperSD.Config(stage_shares=[1, 1, 0, 3]))
+
+
 def test_bad_segments_are_refused():
     with pytest.raises(UserError, match="non-increasing"):
         HyperSD(HyperSD.Config(segments=[1, 2]))

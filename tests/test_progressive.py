@@ -265,6 +265,33 @@ def test_round_ema_teaches_the_next_round_and_restarts_its_student(gauss):
         PD(PD.Config(round_ema=1.0))
 
 
+@pytest.mark.parametrize("rate", [1 / 20, 1 / 40])
+def test_round_shares_reach_the_last_round_at_any_speed(gauss, rate):
+    """round_shares [1, 1, 2]: a round ends after the iteration that began with the run's progress at its
+    cumulative share (1/4, 1/2), however many iterations the run gets (a machine half as fast: half the
+    progress per iteration), so the last round, the exported student's, always runs its half of the run."""
+    mu, sd = gauss
+    sched = VPSchedule(VP)
+    obj = PD(PD.Config(start_steps=32, final_steps=4, round_shares=[1, 1, 2], lr_anneal="none",
+                       iterations_per_round=10**6))
+    nets = _nets(obj, GaussianTeacher(sched, mu, sd), Student(Affine(sched), sched.timesteps(4)[:-1]))
+    n = round(1 / rate)
+    seen = []
+    for k in range(n):  # the trainer tells the progress before each iteration, then ends it
+        obj.set_progress(k * rate)
+        seen.append(obj.steps)
+        obj.on_step_end(nets, k + 1)
+    q = n // 4
+    assert seen == [16] * (q + 1) + [8] * q + [4] * (n - 2 * q - 1)
+    again = PD(PD.Config(start_steps=32, final_steps=4, round_shares=[1, 1, 2], lr_anneal="none"))
+    again.load_state_dict(obj.state_dict())
+    assert again.steps == 4
+    with pytest.raises(UserError, match="lr_anneal=none"):
+        PD(PD.Config(round_shares=[1, 1, 1, 1], lr_anneal="linear"))
+    with pytest.raises(UserError, match="one positive share per stage"):
+        PD(PD.Config(start_steps=32, final_steps=4, round_shares=[1, 1], lr_anneal="none"))
+
+
 def test_bad_configs_and_students_are_refused(gauss):
     mu, sd = gauss
     sched = VPSchedule(VP)

@@ -3,7 +3,8 @@ Segmented Consistency Model for Efficient Image Synthesis", sec. 3.1, TSCD), wit
 rewards (their models are downloaded); its one-step score distillation (sec. 3.3) as an option.
 
 Stages: the time axis is cut into k segments, k = 8, 4, 2, 1 in turn (``segments``), each stage
-``iterations_per_stage`` iterations long, the student carried from one stage to the next. In a stage
+``iterations_per_stage`` iterations long (the last running on), or each its share of the run
+(``stage_shares``, ``stages.py``), the student carried from one stage to the next. In a stage
 the student is trained to be consistent within each segment only, mapping x_t to the segment's lower
 end s along the teacher's ODE, as multistep / phased consistency models do:
 
@@ -28,18 +29,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from ..denoisers import guided
 from ..errors import UserError
+from ..fake_score import real_score
 from ..sampling import SAMPLERS, teacher_step
 from ..schedules import bcast
-from ..fake_score import real_score
 from .base import Nets, Objective, Phase, register
 from .common import Draws, ema_update, mean_abs, per_sample, pseudo_huber, sample_student, target_loss
 from .critic import CriticConfig, build_critic, check_critic, dsm_loss
+from .stages import share_bounds, stage_at
 
 
 @register
@@ -51,6 +53,9 @@ class HyperSD(Objective):
     class Config(CriticConfig):
         segments: List[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage (Hyper-SD: 8 -> 4 -> 2 -> 1)
         iterations_per_stage: int = 500
+        stage_shares: Optional[List[float]] = None  # the stages as shares of the run instead (e.g. [1, 1, 1, 3]):
+                                        # each ends where the run's progress reaches its cumulative share
+                                        # (stages.py), so every stage runs on a slower machine too
         solver: str = "ddim"
         teacher_steps: int = 32         # N: the teacher grid, a multiple of every k so segment ends lie on it
         target_ema: float = 0.0         # 0 = stop-gradient student; > 0 an EMA target (LCM: 0.95)
@@ -78,7 +83,9 @@ class HyperSD(Objective):
         check_critic(c)
         if c.gan_weight > 0:
             raise UserError("hyper_sd: the score-distillation stage has no GAN term; set gan_weight=0")
+        self.bounds = share_bounds(c.stage_shares, len(c.segments), "stage_shares")
         self.iteration = 0
+        self.shared_stage = 0  # the stage reached, with stage_shares
 
     @property
     def last_stage_start(self) -> int:
@@ -87,8 +94,18 @@ class HyperSD(Objective):
     def phases(self):
         if self.cfg.dmd_weight == 0:
             return [Phase("generator", ("student",))]
-        return [Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats, start=self.last_stage_start),
-                Phase("generator", ("student",))]
+        if self.bounds:  # the critic joins with the last stage, at the same progress
+            critic = Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats, start_fraction=self.bounds[-1])
+        else:
+            critic = Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats,
+                           start=0 if self.bounds is not None else self.last_stage_start)
+        return [critic, Phase("generator", ("student",))]
+
+    def set_progress(self, progress: float) -> None:
+        """With stage_shares: the stage moves on when the run's progress, told before each iteration (the
+        value the trainer starts the critic's phase by), reaches the stage's cumulative share."""
+        if self.bounds is not None:
+            self.shared_stage = stage_at(self.bounds, progress, self.shared_stage)
 
     def student_steps(self):
         return int(self.cfg.segments[-1])
@@ -98,6 +115,8 @@ class HyperSD(Objective):
 
     @property
     def stage(self) -> int:
+        if self.bounds is not None:
+            return self.shared_stage
         return min(self.iteration // self.cfg.iterations_per_stage, len(self.cfg.segments) - 1)
 
     def build(self, teacher, student, context=None):
@@ -116,10 +135,11 @@ class HyperSD(Objective):
         self.iteration = step  # iterations done (the trainer passes its step count)
 
     def state_dict(self):
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "stage": self.shared_stage}
 
     def load_state_dict(self, state):
         self.iteration = int(state.get("iteration", 0))
+        self.shared_stage = int(state.get("stage", 0))
 
     def segment_end(self, schedule, t: torch.Tensor, k: int) -> torch.Tensor:
         """The lower end of t's segment when the axis is cut into k index-uniform segments."""
@@ -148,7 +168,7 @@ class HyperSD(Objective):
             target = torch.where(bcast(t_prev == s, x).bool(), x_prev.to(target.dtype), target)
         d = (f - target).square().flatten(1).mean(1) if self.cfg.loss == "l2" else pseudo_huber(f, target)
         out = {"loss": d, "_segments": torch.full_like(d, float(self.cfg.segments[self.stage]))}
-        if self.cfg.dmd_weight > 0 and self.iteration >= self.last_stage_start:
+        if self.cfg.dmd_weight > 0 and self.stage == len(self.cfg.segments) - 1:
             out["dmd"] = self.cfg.dmd_weight * self._dmd(nets, cond, draws)
         return out
 

@@ -28,12 +28,17 @@ Learning rate. With ``lr_anneal="linear"`` (default) the student's learning rate
 over each round and restarts with the next, as in the paper's released configs (linear annealing over
 the steps of each halving); the trainer multiplies its own schedule by ``lr_factor``. A round then ends
 on settled weights, which become the next round's teacher.
+
+Round lengths. ``iterations_per_round`` iterations each (the last running on until the run ends), or
+``round_shares``: each round its share of the run (``stages.py``), which holds on a slower machine or a
+shorter budget, where rounds of fixed length end the run before the last round (whose step count is the
+exported student's) has begun.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 
@@ -42,6 +47,7 @@ from ..errors import UserError
 from ..schedules import Schedule
 from .base import Nets, Objective, register
 from .common import WEIGHTINGS, Draws, copy_into, ema_update, grid_with_midpoints, pd_target, snr_weight, student_grid
+from .stages import share_bounds, stage_at
 
 LR_ANNEALS = ("linear", "none")
 
@@ -57,6 +63,9 @@ class Progressive(Objective):
         final_steps: int = 4            # K: the last round's student steps (= the exported step count)
         iterations_per_round: int = 1000  # outer iterations per round; with lr_anneal=none the last round
                                           # runs on past its share (linear: max_steps <= rounds x this)
+        round_shares: Optional[List[float]] = None  # the rounds as shares of the run instead (e.g. [1, 1, 2]): a
+                                          # round ends where the run's progress reaches its cumulative share
+                                          # (stages.py), so the last round is reached on a slower machine too
         guidance: float = 1.0           # CFG scale of the round-1 (real) teacher; 1 = plain conditional
         weighting: str = "truncated_snr"  # "truncated_snr": max(SNR, 1) (sec. 4); "snr_plus_one": SNR + 1
         lr_anneal: str = "linear"       # "linear": the student's lr falls linearly to 0 over each round and restarts
@@ -77,6 +86,10 @@ class Progressive(Objective):
                             f"got {c.start_steps} / {c.final_steps}; e.g. start_steps={c.final_steps * 16}")
         if c.iterations_per_round < 1:
             raise UserError(f"progressive: iterations_per_round must be >= 1, got {c.iterations_per_round}")
+        if c.round_shares is not None and c.lr_anneal != "none":
+            raise UserError("progressive: round_shares sizes rounds by the run's progress, and lr_anneal=linear "
+                            "anneals over a round's iterations, which a share does not fix; set "
+                            "objective.lr_anneal=none or objective.round_shares=null")
         if c.lr_anneal not in LR_ANNEALS:
             raise UserError(f"progressive: lr_anneal {c.lr_anneal!r} is unknown; use one of {', '.join(LR_ANNEALS)}")
         if c.weighting not in WEIGHTINGS:
@@ -85,6 +98,8 @@ class Progressive(Objective):
             raise UserError(f"progressive: round_ema must be in [0, 1), got {c.round_ema}; 0 = the student itself")
         # student step counts, one per round: start/2, start/4, ..., K
         self.rounds = [c.start_steps >> r for r in range(1, ratio.bit_length())]
+        self.bounds = share_bounds(c.round_shares, len(self.rounds), "round_shares")
+        self.progress = 0.0     # the run's progress, told before each iteration (round_shares)
         self.round = 0          # index into self.rounds
         self.iteration = 0      # outer iterations done in the current round
         self._grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -108,6 +123,16 @@ class Progressive(Objective):
         the student is sampled that way (sec. 3); fresh noise between its steps would leave the
         trajectory it was trained on."""
         return "ddim"
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def round_done(self) -> bool:
+        """Whether the round ends with this iteration: its iterations_per_round are done, or (round_shares)
+        the iteration began with the run's progress at the round's cumulative share."""
+        if self.bounds is not None:
+            return stage_at(self.bounds, self.progress) > self.round
+        return self.iteration >= self.cfg.iterations_per_round
 
     def check_budget(self, max_steps: int) -> None:
         if self.cfg.lr_anneal == "linear" and max_steps > self.total_iterations:
@@ -146,7 +171,7 @@ class Progressive(Objective):
         average = nets.get("pd_average")
         if average is not None:
             ema_update(average, nets.student, float(self.cfg.round_ema))
-        if self.iteration >= self.cfg.iterations_per_round and self.round + 1 < len(self.rounds):
+        if self.round + 1 < len(self.rounds) and self.round_done():
             # Alg. 2, outer loop: this round's student (or its average) is the next round's (frozen)
             # teacher, and the next student starts from it
             copy_into(nets.pd_teacher, nets.student if average is None else average)
