@@ -132,6 +132,8 @@ def test_carried_rows_of_changed_code_are_named(tmp_path, monkeypatch):
     _fake_measurements(tool, monkeypatch, 30.0)
     first = _bench(tool, monkeypatch, tmp_path)
     assert f"code {tool.code_of(names[1])}" in first and "measured with other code" not in first
+    if (tool.ROOT / ".git").exists():  # a checkout: the commit measured at
+        assert len(tool.commit().split("+")[0]) == 7 and tool.commit() != "unknown"
     real = tool.code_of
     monkeypatch.setattr(tool, "code_of", lambda n: "0" * 12 if n == names[1] else real(n))  # names[1]'s code edited
     text = _bench(tool, monkeypatch, tmp_path, "--objectives", names[0])

@@ -172,6 +172,19 @@ def code_of(name: str) -> str:
     return code_id(cfg.get("objective") or {})
 
 
+def commit() -> str:
+    """The checkout's commit (short), with "+changes" where the package or tools differ from it; "unknown"
+    outside a git checkout."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--", "stepdistill", "tools") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def other_code(carried: dict[str, tuple[str, str]]) -> list[str]:
     """The carried rows measured with other code than the present (their 'as measured' line names
     another code fingerprint, or none: measured before rows recorded one)."""
@@ -293,7 +306,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
                              f"sampling than the checkout holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
     # the preset's values and code as the run starts (an edit while it trains is not what it ran)
-    preset, code = preset_id(name), code_of(name)
+    preset, code, at = preset_id(name), code_of(name), commit()
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
     length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
     # a teacher-output cache is built inside the run's own folder (the presets' default), so its sampling
@@ -310,7 +323,7 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
     info = {"wall": wall, "s_it": statistics.median(1.0 / r for r in rates) if rates else float("nan"),
             "rss_gib": peak, "iters": state["step"], "load": os.getloadavg()[1],  # 5-min load: other work on the cores
             "threads": os.environ.get("OMP_NUM_THREADS", "default"), "student_steps": int(state["student_steps"]),
-            "minutes": minutes, "preset": preset, "code": code, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "minutes": minutes, "preset": preset, "code": code, "commit": at, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "phases": _phases_or_none(run_dir, state)}
     record.write_text(json.dumps(info, indent=1) + "\n")
     return str(run_dir), int(state["student_steps"]), info
@@ -377,7 +390,8 @@ def main() -> None:
                                  info["s_it"], info["rss_gib"], info["wall"])
         measured[name] = (f"{name}: {info['minutes']:g} min budget, torch threads {info['threads']}, load "
                           f"{info['load'] if info['load'] is None else round(info['load'], 1)}, "
-                          f"preset {info['preset']}{variant_said(name)}, code {info.get('code')}, {info['date']}"
+                          f"preset {info['preset']}{variant_said(name)}, code {info.get('code')}, commit {info.get('commit')}, "
+                          f"{info['date']}"
                           + (f"; iterations per phase: {phases_said(info.get('phases'))}"
                              if phases_said(info.get("phases")) else ""))
     carried = carried_rows(out / f"{table}.md", [x for x in distill_presets() if x not in chosen], protocol_sentence(args))
@@ -410,7 +424,7 @@ def main() -> None:
              f"{', '.join(stale)}." if stale else "")
     lines += ["", f"Teacher evaluation {said}.{kept}", "", teacher_measured, "",
               "Each run as measured (budget, torch threads, 5-minute load average at its end: above the core count, "
-              "other work shared the CPU and s/it is inflated, the preset's and the code's fingerprints, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
+              "other work shared the CPU and s/it is inflated, the preset's and the code's fingerprints, the commit, date):", ""] + [f"- {measured[x]}" for x in order] + ["",
               f"Command: `{shlex.join([sys.executable and 'python'] + sys.argv)}`  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}, "
               f"Python {platform.python_version()}, torch threads {torch_threads}  ",
