@@ -255,7 +255,7 @@ def _add_lora(backbone: nn.Module, cfg: StudentConfig) -> nn.Module:
     with diffusers' ``PeftAdapterMixin`` take ``add_adapter``; others get peft's in-place injection."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from .fake_score import matching_targets
+    from .lora_targets import matching_targets
 
     targets = matching_targets(backbone, cfg.lora_target_modules)
     if not targets:

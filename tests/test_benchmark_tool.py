@@ -2,6 +2,7 @@
 the runs, except where max_steps is part of the method."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,19 @@ def test_default_objectives_are_the_distillation_presets():
     assert "sid_edm" in configs and "sid_edm" not in names  # a kind's variant stands in for its preset
 
 
-@pytest.mark.parametrize("name, lifted", [("progressive", False), ("consistency", True), ("dmd2", True)])
+@pytest.mark.parametrize("name, lifted", [("progressive", True), ("pd_linear", False), ("consistency", True),
+                                          ("dmd2", True)])
 def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lifted, tmp_path, monkeypatch):
+    """The budget alone ends a run, except where the objective refuses a longer one (progressive with
+    lr_anneal=linear anneals over its rounds' iterations; with round_shares, as the shipped preset, it does not)."""
     tool = load_tool("benchmark")
     seen = []
+    if name == "pd_linear":
+        presets = tmp_path / "presets"
+        presets.mkdir()
+        (presets / "pd_linear.yaml").write_text("objective:\n  name: progressive\n  iterations_per_round: 100\n"
+                                                "  lr_anneal: linear\nmax_steps: 400\n")
+        monkeypatch.setattr(tool, "DIGITS", presets)
 
     def fake_run(cmd, log):
         seen.append(cmd)
@@ -36,7 +46,9 @@ def test_train_command_lifts_max_steps_except_for_fixed_length_presets(name, lif
     (cmd,) = seen
     assert f"digits/{name}" in cmd and f"max_minutes={tool.BUDGET.get(name, tool.DEFAULT_BUDGET)}" in cmd
     assert ("max_steps=1000000" in cmd) == lifted
-    assert not any(a.startswith("max_steps=") for a in cmd) or lifted  # progressive keeps its preset's rounds
+    assert not any(a.startswith("max_steps=") for a in cmd) or lifted  # a fixed length keeps its preset's
+    if name == "pd_linear":
+        return  # not a shipped preset
     # a preset's teacher-output cache is built in the run's own folder, charged to its budget
     from stepdistill.train.setup import resolve
 
@@ -122,6 +134,33 @@ def test_a_finished_run_of_other_preset_values_is_refused(tmp_path):
     (run_dir / "bench.json").write_text(f'{{"student_steps": 1, "preset": "{tool.preset_id(name)}", '
                                         f'"code": "{tool.code_of(name)}"}}')
     assert tool.train(name, None, tmp_path)[1] == 1  # the same values and code: the finished run is reused
+
+
+def test_an_interrupted_run_resumes_only_under_the_code_it_started_with(tmp_path, monkeypatch):
+    tool = load_tool("benchmark")
+    name = tool.distill_presets()[0]
+    run_dir, seen = tmp_path / f"run_{name}", []
+
+    def fake_run(cmd, log):
+        seen.append(cmd)
+        raise SystemExit("killed while training")
+
+    monkeypatch.setattr(tool, "run", fake_run)
+    with pytest.raises(SystemExit, match="killed"):
+        tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
+    start = json.loads((run_dir / "bench_start.json").read_text())
+    assert start["code"] == tool.code_of(name) and start["preset"] == tool.preset_id(name)
+    (run_dir / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="killed"):  # the same code: the rerun resumes it
+        tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
+    assert len(seen) == 2
+    monkeypatch.setattr(tool, "code_of", lambda n: "0" * 12)  # the code changed in between
+    with pytest.raises(SystemExit, match="interrupted run started with other values .* or other code"):
+        tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
+    (run_dir / "bench_start.json").unlink()
+    with pytest.raises(SystemExit, match="did not record the code"):
+        tool.train(name, type("Args", (), {"minutes": None})(), tmp_path)
+    assert len(seen) == 2
 
 
 def test_carried_rows_of_changed_code_are_named(tmp_path, monkeypatch):

@@ -59,8 +59,9 @@ def test_stage_shares_move_stages_and_start_the_critic_at_the_runs_progress():
     assert fresh.stage == 3
     fresh.set_progress(0.0)  # a stage once reached stays
     assert fresh.stage == 3
-    with pytest.raises(UserError, match="one positive share per stage"):
-        HyperSD(HyperSD.Config(stage_shares=[1, 1, 0, 3]))
+    for bad in ([1, 1, 0, 3], [1, 1, float("nan"), 3], [1, 1, 1]):
+        with pytest.raises(UserError, match="one positive share per stage"):
+            HyperSD(HyperSD.Config(stage_shares=bad))
 
 
 def test_bad_segments_are_refused():

@@ -288,7 +288,7 @@ def test_round_shares_reach_the_last_round_at_any_speed(gauss, rate):
     assert again.steps == 4
     with pytest.raises(UserError, match="lr_anneal=none"):
         PD(PD.Config(round_shares=[1, 1, 1, 1], lr_anneal="linear"))
-    with pytest.raises(UserError, match="one positive share per stage"):
+    with pytest.raises(UserError, match=r"one positive share per round \(start_steps 32 halved to final_steps 4\)"):
         PD(PD.Config(start_steps=32, final_steps=4, round_shares=[1, 1], lr_anneal="none"))
 
 

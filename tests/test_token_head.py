@@ -80,6 +80,10 @@ def test_unknown_head_forms_are_refused():
         Adversarial(Adversarial.Config(disc_arch="mlp"))
     with pytest.raises(UserError, match="disc=pixels"):
         Adversarial(Adversarial.Config(disc="pixels", disc_arch="stylegan_t"))
+    with pytest.raises(UserError, match="per_location=true"):
+        Adversarial(Adversarial.Config(disc_arch="stylegan_t"))
+    with pytest.raises(UserError, match="r1_weight=0"):
+        Adversarial(Adversarial.Config(disc_arch="stylegan_t", per_location=True, r1_weight=1.0))
 
 
 def test_a_head_restored_from_its_state_continues_bit_for_bit():

@@ -54,9 +54,24 @@ REF = "digits"  # all 1,797 real digits (--ref overrides)
 #: CPU-minute budgets the issues set: trajectory objectives 10, score-based and adversarial 15
 BUDGET = {"progressive": 10.0, "consistency": 10.0}
 DEFAULT_BUDGET = 15.0
-#: presets whose max_steps is part of the method (progressive: rounds x iterations_per_round; with
-#: objective.lr_anneal=linear a longer run is refused): the budget caps them, but max_steps is not lifted
-FIXED_LENGTH = {"progressive"}
+LIFTED_STEPS = 1000000  # max_steps of a run the budget alone ends
+
+
+def fixed_length(name: str) -> bool:
+    """Whether the preset's max_steps is part of its method: its objective refuses a longer run
+    (``Objective.check_budget``; progressive with lr_anneal=linear anneals over rounds x
+    iterations_per_round). The budget caps such a run, but its max_steps is not lifted."""
+    from stepdistill.errors import UserError
+    from stepdistill.objectives.base import make_objective
+
+    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+    spec = dict(cfg.get("objective") or {})
+    spec.pop("cache", None)  # a location (it may name ${output_dir}), not a length
+    try:
+        make_objective(spec).check_budget(LIFTED_STEPS)
+    except UserError:
+        return True
+    return False
 
 
 def distill_presets() -> list[str]:
@@ -305,10 +320,24 @@ def train(name: str, args, work: Path) -> tuple[str, int, dict]:
             raise SystemExit(f"{run_dir} was trained with other code of objective {name!r} or of the student's "
                              f"sampling than the checkout holds now; remove that folder to re-measure {name}")
         return str(run_dir), int(info["student_steps"]), info
-    # the preset's values and code as the run starts (an edit while it trains is not what it ran)
-    preset, code, at = preset_id(name), code_of(name), commit()
+    # the preset's values and code as the run first starts (an edit while it trains is not what it ran); an
+    # interrupted run resumes only under the code it started with
+    started = run_dir / "bench_start.json"
+    if started.is_file():
+        preset, code, at = (json.loads(started.read_text())[k] for k in ("preset", "code", "commit"))
+        if (preset, code) != (preset_id(name), code_of(name)):
+            raise SystemExit(f"{run_dir} is an interrupted run started with other values of preset "
+                             f"digits/{preset_file(name)} or other code than the checkout holds now; remove that "
+                             f"folder to re-measure {name}")
+    elif (run_dir / "checkpoints").is_dir():
+        raise SystemExit(f"{run_dir} holds a run that did not record the code it started with; remove that folder "
+                         f"to re-measure {name}")
+    else:
+        preset, code, at = preset_id(name), code_of(name), commit()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"preset": preset, "code": code, "commit": at}) + "\n")
     minutes = args.minutes if args.minutes is not None else BUDGET.get(name, DEFAULT_BUDGET)
-    length = [] if name in FIXED_LENGTH else ["max_steps=1000000"]  # else the budget alone ends the run
+    length = [] if fixed_length(name) else [f"max_steps={LIFTED_STEPS}"]  # else the budget alone ends the run
     # a teacher-output cache is built inside the run's own folder (the presets' default), so its sampling
     # is charged to the run's budget (a cache shared between presets would let a later one reuse it for free)
     cmd = [sys.executable, "-m", "stepdistill", "train", f"digits/{preset_file(name)}", f"output_dir={run_dir}",

@@ -101,6 +101,12 @@ class Adversarial(Objective):
                             f"{', '.join(DISC_ARCHS)}")
         if self.cfg.disc == "pixels" and self.cfg.disc_arch != "conv":
             raise UserError("disc=pixels has a conv head of its own; disc_arch applies to disc=teacher")
+        if self.cfg.disc_arch == "stylegan_t" and not self.cfg.per_location:
+            raise UserError("disc_arch=stylegan_t gives a logit per token (SANA-Sprint's heads); set "
+                            "objective.per_location=true, or disc_arch=conv for pooled logits")
+        if self.cfg.disc_arch == "stylegan_t" and self.cfg.r1_weight > 0:
+            raise UserError("disc_arch=stylegan_t with r1_weight > 0: approximate R1's two passes would each move "
+                            "the heads' spectral norms; set objective.r1_weight=0 (SANA-Sprint trains without R1)")
         if self.cfg.disc_weight <= 0:
             raise UserError(f"objective.disc_weight must be > 0, got {self.cfg.disc_weight}")
         if not 0.0 <= self.cfg.largest_prob <= 1.0:

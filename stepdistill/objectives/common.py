@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..fake_score import noise_grid, time_indices
+from ..noise_grid import noise_grid, time_indices
 from ..sampling import ddim_step, ddim_x0
 from ..schedules import Schedule, bcast
 

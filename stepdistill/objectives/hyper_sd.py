@@ -83,7 +83,7 @@ class HyperSD(Objective):
         check_critic(c)
         if c.gan_weight > 0:
             raise UserError("hyper_sd: the score-distillation stage has no GAN term; set gan_weight=0")
-        self.bounds = share_bounds(c.stage_shares, len(c.segments), "stage_shares")
+        self.bounds = share_bounds(c.stage_shares, len(c.segments), "stage_shares", "stage (one per entry of segments)")
         self.iteration = 0
         self.shared_stage = 0  # the stage reached, with stage_shares
 

@@ -98,7 +98,8 @@ class Progressive(Objective):
             raise UserError(f"progressive: round_ema must be in [0, 1), got {c.round_ema}; 0 = the student itself")
         # student step counts, one per round: start/2, start/4, ..., K
         self.rounds = [c.start_steps >> r for r in range(1, ratio.bit_length())]
-        self.bounds = share_bounds(c.round_shares, len(self.rounds), "round_shares")
+        self.bounds = share_bounds(c.round_shares, len(self.rounds), "round_shares",
+                                   f"round (start_steps {c.start_steps} halved to final_steps {c.final_steps})")
         self.progress = 0.0     # the run's progress, told before each iteration (round_shares)
         self.round = 0          # index into self.rounds
         self.iteration = 0      # outer iterations done in the current round
