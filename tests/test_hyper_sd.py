@@ -148,3 +148,45 @@ def test_last_stage_score_distillation_is_dmds_gradient():
     assert float(want.abs().max()) > 0
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
     assert obj.losses("critic", nets, batch)["fake_dsm"].shape == (4,)
+
+
+def test_in_a_run_the_last_stage_and_its_critic_start_together_and_resume_exactly(tiny_teacher_dir, tiny_data_npz,
+                                                                                  tmp_path):
+    """stage_shares [1, 1] of a 6-iteration run: iteration 4 (progress 3/6 before it) is the first with one
+    segment, the DMD term and the fake score's first update; a run stopped after 2 iterations and resumed
+    ends with the same weights as one run straight through."""
+    import json
+
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    def run(out, max_steps):
+        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=out, cpu="true", batch_size=2,
+                    max_steps=max_steps, checkpoint_every=2, log_every=1, preview_every="null", progress="false",
+                    **{"objective.name": "hyper_sd", "objective.segments": "[2,1]", "objective.teacher_steps": 4,
+                       "objective.stage_shares": "[1,1]", "objective.dmd_weight": 1.0, "student.steps": 1,
+                       "student.sampler": "ddim", "optim.fake_score.lr": 1e-3})
+        try:
+            Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()])).train()
+        finally:
+            AcceleratorState._reset_state(True)
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    lines = run(tmp_path / "full", 6)
+    segments = [x["losses"]["generator/_segments"] for x in lines]
+    critic = [any(k.startswith("critic/") for k in x["losses"]) for x in lines]
+    dmd = ["generator/dmd" in x["losses"] for x in lines]
+    assert segments == [2, 2, 2, 1, 1, 1] and critic == dmd == [False] * 3 + [True] * 3
+    import shutil
+
+    run(tmp_path / "split", 6)
+    for later in ("step-00000004", "step-00000006"):  # as if killed after its step-2 checkpoint
+        shutil.rmtree(tmp_path / "split" / "checkpoints" / later)
+    resumed = run(tmp_path / "split", 6)  # resumes at iteration 3, in the first stage
+    assert [x["losses"]["generator/_segments"] for x in resumed][-4:] == [2, 1, 1, 1]
+    a, b = (load_file(str(next((d / "checkpoints" / "step-00000006").glob("*.safetensors"))))
+            for d in (tmp_path / "full", tmp_path / "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
