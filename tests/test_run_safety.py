@@ -227,9 +227,14 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
         "child = os.fork()\n"
         "if child == 0:\n"
         "    print('child running', flush=True); time.sleep(60); os._exit(0)\n"  # past its fork handlers
-        "print(child, flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+        "print(child, flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = [holder.stdout.readline().strip() for _ in range(2)]
-    child = int(next(line for line in lines if line.isdigit()))
+    pids = [line for line in lines if line.isdigit()]
+    if not pids:  # the holder did not start as written: say what it printed, not a bare StopIteration
+        holder.kill()
+        out, err = holder.communicate()
+        pytest.fail(f"the lock holder printed {lines + out.splitlines()!r}; stderr: {err[-2000:]}")
+    child = int(pids[0])
     try:
         with pytest.raises(UserError, match="in use"):
             FolderClaim(folder)  # the live parent holds it
