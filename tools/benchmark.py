@@ -57,6 +57,12 @@ DEFAULT_BUDGET = 15.0
 LIFTED_STEPS = 1000000  # max_steps of a run the budget alone ends
 
 
+def preset_values(name: str) -> dict:
+    """The values of the preset that measures ``name`` on this table's kind, as written (interpolations
+    unresolved)."""
+    return OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+
+
 def fixed_length(name: str) -> bool:
     """Whether the preset's max_steps is part of its method: its objective refuses a longer run
     (``Objective.check_budget``; progressive with lr_anneal=linear anneals over rounds x
@@ -64,7 +70,7 @@ def fixed_length(name: str) -> bool:
     from stepdistill.errors import UserError
     from stepdistill.objectives.base import make_objective
 
-    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+    cfg = preset_values(name)
     spec = dict(cfg.get("objective") or {})
     spec.pop("cache", None)  # a location (it may name ${output_dir}), not a length
     try:
@@ -168,7 +174,7 @@ def preset_id(name: str) -> str:
     """A fingerprint of a preset's values (comments and layout aside): a row is carried over only while
     its preset still holds the values it was measured with. Locations are left out: the teacher's files
     have their own fingerprint (teacher_id), and the benchmark sets output_dir, where caches are built."""
-    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+    cfg = preset_values(name)
     for key in LOCATIONS:
         *parents, leaf = key.split(".")
         node = cfg
@@ -183,7 +189,7 @@ def preset_id(name: str) -> str:
 def code_of(name: str) -> str:
     """The fingerprint of the code a preset's row runs through (``code_fingerprint.code_id``): its
     objectives' modules with what they import, and the student's sampling path."""
-    cfg = OmegaConf.to_container(OmegaConf.load(DIGITS / f"{preset_file(name)}.yaml"), resolve=False)
+    cfg = preset_values(name)
     return code_id(cfg.get("objective") or {})
 
 

@@ -94,12 +94,10 @@ class HyperSD(Objective):
     def phases(self):
         if self.cfg.dmd_weight == 0:
             return [Phase("generator", ("student",))]
-        if self.bounds:  # the critic joins with the last stage, at the same progress
-            critic = Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats, start_fraction=self.bounds[-1])
-        else:
-            critic = Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats,
-                           start=0 if self.bounds is not None else self.last_stage_start)
-        return [critic, Phase("generator", ("student",))]
+        # the critic joins with the last stage: at its share of the run, or its first iteration (0 with one stage)
+        start = {"start_fraction": self.bounds[-1]} if self.bounds else {"start": self.last_stage_start}
+        return [Phase("critic", ("fake_score",), repeats=self.cfg.critic_repeats, **start),
+                Phase("generator", ("student",))]
 
     def set_progress(self, progress: float) -> None:
         """With stage_shares: the stage moves on when the run's progress, told before each iteration (the
