@@ -225,9 +225,11 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
         "from stepdistill.runfolder import FolderClaim\n"
         f"claim = FolderClaim({str(folder)!r})\n"
         "child = os.fork()\n"
-        "if child == 0:\n"
-        "    print('child running', flush=True); time.sleep(60); os._exit(0)\n"  # past its fork handlers
-        "print(child, flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "if child == 0:\n"  # one write() per line: with unbuffered stdout (PYTHONUNBUFFERED) print() writes
+        # the text and its newline apart, and the two processes' lines could interleave on the shared pipe
+        "    os.write(1, b'child running\\n'); time.sleep(60); os._exit(0)\n"  # past its fork handlers
+        "os.write(1, f'{child}\\n'.encode()); time.sleep(60)\n")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     lines = [holder.stdout.readline().strip() for _ in range(2)]
     pids = [line for line in lines if line.isdigit()]
     if not pids:  # the holder did not start as written: say what it printed, not a bare StopIteration
