@@ -190,3 +190,33 @@ def test_in_a_run_the_last_stage_and_its_critic_start_together_and_resume_exactl
     a, b = (load_file(str(next((d / "checkpoints" / "step-00000006").glob("*.safetensors"))))
             for d in (tmp_path / "full", tmp_path / "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_that_moves_the_stages_is_refused(tiny_teacher_dir, tiny_data_npz, tmp_path):
+    """stage_shares changed on a resume (--allow-changes) would keep the stage reached but re-key the
+    critic's start: refused with one line, before any iteration; the same shares resume."""
+    from accelerate.state import AcceleratorState
+
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    def trainer(max_steps, shares):
+        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=tmp_path / "run", cpu="true",
+                    batch_size=2, max_steps=max_steps, checkpoint_every=2, log_every=1, preview_every="null",
+                    progress="false",
+                    **{"objective.name": "hyper_sd", "objective.segments": "[2,1]", "objective.teacher_steps": 4,
+                       "objective.stage_shares": shares, "objective.dmd_weight": 1.0, "student.steps": 1,
+                       "student.sampler": "ddim"})
+        return Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()]), allow_changes=True)
+
+    try:
+        trainer(2, "[1,1]").train()
+        AcceleratorState._reset_state(True)
+        with pytest.raises(UserError, match="stage_shares moves the stages"):
+            trainer(4, "[1,3]").train()
+        AcceleratorState._reset_state(True)
+        trainer(4, "[1,1]").train()  # the run's own shares go on
+    finally:
+        AcceleratorState._reset_state(True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4

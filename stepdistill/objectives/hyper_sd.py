@@ -133,9 +133,17 @@ class HyperSD(Objective):
         self.iteration = step  # iterations done (the trainer passes its step count)
 
     def state_dict(self):
-        return {"iteration": self.iteration, "stage": self.shared_stage}
+        return {"iteration": self.iteration, "stage": self.shared_stage, "bounds": self.bounds}
 
     def load_state_dict(self, state):
+        """Refuses a resume whose stage_shares moved the stages (``--allow-changes``): the stage reached is
+        kept, but the trainer keys the critic's start by its fraction, so the critic would wait for the new
+        last share while the student already trains the last stage without it."""
+        saved = state.get("bounds", self.bounds)
+        if saved != self.bounds and int(state.get("iteration", 0)) > 0:
+            raise UserError(f"hyper_sd: objective.stage_shares moves the stages of a run that has begun (its stages "
+                            f"ended at progress {saved}, now {self.bounds}); keep the run's stage_shares, or "
+                            "start a new run in another output_dir")
         self.iteration = int(state.get("iteration", 0))
         self.shared_stage = int(state.get("stage", 0))
 
