@@ -150,6 +150,19 @@ def test_last_stage_score_distillation_is_dmds_gradient():
     assert obj.losses("critic", nets, batch)["fake_dsm"].shape == (4,)
 
 
+def _staged_trainer(teacher, data, out, max_steps, shares="[1,1]", allow_changes=False, **extra):
+    """A trainer of a tiny two-stage hyper_sd run (2 segments, then 1 with the DMD term) in ``out``."""
+    from stepdistill.train import resolve
+    from stepdistill.train.trainer import Trainer
+
+    over = dict(teacher=teacher, data=data, output_dir=out, cpu="true", batch_size=2, max_steps=max_steps,
+                checkpoint_every=2, log_every=1, preview_every="null", progress="false",
+                **{"objective.name": "hyper_sd", "objective.segments": "[2,1]", "objective.teacher_steps": 4,
+                   "objective.stage_shares": shares, "objective.dmd_weight": 1.0, "student.steps": 1,
+                   "student.sampler": "ddim"}, **extra)
+    return Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()]), allow_changes=allow_changes)
+
+
 def test_in_a_run_the_last_stage_and_its_critic_start_together_and_resume_exactly(tiny_teacher_dir, tiny_data_npz,
                                                                                   tmp_path):
     """stage_shares [1, 1] of a 6-iteration run: iteration 4 (progress 3/6 before it) is the first with one
@@ -160,17 +173,9 @@ def test_in_a_run_the_last_stage_and_its_critic_start_together_and_resume_exactl
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
-    from stepdistill.train import resolve
-    from stepdistill.train.trainer import Trainer
-
     def run(out, max_steps):
-        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=out, cpu="true", batch_size=2,
-                    max_steps=max_steps, checkpoint_every=2, log_every=1, preview_every="null", progress="false",
-                    **{"objective.name": "hyper_sd", "objective.segments": "[2,1]", "objective.teacher_steps": 4,
-                       "objective.stage_shares": "[1,1]", "objective.dmd_weight": 1.0, "student.steps": 1,
-                       "student.sampler": "ddim", "optim.fake_score.lr": 1e-3})
         try:
-            Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()])).train()
+            _staged_trainer(tiny_teacher_dir, tiny_data_npz, out, max_steps, **{"optim.fake_score.lr": 1e-3}).train()
         finally:
             AcceleratorState._reset_state(True)
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -197,17 +202,8 @@ def test_a_resume_that_moves_the_stages_is_refused(tiny_teacher_dir, tiny_data_n
     critic's start: refused with one line, before any iteration; the same shares resume."""
     from accelerate.state import AcceleratorState
 
-    from stepdistill.train import resolve
-    from stepdistill.train.trainer import Trainer
-
     def trainer(max_steps, shares):
-        over = dict(teacher=tiny_teacher_dir, data=tiny_data_npz, output_dir=tmp_path / "run", cpu="true",
-                    batch_size=2, max_steps=max_steps, checkpoint_every=2, log_every=1, preview_every="null",
-                    progress="false",
-                    **{"objective.name": "hyper_sd", "objective.segments": "[2,1]", "objective.teacher_steps": 4,
-                       "objective.stage_shares": shares, "objective.dmd_weight": 1.0, "student.steps": 1,
-                       "student.sampler": "ddim"})
-        return Trainer(*resolve(None, [f"{k}={v}" for k, v in over.items()]), allow_changes=True)
+        return _staged_trainer(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", max_steps, shares, allow_changes=True)
 
     try:
         trainer(2, "[1,1]").train()
