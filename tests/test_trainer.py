@@ -131,6 +131,9 @@ def test_skipped_update_leaves_weights_and_ema_alone(tiny_teacher_dir, tiny_data
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"ema.halflife_ratio": 0.05, "ema.warmup": True}, "two ramp-ups"),
     ({"ema.halflife_ratio": -1}, "halflife_ratio must be > 0"),
+    ({"optim.student.lr_decay": "cosin"}, "lr_decay 'cosin' is not a decay; use one of cosine, linear"),
+    ({"optim.student.lr_decay": "cosine", "optim.student.lr_schedule": "cosine"}, "decays too"),
+    ({"optim.student.lr_decay": "linear", "optim.student.lr_decay_floor": 2}, "lr_decay_floor must be in"),
 ])
 def test_bad_config_is_one_clear_error(tiny_teacher_dir, tiny_data_npz, tmp_path, bad, match):
     from stepdistill.train import resolve
@@ -309,6 +312,27 @@ def test_objective_lr_factor_anneals_progressive_rounds_and_budget_is_checked(ti
     cfg, _ = resolve(None, overrides(tiny_teacher_dir, tiny_data_npz, tmp_path / "r",
                                      **{**pd, "max_steps": 9, "objective.lr_anneal": "none"}))
     assert cfg.max_steps == 9
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_lr_decay_follows_the_runs_progress(tiny_teacher_dir, tiny_data_npz, tmp_path, kind):
+    """optim.<net>.lr_decay: update k of a max_steps=N run takes lr * (floor + (1 - floor) * s(k / N)),
+    s = (1 + cos(pi p)) / 2 (SGDR eq. 5) or 1 - p, after the schedule's warm-up; and where the time budget
+    is further along than the steps (a run max_minutes ends), the decay follows the budget's share."""
+    import math
+
+    floor, n, lr, warm = 0.1, 6, 1e-3, 2
+    kw = {"optim.student.lr": lr, "optim.student.warmup_steps": warm, "optim.student.lr_decay": kind,
+          "optim.student.lr_decay_floor": floor, "max_steps": n, "checkpoint_every": n}
+    trainer, res = run(tiny_teacher_dir, tiny_data_npz, tmp_path / "run", **kw)
+    assert res["step"] == n
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shape = (lambda p: 0.5 * (1 + math.cos(math.pi * p))) if kind == "cosine" else (lambda p: 1 - p)
+    want = [lr * min(1.0, k / warm) * (floor + (1 - floor) * shape(k / n)) for k in range(n)]
+    assert [x["lr"]["student"] for x in lines] == pytest.approx(want, rel=1e-9)
+    trainer.step, trainer.time_progress = 1, 0.75  # a budget three quarters spent at step 1 of 6
+    trainer._apply_lr_factor("student")
+    assert trainer.last_lr["student"] == pytest.approx(lr * (floor + (1 - floor) * shape(0.75)), rel=1e-9)
 
 
 def test_a_phase_waits_for_its_start(tiny_teacher_dir, tiny_data_npz, tmp_path):

@@ -80,7 +80,9 @@ def _training_lines(meta: dict, record: dict) -> list[str]:
         if isinstance(o, dict) and o.get("lr") is not None:
             rows.append((f"learning rate ({net})", f"{o['lr']:g}, {o.get('lr_schedule')}, {o.get('warmup_steps')} "
                          f"warm-up updates, AdamW betas ({o.get('beta1')}, {o.get('beta2')}), weight decay "
-                         f"{o.get('weight_decay')}, gradient clip {o.get('max_grad_norm')}"))
+                         f"{o.get('weight_decay')}, gradient clip {o.get('max_grad_norm')}"
+                         + (f", {o['lr_decay']} decay over the run to {o.get('lr_decay_floor', 0.0):g} of it"
+                            if o.get("lr_decay") else "")))
     world = meta.get("world_size") or 1
     rows += [("batch", f"{cfg.get('batch_size')} per micro-step over {world} process{'es' if world > 1 else ''}, "
                        f"{cfg.get('grad_accum')} micro-step{'s' if cfg.get('grad_accum') != 1 else ''} per update"),

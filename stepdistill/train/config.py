@@ -22,6 +22,13 @@ class OptimConfig:
     lr_schedule: str = "constant_with_warmup"   # any diffusers.optimization.get_scheduler name
     warmup_steps: int = 0            # in updates of this network
     max_grad_norm: Optional[float] = 1.0        # gradient clipping; None = off
+    lr_decay: Optional[str] = None   # "cosine" | "linear": the lr times a decay over the run's progress (the larger
+                                     # of step / max_steps and the share of max_minutes spent after setup), so a
+                                     # run its time budget ends decays to the floor at its end too, which a
+                                     # schedule over max_steps cannot; None = off. Use with a constant schedule.
+                                     # A resume with a longer max_steps or max_minutes moves the run's end, and
+                                     # the decay follows: the lr rises to the new progress's value
+    lr_decay_floor: float = 0.0      # the decay's end, a fraction of the schedule's lr
 
 
 @dataclass

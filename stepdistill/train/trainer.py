@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import save_resolved, to_dict
+from ..config import run_decay, save_resolved, to_dict
 from ..cache import teacher_hash
 from .. import resources
 from ..errors import Interrupted, UserError
@@ -228,7 +228,7 @@ class Trainer:
         for n, ps in self.params.items():
             if not ps:
                 raise UserError(f"network {n!r} has no trainable parameters")
-        self.opts, self.scheds, self.clip, self.last_lr = {}, {}, {}, {}
+        self.opts, self.scheds, self.clip, self.last_lr, self.decay = {}, {}, {}, {}, {}
         from diffusers.optimization import get_scheduler
 
         for n in self.trained:
@@ -239,6 +239,7 @@ class Trainer:
             self.scheds[n] = get_scheduler(o.lr_schedule, self.opts[n], num_warmup_steps=o.warmup_steps,
                                            num_training_steps=max(1, cfg.max_steps * per_step))
             self.clip[n] = math.inf if o.max_grad_norm is None else float(o.max_grad_norm)
+            self.decay[n] = (o.lr_decay, float(o.lr_decay_floor))  # optim.<net>.lr_decay (_apply_lr_factor)
             self.last_lr[n] = self.scheds[n].get_last_lr()[0]  # the lr of the coming update (see _apply_lr_factor)
         self.model = self.acc.prepare(PhaseStep(self.nets, objective))
         self.scaler = getattr(self.acc, "scaler", None)
@@ -297,8 +298,10 @@ class Trainer:
         return bad_loss
 
     def _apply_lr_factor(self, n: str) -> None:
-        """The LR schedule's value times the objective's factor (``Objective.lr_factor``)."""
-        f = self.objective.lr_factor(n)
+        """The LR schedule's value times the objective's factor (``Objective.lr_factor``) and the decay
+        over the run's progress (``optim.<net>.lr_decay``: ``progress()`` as the step began, so a run
+        its time budget ends reaches the floor at its end, where a schedule over max_steps would not)."""
+        f = self.objective.lr_factor(n) * run_decay(*self.decay[n], self.progress())
         for group, lr in zip(self.opts[n].param_groups, self.scheds[n].get_last_lr(), strict=True):
             group["lr"] = lr * f
         self.last_lr[n] = self.opts[n].param_groups[0]["lr"]  # what the log reports: the schedule's step resets it
