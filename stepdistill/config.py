@@ -120,25 +120,8 @@ def lr_schedules() -> list[str]:
     return [s.value for s in SchedulerType]
 
 
-#: ``optim.<net>.lr_decay`` names: the shape of the decay over the run's progress (``run_decay``)
-RUN_DECAYS = ("cosine", "linear")
-
-
-def run_decay(kind: str | None, floor: float, progress: float) -> float:
-    """The factor ``optim.<net>.lr_decay`` multiplies the lr by at a share ``progress`` of the run:
-    1 at its start, ``floor`` at its end; cosine (SGDR, Loshchilov & Hutter 2017, eq. 5, one cycle) or
-    linear."""
-    import math
-
-    if kind is None:
-        return 1.0
-    p = min(max(float(progress), 0.0), 1.0)
-    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
-    return floor + (1.0 - floor) * shape
-
-
 def check_optimizer(where: str, *, lr: float, lr_schedule: str, warmup_steps: int, betas=(), eps: float = 1e-8,
-                    weight_decay: float = 0.0, lr_decay: str | None = None, lr_decay_floor: float = 0.0) -> None:
+                    weight_decay: float = 0.0) -> None:
     """AdamW and LR-schedule settings, checked with the config (``where``: the keys' prefix), so a
     bad value stops before any teacher or data is loaded."""
     import math
@@ -151,13 +134,6 @@ def check_optimizer(where: str, *, lr: float, lr_schedule: str, warmup_steps: in
     need(lr_schedule in lr_schedules(), f"lr_schedule {lr_schedule!r} is not a diffusers schedule; use one of "
          f"{', '.join(lr_schedules())}")
     need(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
-    need(lr_decay is None or lr_decay in RUN_DECAYS,
-         f"lr_decay {lr_decay!r} is not a decay; use one of {', '.join(RUN_DECAYS)} or null")
-    need(lr_decay is None or lr_schedule in ("constant", "constant_with_warmup"),
-         f"lr_decay {lr_decay!r} multiplies the lr schedule, and {lr_schedule!r} decays too; use lr_schedule "
-         "constant_with_warmup with lr_decay, or lr_decay null")
-    need(math.isfinite(lr_decay_floor) and 0.0 <= lr_decay_floor <= 1.0,
-         f"lr_decay_floor must be in [0, 1] (a fraction of the lr), got {lr_decay_floor}")
     for i, b in enumerate(betas, start=1):
         need(math.isfinite(b) and 0.0 <= b < 1.0, f"beta{i} must be in [0, 1), got {b}; Adam's defaults are 0.9 and 0.999")
     need(math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")

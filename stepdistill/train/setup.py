@@ -18,6 +18,7 @@ from ..generator import Student, StudentConfig, build_student
 from ..objectives import Nets, Objective, Phase
 from ..objectives.base import BuildContext
 from .config import TrainConfig
+from .lr_decay import check_run_decay
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
@@ -151,8 +152,8 @@ def check(cfg: DictConfig, objective: Objective) -> None:
     for net in trained:
         o = optim_for(cfg, net)
         check_optimizer(f"optim.{net}.", lr=o.lr, lr_schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
-                        betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, lr_decay=o.lr_decay,
-                        lr_decay_floor=o.lr_decay_floor)
+                        betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        check_run_decay(f"optim.{net}.", o.lr_decay, o.lr_decay_floor, o.lr_schedule)
         need(o.max_grad_norm is None or o.max_grad_norm > 0,
              f"optim.{net}.max_grad_norm must be > 0 or null (no clipping), got {o.max_grad_norm}")
 

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import run_decay, save_resolved, to_dict
+from ..config import save_resolved, to_dict
 from ..cache import teacher_hash
 from .. import resources
 from ..errors import Interrupted, UserError
@@ -40,6 +40,7 @@ from .batches import BatchStream
 from .config import RESUME_FIXED, RESUME_FREE
 from .ema import StudentEMA
 from .logging import MetricsLog, Progress, Window
+from .lr_decay import run_decay
 from .monitors import Monitors
 from .randomness import derive_seed
 from .signals import StopSignals
