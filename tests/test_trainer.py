@@ -134,6 +134,7 @@ def test_skipped_update_leaves_weights_and_ema_alone(tiny_teacher_dir, tiny_data
     ({"optim.student.lr_decay": "cosin"}, "lr_decay 'cosin' is not a decay; use one of cosine, linear"),
     ({"optim.student.lr_decay": "cosine", "optim.student.lr_schedule": "cosine"}, "decays too"),
     ({"optim.student.lr_decay": "linear", "optim.student.lr_decay_floor": 2}, "lr_decay_floor must be in"),
+    ({"optim.student.lr_decay_floor": 0.1}, "lr_decay is null, so nothing decays"),
 ])
 def test_bad_config_is_one_clear_error(tiny_teacher_dir, tiny_data_npz, tmp_path, bad, match):
     from stepdistill.train import resolve
