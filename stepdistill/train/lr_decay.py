@@ -33,6 +33,6 @@ def check_run_decay(where: str, kind: str | None, floor: float, lr_schedule: str
          f"lr_decay {kind!r} multiplies the lr schedule, and {lr_schedule!r} decays too; use lr_schedule "
          "constant_with_warmup with lr_decay, or lr_decay null")
     need(kind is not None or floor == 0.0, f"lr_decay_floor {floor} is set but lr_decay is null, so nothing decays; "
-         "set lr_decay (cosine or linear), or drop lr_decay_floor")
+         f"set lr_decay ({' or '.join(RUN_DECAYS)}), or drop lr_decay_floor")
     need(math.isfinite(floor) and 0.0 <= floor <= 1.0, f"lr_decay_floor must be in [0, 1] (a fraction of the lr), "
          f"got {floor}")
